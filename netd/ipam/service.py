@@ -1,0 +1,818 @@
+"""IPAM logic: pools, allocation, release, reservations, fixed addresses, history.
+
+Every public method is one transaction on the :class:`~netd.ipam.store.Store`.
+Allocation cost depends on the number of free *ranges* and released addresses
+touched (a handful), never on the pool's size or fill level.
+
+Address choice, in order: never-used addresses (lowest first); then released
+addresses, least recently released first, those still inside the cooldown only
+when nothing else is left. BGP pools do the same inside the requesting host's
+blocks, then claim a new block, then borrow single addresses from other hosts'
+blocks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from netd.errors import (
+    AddressInUse,
+    InvalidInput,
+    MacInUse,
+    NotFound,
+    PoolExhausted,
+    PoolExists,
+    PoolInUse,
+    PoolNotFound,
+    PoolOverlap,
+)
+from netd.ipam.model import (
+    MODES,
+    Allocation,
+    Block,
+    Event,
+    IPNetwork,
+    Pool,
+    PoolStats,
+    Reservation,
+    Route,
+    check_handle,
+    check_ifname,
+    check_labels,
+    check_name,
+    check_text,
+    check_vlan,
+    ip_str,
+    key,
+    mac_for_ipv4,
+    normalize_mac,
+    parse_ip,
+    parse_network,
+    parse_range,
+    random_mac,
+    usable_bounds,
+)
+from netd.ipam.store import Store, Txn
+
+DEFAULT_BLOCK_PREFIX = {4: 26, 6: 122}
+POOL_SPACE = ""
+
+
+@dataclass
+class PoolSpec:
+    """What an operator asks for; validated by :meth:`IPAM.create_pool`."""
+
+    name: str
+    cidr: str | None = None
+    gateway: str | None = None
+    vlan: int | str | None = None
+    mode: str = "l2"
+    labels: dict[str, str] = field(default_factory=dict)
+    reserved: list[str] = field(default_factory=list)
+    routes: list[dict[str, str]] = field(default_factory=list)
+    dns: dict[str, Any] = field(default_factory=dict)
+    block_prefix: int | None = None
+    # generated pools: pick the lowest free subnet of prefix_len inside supernet
+    supernet: str | None = None
+    prefix_len: int | None = None
+    vlan_range: tuple[int, int] | None = None
+
+
+@dataclass
+class AllocRequest:
+    pool: str
+    container_id: str
+    ifname: str = "eth0"
+    host: str = ""
+    netns: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    ip: str | None = None
+    mac: str | None = None
+    handle: str | None = None
+
+
+@dataclass
+class ReleaseResult:
+    released: list[Allocation]
+    message: str
+
+
+def _split(lo: int, hi: int, cut_lo: int, cut_hi: int) -> list[tuple[int, int]]:
+    """Parts of [lo, hi] outside [cut_lo, cut_hi]."""
+    out = []
+    if lo < cut_lo:
+        out.append((lo, min(hi, cut_lo - 1)))
+    if hi > cut_hi:
+        out.append((max(lo, cut_hi + 1), hi))
+    return out
+
+
+class IPAM:
+    """The central IPAM. Receives its store; owns no global state."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        cooldown: float = 60.0,
+        vlan_range: tuple[int, int] = (2, 4094),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cooldown = cooldown
+        self.vlan_range = vlan_range
+        self.clock = clock
+
+    # --- pools -------------------------------------------------------------
+
+    def create_pool(self, spec: PoolSpec, actor: str = "api") -> Pool:
+        check_name(spec.name)
+        if spec.mode not in MODES:
+            raise InvalidInput(f"invalid mode {spec.mode!r}: one of {', '.join(MODES)}")
+        labels = check_labels(spec.labels)
+        if spec.cidr and spec.supernet:
+            raise InvalidInput("give either a CIDR or a supernet to generate from, not both")
+        if not spec.cidr and not spec.supernet:
+            raise InvalidInput("a pool needs a CIDR, or a supernet and prefix length")
+        vlan_range = spec.vlan_range or self.vlan_range
+        if spec.vlan_range is not None:
+            lo_v, hi_v = check_vlan(vlan_range[0]), check_vlan(vlan_range[1])
+            if lo_v > hi_v:
+                raise InvalidInput(f"VLAN range {lo_v}-{hi_v} ends before it starts")
+        if spec.vlan not in (None, "auto"):
+            if isinstance(spec.vlan, str):
+                if not spec.vlan.isdigit():
+                    raise InvalidInput(f"invalid VLAN {spec.vlan!r}: a number 1-4094 or 'auto'")
+                spec.vlan = int(spec.vlan)
+            check_vlan(spec.vlan)
+        net: IPNetwork | None = parse_network(spec.cidr) if spec.cidr else None
+        supernet: IPNetwork | None = None
+        if spec.supernet:
+            supernet = parse_network(spec.supernet)
+            if spec.prefix_len is None:
+                raise InvalidInput("generating a pool from a supernet needs a prefix length")
+            max_len = 32 if supernet.version == 4 else 128
+            if not supernet.prefixlen <= spec.prefix_len <= max_len:
+                raise InvalidInput(
+                    f"prefix length {spec.prefix_len} must be between {supernet.prefixlen} "
+                    f"and {max_len} for supernet {supernet}")
+            self._check_prefix(supernet.version, spec.prefix_len)
+        if net is not None:
+            self._check_prefix(net.version, net.prefixlen)
+        routes = tuple(self._route(r, net or supernet) for r in spec.routes)  # type: ignore[arg-type]
+        dns = self._dns(spec.dns)
+        block_prefix = spec.block_prefix
+        if spec.mode != "bgp" and block_prefix is not None:
+            raise InvalidInput("block_prefix applies to bgp pools only")
+
+        with self.store.write() as tx:
+            if tx.get_pool(spec.name) is not None:
+                raise PoolExists(f"pool {spec.name!r} already exists")
+            existing = tx.list_pools()
+            if net is None:
+                assert supernet is not None and spec.prefix_len is not None
+                net = self._generate_subnet(supernet, spec.prefix_len, existing)
+            for other in existing:
+                if other.network.version == net.version and other.network.overlaps(net):
+                    raise PoolOverlap(f"{net} overlaps pool {other.name!r} ({other.cidr})")
+            vlan: int | None
+            if spec.vlan == "auto":
+                used = {p.vlan for p in existing}
+                vlan = next((v for v in range(vlan_range[0], vlan_range[1] + 1)
+                             if v not in used), None)
+                if vlan is None:
+                    raise PoolExhausted(
+                        f"no free VLAN left in {vlan_range[0]}-{vlan_range[1]}")
+            else:
+                vlan = spec.vlan if isinstance(spec.vlan, int) else None
+            first, last = usable_bounds(net)
+            if spec.gateway:
+                gw = parse_ip(spec.gateway, "gateway")
+                if gw.version != net.version or gw not in net:
+                    raise InvalidInput(f"gateway {spec.gateway} is outside subnet {net}")
+                if not first <= int(gw) <= last:
+                    raise InvalidInput(
+                        f"gateway {spec.gateway} is the network or broadcast address of {net}")
+                gateway = int(gw)
+            else:
+                gateway = first
+            if spec.mode == "bgp":
+                block_prefix = block_prefix or DEFAULT_BLOCK_PREFIX[net.version]
+                max_len = 32 if net.version == 4 else 128
+                if not net.prefixlen <= block_prefix <= max_len:
+                    raise InvalidInput(
+                        f"block prefix /{block_prefix} must lie between /{net.prefixlen} "
+                        f"and /{max_len}")
+            reserved = self._reserved_ranges(spec.reserved, net, gateway)
+            pool = Pool(
+                name=spec.name, cidr=str(net), gateway=ip_str(net.version, gateway),
+                mode=spec.mode, vlan=vlan, labels=labels, routes=routes, dns=dns,
+                block_prefix=block_prefix, created=self.clock(),
+            )
+            tx.insert_pool(pool)
+            now = self.clock()
+            total = 0
+            for lo, hi, note in reserved:
+                tx.put_reservation(Reservation(pool.name, lo, hi, note, None, now))
+                total += hi - lo + 1
+            tx.add_counters(pool.name, total, 0)
+            if spec.mode == "bgp":
+                tx.set_block_cursor(pool.name, int(net.network_address))
+            else:
+                for lo, hi in self._minus(first, last, [(r[0], r[1]) for r in reserved]):
+                    tx.put_free(pool.name, POOL_SPACE, lo, hi)
+            tx.add_event(Event(0, now, pool.name, pool.cidr, "pool-create", actor=actor,
+                               note=f"gateway {pool.gateway}" + (f" vlan {vlan}" if vlan else "")))
+            return pool
+
+    @staticmethod
+    def _check_prefix(version: int, prefix: int) -> None:
+        if version == 4 and prefix > 30:
+            raise InvalidInput(f"an IPv4 pool must be /30 or larger, not /{prefix}")
+        if version == 6 and prefix > 126:
+            raise InvalidInput(f"an IPv6 pool must be /126 or larger, not /{prefix}")
+
+    @staticmethod
+    def _route(r: dict[str, str], net: IPNetwork) -> Route:
+        if not isinstance(r, dict) or "dst" not in r:
+            raise InvalidInput("a route needs 'dst' (and optionally 'gw')")
+        dst = parse_network(r["dst"])
+        gw = r.get("gw")
+        if gw:
+            g = parse_ip(gw, "route gateway")
+            if g.version != dst.version:
+                raise InvalidInput(f"route {r['dst']} via {gw} mixes address families")
+        if dst.version != net.version:
+            raise InvalidInput(f"route {r['dst']} is not IPv{net.version}")
+        return Route(str(dst), gw or None)
+
+    @staticmethod
+    def _dns(dns: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"nameservers", "domain", "search", "options"}
+        extra = set(dns) - allowed
+        if extra:
+            raise InvalidInput(f"unknown dns keys: {', '.join(sorted(extra))}")
+        for ns in dns.get("nameservers", []):
+            parse_ip(ns, "nameserver")
+        return dict(dns)
+
+    @staticmethod
+    def _generate_subnet(supernet: IPNetwork, prefix_len: int, pools: list[Pool]) -> IPNetwork:
+        size = 1 << ((32 if supernet.version == 4 else 128) - prefix_len)
+        start, end = int(supernet.network_address), int(supernet.broadcast_address)
+        taken = sorted(
+            (int(p.network.network_address), int(p.network.broadcast_address))
+            for p in pools if p.network.version == supernet.version
+        )
+        cand = start
+        while cand + size - 1 <= end:
+            clash = [hi for lo, hi in taken if lo <= cand + size - 1 and hi >= cand]
+            if not clash:
+                return ipaddress.ip_network((cand, prefix_len))
+            nxt = max(clash) + 1
+            cand = (nxt + size - 1) // size * size
+        raise PoolExhausted(f"no free /{prefix_len} left in {supernet}")
+
+    @staticmethod
+    def _minus(lo: int, hi: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        parts = [(lo, hi)]
+        for h_lo, h_hi in sorted(holes):
+            nxt = []
+            for p_lo, p_hi in parts:
+                if p_hi < h_lo or p_lo > h_hi:
+                    nxt.append((p_lo, p_hi))
+                else:
+                    nxt += _split(p_lo, p_hi, h_lo, h_hi)
+            parts = nxt
+        return parts
+
+    def _reserved_ranges(
+        self, specs: list[str], net: IPNetwork, gateway: int
+    ) -> list[tuple[int, int, str]]:
+        """Disjoint reserved ranges, clipped to usable space, gateway included."""
+        first, last = usable_bounds(net)
+        ranges: list[tuple[int, int, str]] = []
+        for text in specs:
+            lo, hi = parse_range(text, net)
+            lo, hi = max(lo, first), min(hi, last)
+            if lo <= hi:
+                ranges.append((lo, hi, "reserved at pool creation"))
+        ranges.sort()
+        for (_, a_hi, _), (b_lo, _, _) in zip(ranges, ranges[1:], strict=False):
+            if b_lo <= a_hi:
+                raise InvalidInput("reserved ranges overlap each other")
+        if not any(lo <= gateway <= hi for lo, hi, _ in ranges):
+            ranges.append((gateway, gateway, "gateway"))
+            ranges.sort()
+        return ranges
+
+    def list_pools(self) -> list[tuple[Pool, PoolStats]]:
+        with self.store.read() as tx:
+            return [(p, self._stats(tx, p)) for p in tx.list_pools()]
+
+    def get_pool(self, name: str) -> tuple[Pool, PoolStats]:
+        with self.store.read() as tx:
+            pool = self._pool(tx, name)
+            return pool, self._stats(tx, pool)
+
+    @staticmethod
+    def _stats(tx: Txn, pool: Pool) -> PoolStats:
+        reserved, allocated = tx.counters(pool.name)
+        return PoolStats(size=pool.size, reserved=reserved, allocated=allocated)
+
+    @staticmethod
+    def _pool(tx: Txn, name: str) -> Pool:
+        pool = tx.get_pool(name)
+        if pool is None:
+            raise PoolNotFound(f"pool {name!r} does not exist")
+        return pool
+
+    def delete_pool(self, name: str, force: bool = False, actor: str = "api") -> int:
+        """Delete a pool; refuse while addresses are allocated unless forced."""
+        with self.store.write() as tx:
+            pool = self._pool(tx, name)
+            _, allocated = tx.counters(name)
+            if allocated and not force:
+                raise PoolInUse(
+                    f"pool {name!r} still has {allocated} allocated address(es); "
+                    "release them or use --force")
+            for a in tx.list_allocations(name, None, None, 1 << 62) if allocated else []:
+                tx.add_event(self._event(pool, a, "release", actor, "pool deleted"))
+            tx.delete_pool(name)
+            tx.add_event(Event(0, self.clock(), name, pool.cidr, "pool-delete", actor=actor,
+                               note=f"{allocated} allocation(s) dropped" if allocated else ""))
+            return allocated
+
+    # --- allocation ----------------------------------------------------------
+
+    def allocate(self, req: AllocRequest, actor: str = "api") -> tuple[Allocation, Pool]:
+        check_name(req.pool)
+        check_text(req.container_id, "container id")
+        check_ifname(req.ifname)
+        check_text(req.host, "host", required=False)
+        check_text(req.netns, "netns", 4096, required=False)
+        labels = check_labels(req.labels)
+        handle = check_handle(req.handle) if req.handle else None
+        mac = normalize_mac(req.mac) if req.mac else None
+        with self.store.write() as tx:
+            pool = self._pool(tx, req.pool)
+            existing = tx.allocation_of(pool.name, req.container_id, req.ifname)
+            if existing is not None:
+                if req.ip and int(parse_ip(req.ip)) != existing.ip:
+                    raise AddressInUse(
+                        f"{req.container_id}/{req.ifname} already holds "
+                        f"{ip_str(pool.version, existing.ip)} in pool {pool.name!r}")
+                return existing, pool
+            ip, fixed = self._choose(tx, pool, req, handle)
+            if mac is not None:
+                if tx.mac_in_use(mac):
+                    raise MacInUse(f"MAC {mac} is already in use by another allocation")
+            else:
+                mac = mac_for_ipv4(ip) if pool.version == 4 else random_mac()
+                while tx.mac_in_use(mac):
+                    mac = random_mac()
+            now = self.clock()
+            alloc = Allocation(
+                pool=pool.name, ip=ip, container_id=req.container_id, ifname=req.ifname,
+                mac=mac, host=req.host, netns=req.netns, handle=handle, fixed=fixed,
+                labels=labels, block=self._block_lo(pool, ip) if pool.mode == "bgp" else None,
+                created=now,
+            )
+            tx.put_allocation(alloc)
+            tx.add_counters(pool.name, -1 if fixed else 0, 1)
+            tx.add_event(self._event(pool, alloc, "allocate", actor, "fixed" if fixed else ""))
+            return alloc, pool
+
+    def _choose(
+        self, tx: Txn, pool: Pool, req: AllocRequest, handle: str | None
+    ) -> tuple[int, bool]:
+        """Pick the address for a new allocation; returns (ip, fixed)."""
+        wanted: int | None = None
+        if req.ip:
+            addr = parse_ip(req.ip)
+            if addr.version != pool.version or addr not in pool.network:
+                raise InvalidInput(f"{req.ip} is not in pool {pool.name!r} ({pool.cidr})")
+            wanted = int(addr)
+        if handle:
+            res = tx.reservation_by_handle(pool.name, handle)
+            if res is not None:
+                if wanted is not None and wanted != res.lo:
+                    raise AddressInUse(
+                        f"handle {handle!r} is assigned {ip_str(pool.version, res.lo)}, "
+                        f"not {req.ip}")
+                wanted = res.lo
+        if wanted is not None:
+            return self._take_specific(tx, pool, wanted, handle)
+        return self._take_any(tx, pool, req.host), False
+
+    def _take_specific(
+        self, tx: Txn, pool: Pool, ip: int, handle: str | None
+    ) -> tuple[int, bool]:
+        first, last = usable_bounds(pool.network)
+        text = ip_str(pool.version, ip)
+        if not first <= ip <= last:
+            raise InvalidInput(f"{text} is the network or broadcast address of {pool.cidr}")
+        holder = tx.allocation(pool.name, ip)
+        if holder is not None:
+            raise AddressInUse(f"{text} is allocated to {holder.container_id}/{holder.ifname}"
+                               + (f" on {holder.host}" if holder.host else ""))
+        res = tx.reservations_overlapping(pool.name, ip, ip)
+        if res:
+            r = res[0]
+            if r.handle and r.handle == handle:
+                return ip, True
+            why = f"assigned to handle {r.handle!r}" if r.handle else f"reserved ({r.note})"
+            raise AddressInUse(f"{text} is {why}")
+        if tx.released_space(pool.name, ip) is not None:
+            tx.del_released(pool.name, ip)
+        else:
+            self._cut_free(tx, pool.name, ip, ip)
+        return ip, False
+
+    def _cut_free(self, tx: Txn, pool: str, lo: int, hi: int) -> None:
+        """Remove [lo, hi] from the never-used ranges."""
+        for space, r_lo, r_hi in tx.free_overlapping(pool, lo, hi):
+            tx.del_free(pool, r_lo)
+            for p_lo, p_hi in _split(r_lo, r_hi, lo, hi):
+                tx.put_free(pool, space, p_lo, p_hi)
+
+    def _take_free(self, tx: Txn, pool: str, space: str | None) -> int | None:
+        got = tx.first_free(pool, space)
+        if got is None:
+            return None
+        sp, lo, hi = got
+        tx.del_free(pool, lo)
+        if lo < hi:
+            tx.put_free(pool, sp, lo + 1, hi)
+        return lo
+
+    def _take_released(
+        self, tx: Txn, pool: str, spaces: list[str | None], before: float | None
+    ) -> int | None:
+        best: tuple[str, int, float] | None = None
+        for space in spaces:
+            got = tx.oldest_released(pool, space, before)
+            if got is not None and (best is None or got[2] < best[2]):
+                best = got
+        if best is None:
+            return None
+        tx.del_released(pool, best[1])
+        return best[1]
+
+    def _take_any(self, tx: Txn, pool: Pool, host: str) -> int:
+        cutoff = self.clock() - self.cooldown
+        if pool.mode != "bgp":
+            ip = self._take_free(tx, pool.name, POOL_SPACE)
+            if ip is None:
+                ip = self._take_released(tx, pool.name, [POOL_SPACE], None)
+            if ip is None:
+                raise PoolExhausted(f"pool {pool.name!r} ({pool.cidr}) has no free address")
+            return ip
+        mine: list[str | None] = [key(b.lo) for b in tx.blocks(pool.name, host)]
+        for space in mine:
+            ip = self._take_free(tx, pool.name, space)
+            if ip is not None:
+                return ip
+        ip = self._take_released(tx, pool.name, mine, cutoff) if mine else None
+        while ip is None:
+            block = self._claim_block(tx, pool, host)
+            if block is None:
+                break
+            ip = self._take_free(tx, pool.name, key(block.lo))
+        if ip is None:  # borrow from other hosts' blocks
+            ip = self._take_free(tx, pool.name, None)
+        if ip is None:
+            ip = self._take_released(tx, pool.name, [None], cutoff)
+        if ip is None and mine:
+            ip = self._take_released(tx, pool.name, mine, None)
+        if ip is None:
+            ip = self._take_released(tx, pool.name, [None], None)
+        if ip is None:
+            raise PoolExhausted(f"pool {pool.name!r} ({pool.cidr}) has no free address")
+        return ip
+
+    def _block_lo(self, pool: Pool, ip: int) -> int:
+        assert pool.block_prefix is not None
+        bits = (32 if pool.version == 4 else 128) - pool.block_prefix
+        return ip >> bits << bits
+
+    def _claim_block(self, tx: Txn, pool: Pool, host: str) -> Block | None:
+        """Give ``host`` the lowest unclaimed block; None when all are claimed."""
+        assert pool.block_prefix is not None
+        cursor = tx.block_cursor(pool.name)
+        net = pool.network
+        size = 1 << ((32 if pool.version == 4 else 128) - pool.block_prefix)
+        if cursor < 0 or cursor > int(net.broadcast_address):
+            return None
+        lo, hi = cursor, cursor + size - 1
+        tx.set_block_cursor(pool.name, hi + 1)
+        block = Block(pool.name, lo, hi, host, pool.block_prefix)
+        tx.put_block(block)
+        first, last = usable_bounds(net)
+        holes = [(r.lo, r.hi) for r in tx.reservations_overlapping(pool.name, lo, hi)]
+        holes += [(a.ip, a.ip) for a in tx.allocations_in(pool.name, lo, hi, size)]
+        for p_lo, p_hi in self._minus(max(lo, first), min(hi, last), holes):
+            tx.put_free(pool.name, key(lo), p_lo, p_hi)
+        return block
+
+    # --- release -------------------------------------------------------------
+
+    def release(
+        self,
+        *,
+        pool: str | None = None,
+        container_id: str | None = None,
+        ifname: str | None = None,
+        ip: str | None = None,
+        force: bool = False,
+        actor: str = "api",
+    ) -> ReleaseResult:
+        """Release by owner, or by IP when that IP's holder is the owner named.
+
+        Releasing what is not allocated succeeds (CNI DEL is idempotent). A
+        stale release naming another owner never frees the address.
+        """
+        if ifname is not None:
+            check_ifname(ifname)
+        if container_id is not None:
+            check_text(container_id, "container id")
+        if pool is not None:
+            check_name(pool)
+        if ip is None and container_id is None:
+            raise InvalidInput("a release names an owner (container id) or an address")
+        if ip is not None and container_id is None and not force:
+            raise InvalidInput(
+                f"releasing {ip} needs its owner (container id), or force for an operator")
+        with self.store.write() as tx:
+            if pool is not None:
+                self._pool(tx, pool)
+            if ip is not None:
+                addr = parse_ip(ip)
+                p = self._pool_for(tx, int(addr), addr.version, pool)
+                a = tx.allocation(p.name, int(addr))
+                if a is None:
+                    return ReleaseResult([], f"{ip} was not allocated; nothing to release")
+                if container_id is not None and (
+                    a.container_id != container_id or (ifname is not None and a.ifname != ifname)
+                ):
+                    return ReleaseResult(
+                        [], f"{ip} is held by another owner; not released")
+                targets = [a]
+            else:
+                assert container_id is not None
+                targets = tx.allocations_of(container_id, ifname, pool)
+                if not targets:
+                    return ReleaseResult(
+                        [], f"{container_id}{'/' + ifname if ifname else ''} holds no address; "
+                        "nothing to release")
+            for a in targets:
+                self._release_one(tx, a, actor)
+            return ReleaseResult(targets, f"released {len(targets)} address(es)")
+
+    def _release_one(self, tx: Txn, a: Allocation, actor: str) -> None:
+        pool = tx.get_pool(a.pool)
+        assert pool is not None
+        tx.del_allocation(a.pool, a.ip)
+        if a.fixed:
+            tx.add_counters(a.pool, 1, -1)
+        else:
+            tx.add_counters(a.pool, 0, -1)
+            self._give_back(tx, pool, a.ip, a.ip, released=True)
+        tx.add_event(self._event(pool, a, "release", actor))
+
+    def _give_back(self, tx: Txn, pool: Pool, lo: int, hi: int, released: bool) -> None:
+        """Return [lo, hi] to free space: released addresses join the LRU list."""
+        if pool.mode != "bgp":
+            if released:
+                tx.put_released(pool.name, POOL_SPACE, lo, self.clock())
+            else:
+                tx.put_free(pool.name, POOL_SPACE, lo, hi)
+            return
+        for b in tx.blocks(pool.name, None) if hi > lo else []:
+            if b.hi >= lo and b.lo <= hi:
+                self._give_back_block(tx, pool, b, max(lo, b.lo), min(hi, b.hi), released)
+        if hi == lo:
+            b2 = tx.block(pool.name, self._block_lo(pool, lo))
+            if b2 is not None:
+                self._give_back_block(tx, pool, b2, lo, hi, released)
+        # addresses in unclaimed blocks become free by being in no table
+
+    def _give_back_block(
+        self, tx: Txn, pool: Pool, b: Block, lo: int, hi: int, released: bool
+    ) -> None:
+        if released:
+            tx.put_released(pool.name, key(b.lo), lo, self.clock())
+        else:
+            tx.put_free(pool.name, key(b.lo), lo, hi)
+
+    def _pool_for(self, tx: Txn, ip: int, version: int, name: str | None) -> Pool:
+        if name is not None:
+            pool = self._pool(tx, name)
+            if pool.version != version or not (
+                int(pool.network.network_address) <= ip <= int(pool.network.broadcast_address)
+            ):
+                raise InvalidInput(
+                    f"{ip_str(version, ip)} is not in pool {name!r} ({pool.cidr})")
+            return pool
+        for pool in tx.list_pools():
+            net = pool.network
+            if net.version == version and (
+                int(net.network_address) <= ip <= int(net.broadcast_address)
+            ):
+                return pool
+        raise NotFound(f"{ip_str(version, ip)} is in no pool")
+
+    # --- reservations and fixed addresses -------------------------------------
+
+    def reserve(self, pool: str, spec: str, note: str = "", actor: str = "api") -> Reservation:
+        check_name(pool)
+        check_text(note, "note", required=False)
+        with self.store.write() as tx:
+            p = self._pool(tx, pool)
+            lo, hi = self._usable_range(p, spec)
+            self._check_reservable(tx, p, lo, hi)
+            r = Reservation(p.name, lo, hi, note or "reserved", None, self.clock())
+            self._hold(tx, p, r)
+            tx.add_event(Event(0, self.clock(), p.name, self._range_text(p, lo, hi), "reserve",
+                               actor=actor, note=r.note))
+            return r
+
+    def _usable_range(self, pool: Pool, spec: str) -> tuple[int, int]:
+        lo, hi = parse_range(spec, pool.network)
+        first, last = usable_bounds(pool.network)
+        if lo == hi and not first <= lo <= last:
+            raise InvalidInput(f"{spec} is the network or broadcast address of {pool.cidr}")
+        lo, hi = max(lo, first), min(hi, last)
+        return lo, hi
+
+    def _range_text(self, pool: Pool, lo: int, hi: int) -> str:
+        if lo == hi:
+            return ip_str(pool.version, lo)
+        return f"{ip_str(pool.version, lo)}-{ip_str(pool.version, hi)}"
+
+    def _check_reservable(self, tx: Txn, pool: Pool, lo: int, hi: int) -> None:
+        held = tx.reservations_overlapping(pool.name, lo, hi)
+        if held:
+            r = held[0]
+            raise AddressInUse(
+                f"{self._range_text(pool, max(lo, r.lo), min(hi, r.hi))} is already reserved "
+                f"({r.note})")
+        allocs = tx.allocations_in(pool.name, lo, hi, 1)
+        if allocs:
+            a = allocs[0]
+            raise AddressInUse(f"{ip_str(pool.version, a.ip)} is allocated to "
+                               f"{a.container_id}/{a.ifname}")
+
+    def _hold(self, tx: Txn, pool: Pool, r: Reservation) -> None:
+        """Take [r.lo, r.hi] out of free space and record the reservation."""
+        self._cut_free(tx, pool.name, r.lo, r.hi)
+        for ip in tx.released_in(pool.name, r.lo, r.hi):
+            tx.del_released(pool.name, ip)
+        tx.put_reservation(r)
+        tx.add_counters(pool.name, r.count, 0)
+
+    def unreserve(self, pool: str, spec: str, actor: str = "api") -> int:
+        """Free reserved addresses in a range; returns how many were freed."""
+        check_name(pool)
+        with self.store.write() as tx:
+            p = self._pool(tx, pool)
+            lo, hi = self._usable_range(p, spec)
+            gw = int(parse_ip(p.gateway))
+            held = tx.reservations_overlapping(p.name, lo, hi)
+            for r in held:
+                if r.handle and r.lo >= lo and r.hi <= hi:
+                    a = tx.allocation(p.name, r.lo)
+                    if a is not None:
+                        raise AddressInUse(
+                            f"{ip_str(p.version, r.lo)} is allocated to {a.container_id}/"
+                            f"{a.ifname} under handle {r.handle!r}; release it first")
+            freed = 0
+            now = self.clock()
+            for r in held:
+                c_lo, c_hi = max(lo, r.lo), min(hi, r.hi)
+                tx.del_reservation(p.name, r.lo)
+                for k_lo, k_hi in _split(r.lo, r.hi, c_lo, c_hi):
+                    tx.put_reservation(replace(r, lo=k_lo, hi=k_hi))
+                parts = [(c_lo, c_hi)]
+                if c_lo <= gw <= c_hi:
+                    tx.put_reservation(Reservation(p.name, gw, gw, "gateway", None, now))
+                    parts = _split(c_lo, c_hi, gw, gw)
+                for f_lo, f_hi in parts:
+                    self._give_back(tx, p, f_lo, f_hi, released=False)
+                    freed += f_hi - f_lo + 1
+            tx.add_counters(p.name, -freed, 0)
+            if freed:
+                tx.add_event(Event(0, now, p.name, self._range_text(p, lo, hi), "unreserve",
+                                   actor=actor, note=f"{freed} address(es) freed"))
+            return freed
+
+    def assign(
+        self, pool: str, ip: str, handle: str, note: str = "", actor: str = "api"
+    ) -> Reservation:
+        """Bind an address to a stable handle: allocations with it always get it."""
+        check_name(pool)
+        check_handle(handle)
+        check_text(note, "note", required=False)
+        with self.store.write() as tx:
+            p = self._pool(tx, pool)
+            lo, hi = parse_range(ip, p.network)
+            if lo != hi:
+                raise InvalidInput("a handle is assigned exactly one address")
+            first, last = usable_bounds(p.network)
+            if not first <= lo <= last:
+                raise InvalidInput(f"{ip} is the network or broadcast address of {p.cidr}")
+            if lo == int(parse_ip(p.gateway)):
+                raise AddressInUse(f"{ip} is the gateway of pool {p.name!r}")
+            other = tx.reservation_by_handle(p.name, handle)
+            if other is not None:
+                if other.lo == lo:
+                    return other
+                raise AddressInUse(
+                    f"handle {handle!r} is already assigned {ip_str(p.version, other.lo)}")
+            a = tx.allocation(p.name, lo)
+            if a is not None:
+                raise AddressInUse(f"{ip} is allocated to {a.container_id}/{a.ifname}")
+            now = self.clock()
+            res = Reservation(p.name, lo, lo, note or f"fixed address of {handle}", handle, now)
+            held = tx.reservations_overlapping(p.name, lo, lo)
+            if held:
+                r = held[0]
+                if r.handle:
+                    raise AddressInUse(f"{ip} is already assigned to handle {r.handle!r}")
+                tx.del_reservation(p.name, r.lo)
+                for k_lo, k_hi in _split(r.lo, r.hi, lo, lo):
+                    tx.put_reservation(replace(r, lo=k_lo, hi=k_hi))
+                tx.put_reservation(res)
+            else:
+                self._hold(tx, p, res)
+            tx.add_event(Event(0, now, p.name, ip_str(p.version, lo), "assign", actor=actor,
+                               note=f"handle {handle}"))
+            return res
+
+    # --- queries -------------------------------------------------------------
+
+    def addresses(
+        self, pool: str | None = None, host: str | None = None, limit: int = 1000,
+        after: str | None = None,
+    ) -> list[tuple[Allocation, Pool]]:
+        with self.store.read() as tx:
+            if pool is not None:
+                self._pool(tx, pool)
+            pools = {p.name: p for p in tx.list_pools()}
+            after_i = int(parse_ip(after)) if after else None
+            rows = tx.list_allocations(pool, host, after_i, limit)
+            return [(a, pools[a.pool]) for a in rows]
+
+    def reservations(self, pool: str) -> tuple[Pool, list[Reservation]]:
+        with self.store.read() as tx:
+            p = self._pool(tx, pool)
+            return p, tx.list_reservations(pool)
+
+    def show(self, ip: str) -> dict[str, Any]:
+        """State of one address: free, reserved or allocated, and by whom."""
+        addr = parse_ip(ip)
+        with self.store.read() as tx:
+            p = self._pool_for(tx, int(addr), addr.version, None)
+            out: dict[str, Any] = {"ip": str(addr), "pool": p.name, "cidr": p.cidr}
+            first, last = usable_bounds(p.network)
+            a = tx.allocation(p.name, int(addr))
+            held = tx.reservations_overlapping(p.name, int(addr), int(addr))
+            if a is not None:
+                out.update(state="allocated", container_id=a.container_id, ifname=a.ifname,
+                           host=a.host, netns=a.netns, mac=a.mac, handle=a.handle,
+                           labels=a.labels, since=a.created)
+            elif not first <= int(addr) <= last:
+                out.update(state="unusable", note="network or broadcast address")
+            elif held:
+                r = held[0]
+                out.update(state="reserved", note=r.note, handle=r.handle, since=r.created)
+            else:
+                out.update(state="free")
+            return out
+
+    def history(self, ip: str | None = None, pool: str | None = None,
+                limit: int = 100) -> list[Event]:
+        if ip is not None:
+            ip = str(parse_ip(ip))
+        with self.store.read() as tx:
+            return tx.events(ip, pool, limit)
+
+    def blocks(self, pool: str | None = None, host: str | None = None) -> list[Block]:
+        with self.store.read() as tx:
+            if pool is not None:
+                self._pool(tx, pool)
+            return tx.blocks(pool, host)
+
+    def hosts(self) -> list[dict[str, Any]]:
+        with self.store.read() as tx:
+            return tx.hosts()
+
+    def _event(self, pool: Pool, a: Allocation, action: str, actor: str,
+               note: str = "") -> Event:
+        return Event(0, self.clock(), pool.name, ip_str(pool.version, a.ip), action,
+                     a.container_id, a.ifname, a.host, a.mac, actor, note)
+

@@ -1,0 +1,537 @@
+"""Datastore interface for the IPAM, and its embedded SQLite implementation.
+
+The IPAM logic (:mod:`netd.ipam.service`) runs inside one :class:`Txn` per
+change and only uses the primitives below, so a distributed store (etcd) can
+implement the same interface. Free addresses are never stored one by one:
+never-used space is kept as disjoint ranges ("free ranges", per allocation
+space), and only addresses that were once handed out and came back are listed
+("released", with their release time, for least-recently-used re-use).
+
+A *space* is the unit a pool allocates from: ``""`` for a whole pool, or the
+key of a host block's first address in BGP pools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from netd.errors import InvalidInput, Unavailable
+from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
+
+
+class Txn(Protocol):
+    """Primitives of one atomic change (or one consistent read)."""
+
+    # pools and their counters
+    def get_pool(self, name: str) -> Pool | None: ...
+    def list_pools(self) -> list[Pool]: ...
+    def insert_pool(self, pool: Pool) -> None: ...
+    def delete_pool(self, name: str) -> None: ...
+    def counters(self, name: str) -> tuple[int, int]: ...
+    def add_counters(self, name: str, reserved: int, allocated: int) -> None: ...
+    def block_cursor(self, name: str) -> int: ...
+    def set_block_cursor(self, name: str, value: int) -> None: ...
+
+    # never-used space, as disjoint ranges per space
+    def first_free(self, pool: str, space: str | None) -> tuple[str, int, int] | None: ...
+    def free_overlapping(self, pool: str, lo: int, hi: int) -> list[tuple[str, int, int]]: ...
+    def put_free(self, pool: str, space: str, lo: int, hi: int) -> None: ...
+    def del_free(self, pool: str, lo: int) -> None: ...
+
+    # addresses that were handed out and came back
+    def oldest_released(
+        self, pool: str, space: str | None, before: float | None
+    ) -> tuple[str, int, float] | None: ...
+    def released_space(self, pool: str, ip: int) -> str | None: ...
+    def released_in(self, pool: str, lo: int, hi: int) -> list[int]: ...
+    def put_released(self, pool: str, space: str, ip: int, ts: float) -> None: ...
+    def del_released(self, pool: str, ip: int) -> None: ...
+
+    # allocations
+    def allocation(self, pool: str, ip: int) -> Allocation | None: ...
+    def allocation_of(self, pool: str, container_id: str, ifname: str) -> Allocation | None: ...
+    def allocations_of(
+        self, container_id: str, ifname: str | None, pool: str | None
+    ) -> list[Allocation]: ...
+    def allocations_in(self, pool: str, lo: int, hi: int, limit: int) -> list[Allocation]: ...
+    def list_allocations(
+        self, pool: str | None, host: str | None, after: int | None, limit: int
+    ) -> list[Allocation]: ...
+    def mac_in_use(self, mac: str) -> bool: ...
+    def put_allocation(self, a: Allocation) -> None: ...
+    def del_allocation(self, pool: str, ip: int) -> None: ...
+    def hosts(self) -> list[dict[str, Any]]: ...
+
+    # reservations (disjoint ranges; a handle-assigned one covers one address)
+    def reservations_overlapping(self, pool: str, lo: int, hi: int) -> list[Reservation]: ...
+    def reservation_by_handle(self, pool: str, handle: str) -> Reservation | None: ...
+    def list_reservations(self, pool: str) -> list[Reservation]: ...
+    def put_reservation(self, r: Reservation) -> None: ...
+    def del_reservation(self, pool: str, lo: int) -> None: ...
+
+    # BGP host blocks
+    def blocks(self, pool: str | None, host: str | None) -> list[Block]: ...
+    def block(self, pool: str, lo: int) -> Block | None: ...
+    def put_block(self, b: Block) -> None: ...
+
+    # history
+    def add_event(self, e: Event) -> None: ...
+    def events(self, ip: str | None, pool: str | None, limit: int) -> list[Event]: ...
+
+
+class Store(Protocol):
+    def write(self) -> Any:
+        """Context manager yielding a :class:`Txn`; commits on success."""
+
+    def read(self) -> Any:
+        """Context manager yielding a :class:`Txn` for a consistent read."""
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """Open a store from a URL: ``sqlite:///path`` or ``sqlite://:memory:``."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = parsed.path if parsed.netloc in ("", "localhost") else parsed.netloc + parsed.path
+        if url.startswith("sqlite://:memory:"):
+            path = ":memory:"
+        if not path:
+            raise InvalidInput(f"store URL {url!r} names no database file")
+        return SqliteStore(path)
+    if parsed.scheme == "etcd":
+        raise InvalidInput("the etcd store is not available yet; use sqlite:///PATH")
+    raise InvalidInput(f"unknown store URL {url!r}: expected sqlite:///PATH")
+
+
+# --- SQLite ----------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (
+    name TEXT PRIMARY KEY,
+    doc TEXT NOT NULL,
+    n_reserved TEXT NOT NULL DEFAULT '0',
+    n_allocated INTEGER NOT NULL DEFAULT 0,
+    block_cursor TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS free_ranges (
+    pool TEXT NOT NULL, lo TEXT NOT NULL, hi TEXT NOT NULL, space TEXT NOT NULL,
+    PRIMARY KEY (pool, lo)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS free_by_space ON free_ranges (pool, space, lo);
+CREATE TABLE IF NOT EXISTS released (
+    pool TEXT NOT NULL, ip TEXT NOT NULL, space TEXT NOT NULL, ts REAL NOT NULL,
+    PRIMARY KEY (pool, ip)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS released_lru ON released (pool, space, ts);
+CREATE INDEX IF NOT EXISTS released_lru_pool ON released (pool, ts);
+CREATE TABLE IF NOT EXISTS allocations (
+    pool TEXT NOT NULL, ip TEXT NOT NULL, container_id TEXT NOT NULL, ifname TEXT NOT NULL,
+    mac TEXT NOT NULL, host TEXT NOT NULL, netns TEXT NOT NULL, handle TEXT,
+    fixed INTEGER NOT NULL, labels TEXT NOT NULL, block TEXT, created REAL NOT NULL,
+    PRIMARY KEY (pool, ip)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS alloc_owner ON allocations (container_id, ifname, pool);
+CREATE UNIQUE INDEX IF NOT EXISTS alloc_mac ON allocations (mac);
+CREATE INDEX IF NOT EXISTS alloc_host ON allocations (host, pool, ip);
+CREATE TABLE IF NOT EXISTS reservations (
+    pool TEXT NOT NULL, lo TEXT NOT NULL, hi TEXT NOT NULL, note TEXT NOT NULL,
+    handle TEXT, created REAL NOT NULL,
+    PRIMARY KEY (pool, lo)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS res_handle ON reservations (pool, handle)
+    WHERE handle IS NOT NULL;
+CREATE TABLE IF NOT EXISTS blocks (
+    pool TEXT NOT NULL, lo TEXT NOT NULL, hi TEXT NOT NULL, host TEXT NOT NULL,
+    prefix INTEGER NOT NULL,
+    PRIMARY KEY (pool, lo)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blocks_host ON blocks (host, pool, lo);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, pool TEXT NOT NULL,
+    ip TEXT NOT NULL, action TEXT NOT NULL, container_id TEXT NOT NULL, ifname TEXT NOT NULL,
+    host TEXT NOT NULL, mac TEXT NOT NULL, actor TEXT NOT NULL, note TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_ip ON events (ip, id);
+CREATE INDEX IF NOT EXISTS events_pool ON events (pool, id);
+"""
+
+
+def _alloc(row: sqlite3.Row) -> Allocation:
+    return Allocation(
+        pool=row["pool"], ip=unkey(row["ip"]), container_id=row["container_id"],
+        ifname=row["ifname"], mac=row["mac"], host=row["host"], netns=row["netns"],
+        handle=row["handle"], fixed=bool(row["fixed"]), labels=json.loads(row["labels"]),
+        block=unkey(row["block"]) if row["block"] else None, created=row["created"],
+    )
+
+
+def _res(row: sqlite3.Row) -> Reservation:
+    return Reservation(
+        pool=row["pool"], lo=unkey(row["lo"]), hi=unkey(row["hi"]), note=row["note"],
+        handle=row["handle"], created=row["created"],
+    )
+
+
+def _block(row: sqlite3.Row) -> Block:
+    return Block(pool=row["pool"], lo=unkey(row["lo"]), hi=unkey(row["hi"]), host=row["host"],
+                 prefix=row["prefix"])
+
+
+class SqliteTxn:
+    """:class:`Txn` over one SQLite connection inside an open transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.db.execute(sql, args).fetchone()
+        return row
+
+    def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        return self.db.execute(sql, args).fetchall()
+
+    # pools
+    def get_pool(self, name: str) -> Pool | None:
+        row = self._one("SELECT doc FROM pools WHERE name=?", name)
+        return Pool.from_dict(json.loads(row["doc"])) if row else None
+
+    def list_pools(self) -> list[Pool]:
+        return [Pool.from_dict(json.loads(r["doc"]))
+                for r in self._all("SELECT doc FROM pools ORDER BY name")]
+
+    def insert_pool(self, pool: Pool) -> None:
+        self.db.execute("INSERT INTO pools (name, doc) VALUES (?, ?)",
+                        (pool.name, json.dumps(pool.to_dict(), sort_keys=True)))
+
+    def delete_pool(self, name: str) -> None:
+        for table in ("pools", "free_ranges", "released", "allocations", "reservations",
+                      "blocks"):
+            col = "name" if table == "pools" else "pool"
+            self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (name,))  # noqa: S608
+
+    def counters(self, name: str) -> tuple[int, int]:
+        row = self._one("SELECT n_reserved, n_allocated FROM pools WHERE name=?", name)
+        return (int(row["n_reserved"]), int(row["n_allocated"])) if row else (0, 0)
+
+    def add_counters(self, name: str, reserved: int, allocated: int) -> None:
+        res, alloc = self.counters(name)
+        self.db.execute("UPDATE pools SET n_reserved=?, n_allocated=? WHERE name=?",
+                        (str(res + reserved), alloc + allocated, name))
+
+    def block_cursor(self, name: str) -> int:
+        row = self._one("SELECT block_cursor FROM pools WHERE name=?", name)
+        return unkey(row["block_cursor"]) if row and row["block_cursor"] else -1
+
+    def set_block_cursor(self, name: str, value: int) -> None:
+        self.db.execute("UPDATE pools SET block_cursor=? WHERE name=?", (key(value), name))
+
+    # free ranges
+    def first_free(self, pool: str, space: str | None) -> tuple[str, int, int] | None:
+        if space is None:
+            row = self._one("SELECT space, lo, hi FROM free_ranges WHERE pool=? ORDER BY lo "
+                            "LIMIT 1", pool)
+        else:
+            row = self._one("SELECT space, lo, hi FROM free_ranges WHERE pool=? AND space=? "
+                            "ORDER BY lo LIMIT 1", pool, space)
+        return (row["space"], unkey(row["lo"]), unkey(row["hi"])) if row else None
+
+    def free_overlapping(self, pool: str, lo: int, hi: int) -> list[tuple[str, int, int]]:
+        rows = []
+        before = self._one("SELECT space, lo, hi FROM free_ranges WHERE pool=? AND lo<? "
+                           "ORDER BY lo DESC LIMIT 1", pool, key(lo))
+        if before and unkey(before["hi"]) >= lo:
+            rows.append(before)
+        rows += self._all("SELECT space, lo, hi FROM free_ranges WHERE pool=? AND lo>=? "
+                          "AND lo<=? ORDER BY lo", pool, key(lo), key(hi))
+        return [(r["space"], unkey(r["lo"]), unkey(r["hi"])) for r in rows]
+
+    def put_free(self, pool: str, space: str, lo: int, hi: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO free_ranges (pool, lo, hi, space) "
+                        "VALUES (?, ?, ?, ?)", (pool, key(lo), key(hi), space))
+
+    def del_free(self, pool: str, lo: int) -> None:
+        self.db.execute("DELETE FROM free_ranges WHERE pool=? AND lo=?", (pool, key(lo)))
+
+    # released
+    def oldest_released(
+        self, pool: str, space: str | None, before: float | None
+    ) -> tuple[str, int, float] | None:
+        sql = "SELECT space, ip, ts FROM released WHERE pool=?"
+        args: list[Any] = [pool]
+        if space is not None:
+            sql += " AND space=?"
+            args.append(space)
+        if before is not None:
+            sql += " AND ts<=?"
+            args.append(before)
+        row = self._one(sql + " ORDER BY ts LIMIT 1", *args)
+        return (row["space"], unkey(row["ip"]), row["ts"]) if row else None
+
+    def released_space(self, pool: str, ip: int) -> str | None:
+        row = self._one("SELECT space FROM released WHERE pool=? AND ip=?", pool, key(ip))
+        return row["space"] if row else None
+
+    def released_in(self, pool: str, lo: int, hi: int) -> list[int]:
+        return [unkey(r["ip"]) for r in self._all(
+            "SELECT ip FROM released WHERE pool=? AND ip>=? AND ip<=?", pool, key(lo), key(hi))]
+
+    def put_released(self, pool: str, space: str, ip: int, ts: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO released (pool, ip, space, ts) VALUES "
+                        "(?, ?, ?, ?)", (pool, key(ip), space, ts))
+
+    def del_released(self, pool: str, ip: int) -> None:
+        self.db.execute("DELETE FROM released WHERE pool=? AND ip=?", (pool, key(ip)))
+
+    # allocations
+    def allocation(self, pool: str, ip: int) -> Allocation | None:
+        row = self._one("SELECT * FROM allocations WHERE pool=? AND ip=?", pool, key(ip))
+        return _alloc(row) if row else None
+
+    def allocation_of(self, pool: str, container_id: str, ifname: str) -> Allocation | None:
+        row = self._one("SELECT * FROM allocations WHERE container_id=? AND ifname=? AND pool=?",
+                        container_id, ifname, pool)
+        return _alloc(row) if row else None
+
+    def allocations_of(
+        self, container_id: str, ifname: str | None, pool: str | None
+    ) -> list[Allocation]:
+        sql = "SELECT * FROM allocations WHERE container_id=?"
+        args: list[Any] = [container_id]
+        if ifname is not None:
+            sql += " AND ifname=?"
+            args.append(ifname)
+        if pool is not None:
+            sql += " AND pool=?"
+            args.append(pool)
+        return [_alloc(r) for r in self._all(sql, *args)]
+
+    def allocations_in(self, pool: str, lo: int, hi: int, limit: int) -> list[Allocation]:
+        return [_alloc(r) for r in self._all(
+            "SELECT * FROM allocations WHERE pool=? AND ip>=? AND ip<=? ORDER BY ip LIMIT ?",
+            pool, key(lo), key(hi), limit)]
+
+    def list_allocations(
+        self, pool: str | None, host: str | None, after: int | None, limit: int
+    ) -> list[Allocation]:
+        sql = "SELECT * FROM allocations WHERE 1=1"
+        args: list[Any] = []
+        if host is not None:
+            sql += " AND host=?"
+            args.append(host)
+        if pool is not None:
+            sql += " AND pool=?"
+            args.append(pool)
+        if after is not None:
+            sql += " AND ip>?"
+            args.append(key(after))
+        sql += " ORDER BY pool, ip LIMIT ?"
+        args.append(limit)
+        return [_alloc(r) for r in self._all(sql, *args)]
+
+    def mac_in_use(self, mac: str) -> bool:
+        return self._one("SELECT 1 FROM allocations WHERE mac=?", mac) is not None
+
+    def put_allocation(self, a: Allocation) -> None:
+        self.db.execute(
+            "INSERT INTO allocations (pool, ip, container_id, ifname, mac, host, netns, handle, "
+            "fixed, labels, block, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (a.pool, key(a.ip), a.container_id, a.ifname, a.mac, a.host, a.netns, a.handle,
+             int(a.fixed), json.dumps(a.labels, sort_keys=True),
+             key(a.block) if a.block is not None else None, a.created))
+
+    def del_allocation(self, pool: str, ip: int) -> None:
+        self.db.execute("DELETE FROM allocations WHERE pool=? AND ip=?", (pool, key(ip)))
+
+    def hosts(self) -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for r in self._all("SELECT host, pool, COUNT(*) AS n FROM allocations GROUP BY host, pool"):
+            h = out.setdefault(r["host"], {"host": r["host"], "allocations": 0, "pools": {},
+                                           "blocks": 0})
+            h["allocations"] += r["n"]
+            h["pools"][r["pool"]] = r["n"]
+        for r in self._all("SELECT host, COUNT(*) AS n FROM blocks GROUP BY host"):
+            h = out.setdefault(r["host"], {"host": r["host"], "allocations": 0, "pools": {},
+                                           "blocks": 0})
+            h["blocks"] = r["n"]
+        return [out[k] for k in sorted(out)]
+
+    # reservations
+    def reservations_overlapping(self, pool: str, lo: int, hi: int) -> list[Reservation]:
+        rows = []
+        before = self._one("SELECT * FROM reservations WHERE pool=? AND lo<? ORDER BY lo DESC "
+                           "LIMIT 1", pool, key(lo))
+        if before and unkey(before["hi"]) >= lo:
+            rows.append(before)
+        rows += self._all("SELECT * FROM reservations WHERE pool=? AND lo>=? AND lo<=? "
+                          "ORDER BY lo", pool, key(lo), key(hi))
+        return [_res(r) for r in rows]
+
+    def reservation_by_handle(self, pool: str, handle: str) -> Reservation | None:
+        row = self._one("SELECT * FROM reservations WHERE pool=? AND handle=?", pool, handle)
+        return _res(row) if row else None
+
+    def list_reservations(self, pool: str) -> list[Reservation]:
+        return [_res(r) for r in self._all("SELECT * FROM reservations WHERE pool=? ORDER BY lo",
+                                           pool)]
+
+    def put_reservation(self, r: Reservation) -> None:
+        self.db.execute("INSERT OR REPLACE INTO reservations (pool, lo, hi, note, handle, "
+                        "created) VALUES (?, ?, ?, ?, ?, ?)",
+                        (r.pool, key(r.lo), key(r.hi), r.note, r.handle, r.created))
+
+    def del_reservation(self, pool: str, lo: int) -> None:
+        self.db.execute("DELETE FROM reservations WHERE pool=? AND lo=?", (pool, key(lo)))
+
+    # blocks
+    def blocks(self, pool: str | None, host: str | None) -> list[Block]:
+        sql = "SELECT * FROM blocks WHERE 1=1"
+        args: list[Any] = []
+        if host is not None:
+            sql += " AND host=?"
+            args.append(host)
+        if pool is not None:
+            sql += " AND pool=?"
+            args.append(pool)
+        return [_block(r) for r in self._all(sql + " ORDER BY pool, lo", *args)]
+
+    def block(self, pool: str, lo: int) -> Block | None:
+        row = self._one("SELECT * FROM blocks WHERE pool=? AND lo=?", pool, key(lo))
+        return _block(row) if row else None
+
+    def put_block(self, b: Block) -> None:
+        self.db.execute("INSERT OR REPLACE INTO blocks (pool, lo, hi, host, prefix) VALUES "
+                        "(?, ?, ?, ?, ?)", (b.pool, key(b.lo), key(b.hi), b.host, b.prefix))
+
+    # events
+    def add_event(self, e: Event) -> None:
+        self.db.execute(
+            "INSERT INTO events (ts, pool, ip, action, container_id, ifname, host, mac, actor, "
+            "note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (e.ts, e.pool, e.ip, e.action, e.container_id, e.ifname, e.host, e.mac, e.actor,
+             e.note))
+
+    def events(self, ip: str | None, pool: str | None, limit: int) -> list[Event]:
+        sql = "SELECT * FROM events WHERE 1=1"
+        args: list[Any] = []
+        if ip is not None:
+            sql += " AND ip=?"
+            args.append(ip)
+        if pool is not None:
+            sql += " AND pool=?"
+            args.append(pool)
+        rows = self._all(sql + " ORDER BY id DESC LIMIT ?", *args, limit)
+        return [Event(**{k: r[k] for k in r.keys()}) for r in reversed(rows)]
+
+
+class SqliteStore:
+    """SQLite in WAL mode; every change is one ``BEGIN IMMEDIATE`` transaction.
+
+    Several processes may share one database file: SQLite's write lock
+    serialises them. Inside a process, writers also take a lock first, so
+    threads queue in order instead of spinning in SQLite's busy handler.
+    """
+
+    def __init__(self, path: str, busy_timeout_ms: int = 30000) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._shared: sqlite3.Connection | None = None
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        db = self._conn()
+        with self._write_lock:
+            self._begin(db, immediate=True)
+            try:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', '1')")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        if path != ":memory:":
+            os.chmod(path, 0o600)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self.path == ":memory:":
+            if self._shared is None:
+                self._shared = self._open()
+            return self._shared
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._open()
+            self._local.db = db
+        return db
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=self.busy_timeout_ms / 1000)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open database {self.path}: {exc}") from None
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+        if self.path != ":memory:":
+            db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed change survives any process crash;
+        # only an OS crash or power cut can lose the last commits.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _begin(self, db: sqlite3.Connection, immediate: bool) -> None:
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise Unavailable(f"datastore busy: {exc}") from None
+                time.sleep(0.001)
+
+    @contextmanager
+    def write(self) -> Iterator[SqliteTxn]:
+        db = self._conn()
+        with self._write_lock:
+            self._begin(db, immediate=True)
+            try:
+                yield SqliteTxn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[SqliteTxn]:
+        db = self._conn()
+        if self.path == ":memory:":
+            with self._write_lock:
+                yield SqliteTxn(db)
+            return
+        self._begin(db, immediate=False)
+        try:
+            yield SqliteTxn(db)
+        finally:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
