@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from netd.cni.plugin import _not_yet
+from .plugin import _not_yet
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ blocks.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -302,7 +303,7 @@ class IPAM:
             if lo <= hi:
                 ranges.append((lo, hi, "reserved at pool creation"))
         ranges.sort()
-        for (_, a_hi, _), (b_lo, _, _) in zip(ranges, ranges[1:], strict=False):
+        for (_, a_hi, _), (b_lo, _, _) in itertools.pairwise(ranges):
             if b_lo <= a_hi:
                 raise InvalidInput("reserved ranges overlap each other")
         if not any(lo <= gateway <= hi for lo, hi, _ in ranges):

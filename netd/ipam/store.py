@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -88,11 +88,11 @@ class Txn(Protocol):
 
 
 class Store(Protocol):
-    def write(self) -> Any:
-        """Context manager yielding a :class:`Txn`; commits on success."""
+    def write(self) -> AbstractContextManager[Txn]:
+        """One atomic change: commits when the block ends, rolls back on error."""
 
-    def read(self) -> Any:
-        """Context manager yielding a :class:`Txn` for a consistent read."""
+    def read(self) -> AbstractContextManager[Txn]:
+        """A consistent read."""
 
     def close(self) -> None: ...
 
@@ -430,7 +430,7 @@ class SqliteTxn:
             sql += " AND pool=?"
             args.append(pool)
         rows = self._all(sql + " ORDER BY id DESC LIMIT ?", *args, limit)
-        return [Event(**{k: r[k] for k in r.keys()}) for r in reversed(rows)]
+        return [Event(**dict(zip(r.keys(), r, strict=True))) for r in reversed(rows)]
 
 
 class SqliteStore:

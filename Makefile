@@ -1,0 +1,53 @@
+# netd — every target installs what it needs (Debian packages, a venv) and is
+# safe to run twice. Run as root on Debian 12.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+# Debian packages the tests, demo and benchmarks use
+APT_PACKAGES := curl iproute2 iputils-ping containernetworking-plugins
+
+.PHONY: help deps venv lint test test-unit demo demo-down bench clean
+
+help:
+	@echo "make demo   start the IPAM server, create two pools with netctl, print them"
+	@echo "make test   install everything, lint (ruff, mypy), run the whole test suite"
+	@echo "make bench  run the benchmarks (tests/bench) and print the figures"
+
+deps:
+	@scripts/install-deps $(APT_PACKAGES)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "netd needs Python >= 3.11"'
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || scripts/install-deps python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check netd cni bgp ovs tests
+	$(BIN)/mypy
+
+test: deps venv lint
+	$(BIN)/pytest -q -p no:cacheprovider tests --ignore=tests/bench
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+demo: deps venv
+	@scripts/demo
+
+demo-down:
+	@scripts/demo down
+
+bench: deps venv
+	$(BIN)/python -m tests.bench.ipam_bench
+
+clean: demo-down
+	rm -rf $(VENV) .demo .bench *.egg-info
