@@ -216,18 +216,20 @@ class IPAM:
             )
             tx.insert_pool(pool)
             now = self.clock()
+            tx.add_event(Event(0, now, pool.name, pool.cidr, "pool-create", actor=actor,
+                               note=f"gateway {pool.gateway}" + (f" vlan {vlan}" if vlan else "")))
             total = 0
             for lo, hi, note in reserved:
                 tx.put_reservation(Reservation(pool.name, lo, hi, note, None, now))
                 total += hi - lo + 1
+                tx.add_event(Event(0, now, pool.name, self._range_text(pool, lo, hi), "reserve",
+                                   actor=actor, note=note))
             tx.add_counters(pool.name, total, 0)
             if spec.mode == "bgp":
                 tx.set_block_cursor(pool.name, int(net.network_address))
             else:
                 for lo, hi in self._minus(first, last, [(r[0], r[1]) for r in reserved]):
                     tx.put_free(pool.name, POOL_SPACE, lo, hi)
-            tx.add_event(Event(0, now, pool.name, pool.cidr, "pool-create", actor=actor,
-                               note=f"gateway {pool.gateway}" + (f" vlan {vlan}" if vlan else "")))
             return pool
 
     @staticmethod
@@ -763,6 +765,9 @@ class IPAM:
         with self.store.read() as tx:
             if pool is not None:
                 self._pool(tx, pool)
+            elif after:
+                raise InvalidInput("paging with 'after' needs a pool: addresses are listed "
+                                   "per pool, in address order")
             pools = {p.name: p for p in tx.list_pools()}
             after_i = int(parse_ip(after)) if after else None
             rows = tx.list_allocations(pool, host, after_i, limit)

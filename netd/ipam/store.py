@@ -13,6 +13,7 @@ key of a host block's first address in BGP pools.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sqlite3
@@ -159,11 +160,27 @@ CREATE INDEX IF NOT EXISTS blocks_host ON blocks (host, pool, lo);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, pool TEXT NOT NULL,
     ip TEXT NOT NULL, action TEXT NOT NULL, container_id TEXT NOT NULL, ifname TEXT NOT NULL,
-    host TEXT NOT NULL, mac TEXT NOT NULL, actor TEXT NOT NULL, note TEXT NOT NULL
+    host TEXT NOT NULL, mac TEXT NOT NULL, actor TEXT NOT NULL, note TEXT NOT NULL,
+    lo TEXT, hi TEXT
 );
 CREATE INDEX IF NOT EXISTS events_ip ON events (ip, id);
+CREATE INDEX IF NOT EXISTS events_span ON events (lo) WHERE lo IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_pool ON events (pool, id);
 """
+
+
+def _span(text: str) -> tuple[int, int] | None:
+    """Address span of a range or pool event ("A-B" or a CIDR); None for one address."""
+    try:
+        if "/" in text:
+            net = ipaddress.ip_network(text)
+            return int(net.network_address), int(net.broadcast_address)
+        if "-" in text:
+            a, b = text.split("-", 1)
+            return int(ipaddress.ip_address(a)), int(ipaddress.ip_address(b))
+    except ValueError:
+        return None
+    return None
 
 
 def _alloc(row: sqlite3.Row) -> Allocation:
@@ -331,7 +348,7 @@ class SqliteTxn:
         if pool is not None:
             sql += " AND pool=?"
             args.append(pool)
-        if after is not None:
+        if after is not None:  # the service only pages within one pool
             sql += " AND ip>?"
             args.append(key(after))
         sql += " ORDER BY pool, ip LIMIT ?"
@@ -414,19 +431,28 @@ class SqliteTxn:
 
     # events
     def add_event(self, e: Event) -> None:
+        span = _span(e.ip)
+        lo, hi = (key(span[0]), key(span[1])) if span else (None, None)
         self.db.execute(
             "INSERT INTO events (ts, pool, ip, action, container_id, ifname, host, mac, actor, "
-            "note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "note, lo, hi) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (e.ts, e.pool, e.ip, e.action, e.container_id, e.ifname, e.host, e.mac, e.actor,
-             e.note))
+             e.note, lo, hi))
 
     def events(self, ip: str | None, pool: str | None, limit: int) -> list[Event]:
-        sql = "SELECT * FROM events WHERE 1=1"
+        cols = "id, ts, pool, ip, action, container_id, ifname, host, mac, actor, note"
+        sql = f"SELECT {cols} FROM events WHERE 1=1"  # noqa: S608
         args: list[Any] = []
         if ip is not None:
-            sql += " AND ip=?"
-            args.append(ip)
-        if pool is not None:
+            # events about this address, and about ranges and pools that cover it
+            k = key(int(ipaddress.ip_address(ip)))
+            sql = (f"SELECT {cols} FROM events WHERE ip=? UNION "  # noqa: S608
+                   f"SELECT {cols} FROM events WHERE lo IS NOT NULL AND lo<=? AND hi>=?")
+            args += [ip, k, k]
+            if pool is not None:
+                sql = f"SELECT * FROM ({sql}) WHERE pool=?"  # noqa: S608
+                args.append(pool)
+        elif pool is not None:
             sql += " AND pool=?"
             args.append(pool)
         rows = self._all(sql + " ORDER BY id DESC LIMIT ?", *args, limit)

@@ -146,7 +146,8 @@ def test_delete_pool_refused_with_allocations(ipam: IPAM) -> None:
     assert ipam.delete_pool("p", force=True) == 1
     with pytest.raises(PoolNotFound):
         ipam.get_pool("p")
-    assert [e.action for e in ipam.history("10.0.0.2")] == ["allocate", "release"]
+    assert [e.action for e in ipam.history("10.0.0.2")] == [
+        "pool-create", "allocate", "release", "pool-delete"]
 
 
 # --- allocation ----------------------------------------------------------------
@@ -376,7 +377,7 @@ def test_history_records_who_held_an_address(ipam: IPAM, clock: Clock) -> None:
     ipam.release(container_id="c1")
     clock.now += 10
     alloc(ipam, "c2", host="h2")
-    events = ipam.history("10.0.0.2")
+    events = [e for e in ipam.history("10.0.0.2") if e.container_id]
     assert [(e.action, e.container_id, e.host) for e in events] == [
         ("allocate", "c1", "h1"), ("release", "c1", "h1"), ("allocate", "c2", "h2")]
     assert all(e.mac == "0a:58:0a:00:00:02" for e in events)
@@ -392,3 +393,25 @@ def test_store_survives_reopen(tmp_path: Path, clock: Clock) -> None:
     assert alloc(two, "a") == first
     assert alloc(two, "b") != first
     assert (db.stat().st_mode & 0o777) == 0o600
+
+
+def test_range_reservations_show_in_each_address_history(ipam: IPAM) -> None:
+    ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/24", reserved=["10.0.0.10-10.0.0.19"]))
+    ipam.reserve("p", "10.0.0.100-10.0.0.109", note="vips")
+    ipam.unreserve("p", "10.0.0.100-10.0.0.104")
+    assert [(e.action, e.note) for e in ipam.history("10.0.0.12")][1:] == [
+        ("reserve", "reserved at pool creation")]
+    assert [e.action for e in ipam.history("10.0.0.102")] == [
+        "pool-create", "reserve", "unreserve"]
+    assert [e.action for e in ipam.history("10.0.0.107")] == ["pool-create", "reserve"]
+    assert [e.action for e in ipam.history("10.0.0.200")] == ["pool-create"]
+
+
+def test_paging_after_needs_a_pool(ipam: IPAM) -> None:
+    ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/24"))
+    for i in range(5):
+        alloc(ipam, f"c{i}")
+    page = ipam.addresses(pool="p", limit=2, after="10.0.0.3")
+    assert [a.ip & 255 for a, _ in page] == [4, 5]
+    with pytest.raises(InvalidInput):
+        ipam.addresses(limit=2, after="10.0.0.3")
