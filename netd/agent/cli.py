@@ -1,0 +1,134 @@
+"""``netd agent``: run the host agent, print its plan, or show its status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+import click
+
+from netd.agent.config import AgentConfig, load_config
+from netd.errors import NetdError
+
+log = logging.getLogger("netd.agent")
+DEFAULT_CONFIG = "/etc/netd/agent.toml"
+
+
+def _config(path: str) -> AgentConfig:
+    try:
+        return load_config(path)
+    except NetdError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@click.group("agent", invoke_without_command=True)
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+              help="agent.toml")
+@click.option("--plan", is_flag=True,
+              help="print the host changes the agent would make at start, make none, exit")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.pass_context
+def agent_cli(ctx: click.Context, config_path: str, plan: bool, log_level: str) -> None:
+    """Run the host agent (request -> IPAM -> dataplane -> result)."""
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per IPAM call is noise
+    cfg = _config(config_path)
+    sys.exit(run(cfg, plan_only=plan))
+
+
+def run(cfg: AgentConfig, plan_only: bool = False) -> int:
+    """Wire the collaborators, take the host over, reconcile, serve."""
+    from netd.agent.server import AgentServer
+    from netd.agent.service import Agent
+    from netd.agent.state import StateStore
+    from netd.dataplane.l2driver import L2Driver, TakeoverFailed
+    from netd.ipam.client import Client
+
+    driver = L2Driver(cfg.l2)
+    if plan_only:
+        for line in driver.plan():
+            click.echo(line)
+        return 0
+    try:
+        changes = driver.start()
+    except TakeoverFailed as exc:
+        log.error("%s", exc)
+        click.echo(f"netd agent: {exc}", err=True)
+        return 3
+    for line in changes:
+        log.info("host: %s", line)
+    token = cfg.token()
+    ipam = Client(cfg.ipam_url, token=token, actor=f"agent:{cfg.host}", timeout=cfg.ipam_timeout)
+    fast = Client(cfg.ipam_url, token=token, actor=f"agent:{cfg.host}",
+                  timeout=min(2.0, cfg.ipam_timeout))
+    state = StateStore(cfg.state_dir)
+    agent = Agent(cfg, ipam, driver, state, release_ipam=fast)
+    agent.reconcile()
+    agent.flush_releases()
+    server = AgentServer(cfg.socket, agent)
+    stop = threading.Event()
+
+    def flusher() -> None:
+        while not stop.wait(2.0):
+            try:
+                agent.flush_releases()
+            except Exception:
+                log.exception("flushing queued releases failed")
+
+    threading.Thread(target=flusher, name="release-flusher", daemon=True).start()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("netd agent for host %s (mode %s) serving %s", cfg.host, cfg.mode, cfg.socket)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        state.close()
+    return 0
+
+
+@agent_cli.command("status")
+@click.option("--socket", "socket_path", default=None,
+              help="agent socket (default: from the config)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def status_cmd(config_path: str, socket_path: str | None, as_json: bool) -> None:
+    """Show this host's mode, attachments and health."""
+    from netd.agent.server import call
+
+    path = socket_path or _config(config_path).socket
+    try:
+        answer = call(path, {"command": "AGENT_STATUS"}, timeout=10)
+    except OSError as exc:
+        raise click.ClickException(f"agent not reachable at {path}: {exc}") from None
+    if "error" in answer:
+        raise click.ClickException(answer["error"].get("msg", "agent error"))
+    st = answer["result"]
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    click.echo(f"host {st['host']}  mode {st['mode']}  uptime {st['uptime']}s")
+    click.echo(f"ipam {st['ipam_url']}  reachable={st['ipam_reachable']}  "
+               f"pending releases={st['pending_releases']}")
+    rows = [("NETWORK", "CONTAINER", "IFNAME", "IP", "MAC", "HOST IF", "STATE")]
+    rows += [(a["network"], a["container_id"][:12], a["ifname"], a["ip"] or "-",
+              a["mac"] or "-", a["host_ifname"] or "-", a["state"])
+             for a in st["attachments"]]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

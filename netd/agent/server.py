@@ -1,0 +1,101 @@
+"""The agent's unix socket: one JSON request per connection, one JSON answer.
+
+The socket is created 0600 (root only) and every peer's credentials are
+checked, so only root (or the agent's own user) can plumb containers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+from typing import Any, Protocol
+
+log = logging.getLogger("netd.agent.server")
+MAX_REQUEST = 4 << 20
+
+
+class Handler(Protocol):
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class _Conn(socketserver.StreamRequestHandler):
+    server: AgentServer
+
+    def handle(self) -> None:
+        if not self.server.peer_allowed(self.connection):
+            self._answer({"error": {"code": 4, "msg": "permission denied: root only"}})
+            return
+        line = self.rfile.readline(MAX_REQUEST)
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("request is not a JSON object")
+        except ValueError as exc:
+            self._answer({"error": {"code": 6, "msg": f"cannot decode request: {exc}"}})
+            return
+        self._answer(self.server.target.handle(request))
+
+    def _answer(self, answer: dict[str, Any]) -> None:
+        try:
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass  # the plugin went away (runtime timeout); the record says what happened
+
+
+class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, path: str, target: Handler) -> None:
+        self.path = path
+        self.target = target
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a dead agent
+            else:
+                raise RuntimeError(f"another agent is already serving {path}")
+            finally:
+                probe.close()
+        old = os.umask(0o177)
+        try:
+            super().__init__(path, _Conn)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    def peer_allowed(self, conn: socket.socket) -> bool:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid in (0, os.getuid())
+
+    def server_close(self) -> None:
+        super().server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def call(path: str, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request to an agent socket (used by ``netd agent status`` and tests)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer: dict[str, Any] = json.loads(data)
+    return answer

@@ -1,0 +1,187 @@
+"""ARP over a raw AF_PACKET socket: probes, duplicate detection, announcements.
+
+Frame building and parsing are pure (unit-tested); :class:`ArpSocket` sends and
+receives on one interface of one network namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from netd.dataplane.netlink import socket_in_netns
+
+ETH_P_ARP = 0x0806
+ETH_P_IP = 0x0800
+ARPHRD_ETHER = 1
+ARPOP_REQUEST = 1
+ARPOP_REPLY = 2
+PACKET_OUTGOING = 4
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+ZERO_MAC = "00:00:00:00:00:00"
+ZERO_IP = "0.0.0.0"
+
+_ETH = struct.Struct("!6s6sH")
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", "").replace("-", ""))
+
+
+def mac_str(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+@dataclass(frozen=True)
+class ArpPacket:
+    op: int
+    sender_mac: str
+    sender_ip: str
+    target_mac: str
+    target_ip: str
+    eth_src: str
+    eth_dst: str
+
+    @property
+    def is_probe(self) -> bool:
+        """An RFC 5227 probe: a request with sender IP 0.0.0.0."""
+        return self.op == ARPOP_REQUEST and self.sender_ip == ZERO_IP
+
+
+def build_arp(op: int, sender_mac: str, sender_ip: str, target_mac: str, target_ip: str,
+              eth_dst: str = BROADCAST) -> bytes:
+    """An Ethernet frame carrying one IPv4-over-Ethernet ARP packet (padded to 60 bytes)."""
+    frame = _ETH.pack(mac_bytes(eth_dst), mac_bytes(sender_mac), ETH_P_ARP) + _ARP.pack(
+        ARPHRD_ETHER, ETH_P_IP, 6, 4, op,
+        mac_bytes(sender_mac), ipaddress.IPv4Address(sender_ip).packed,
+        mac_bytes(target_mac), ipaddress.IPv4Address(target_ip).packed)
+    return frame.ljust(60, b"\0")
+
+
+def parse_arp(frame: bytes) -> ArpPacket | None:
+    """The ARP packet in an Ethernet frame, or None when it is not IPv4-over-Ethernet ARP."""
+    if len(frame) < _ETH.size + _ARP.size:
+        return None
+    dst, src, ethertype = _ETH.unpack_from(frame)
+    if ethertype != ETH_P_ARP:
+        return None
+    htype, ptype, hlen, plen, op, sha, spa, tha, tpa = _ARP.unpack_from(frame, _ETH.size)
+    if (htype, ptype, hlen, plen) != (ARPHRD_ETHER, ETH_P_IP, 6, 4):
+        return None
+    return ArpPacket(op, mac_str(sha), str(ipaddress.IPv4Address(spa)), mac_str(tha),
+                     str(ipaddress.IPv4Address(tpa)), mac_str(src), mac_str(dst))
+
+
+def probe_frame(mac: str, ip: str) -> bytes:
+    """RFC 5227 probe for ``ip``: who has ip? tell 0.0.0.0."""
+    return build_arp(ARPOP_REQUEST, mac, ZERO_IP, ZERO_MAC, ip)
+
+
+def request_frame(mac: str, sender_ip: str, target_ip: str) -> bytes:
+    return build_arp(ARPOP_REQUEST, mac, sender_ip, ZERO_MAC, target_ip)
+
+
+def announce_frame(mac: str, ip: str) -> bytes:
+    """Gratuitous ARP (RFC 5227 announcement): a request with sender = target = ip."""
+    return build_arp(ARPOP_REQUEST, mac, ip, ZERO_MAC, ip)
+
+
+def conflict_mac(pkt: ArpPacket, ip: str, own_mac: str) -> str | None:
+    """RFC 5227 2.1.1: the MAC of another host claiming ``ip`` (or probing for it), or None."""
+    if pkt.sender_mac == own_mac:
+        return None
+    if pkt.sender_ip == ip:
+        return pkt.sender_mac
+    if pkt.is_probe and pkt.target_ip == ip:
+        return pkt.sender_mac
+    return None
+
+
+_closer: queue.SimpleQueue[socket.socket] | None = None
+_closer_lock = threading.Lock()
+
+
+def close_later(sock: socket.socket) -> None:
+    """Close a packet socket in the background.
+
+    Closing an AF_PACKET socket waits for an RCU grace period
+    (``synchronize_net()``, 10-15 ms here); nobody needs to wait for that.
+    """
+    global _closer
+    with _closer_lock:
+        if _closer is None:
+            _closer = queue.SimpleQueue()
+            threading.Thread(target=_close_loop, args=(_closer,), name="netd-arp-closer",
+                             daemon=True).start()
+    _closer.put(sock)
+
+
+def _close_loop(q: queue.SimpleQueue[socket.socket]) -> None:
+    while True:
+        q.get().close()
+
+
+class ArpSocket:
+    """A raw ARP socket on one interface, opened inside ``netns``.
+
+    ``listen=True`` binds it to the interface to receive ARP (its ``mac`` is
+    read from the binding); ``listen=False`` only sends and needs ``mac``.
+    The socket is made with protocol 0 and bound afterwards: that registers
+    its receive hook once, without the grace period a re-bind costs.
+    Closing happens in the background (:func:`close_later`).
+    """
+
+    def __init__(self, ifname: str, netns: str | None = None, *, listen: bool = True,
+                 mac: str | None = None) -> None:
+        self.ifname = ifname
+        self.sock = socket_in_netns(netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            if listen:
+                self.sock.bind((ifname, ETH_P_ARP))
+                self.mac = mac_str(self.sock.getsockname()[4])
+            elif mac is None:
+                raise ValueError("a send-only ARP socket needs the interface's MAC")
+            else:
+                self.mac = mac
+        except BaseException:
+            close_later(self.sock)
+            raise
+        self.listening = listen
+
+    def close(self) -> None:
+        close_later(self.sock)
+
+    def __enter__(self) -> ArpSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, frame: bytes) -> None:
+        if self.listening:
+            self.sock.send(frame)
+        else:
+            self.sock.sendto(frame, (self.ifname, ETH_P_ARP))
+
+    def receive(self, deadline: float) -> ArpPacket | None:
+        """The next incoming ARP packet before ``deadline`` (monotonic), or None."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                return None
+            frame, addr = self.sock.recvfrom(2048)
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            pkt = parse_arp(frame)
+            if pkt is not None:
+                return pkt

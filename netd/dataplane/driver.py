@@ -1,0 +1,56 @@
+"""The interface between the agent and a dataplane (felix's "dataplane driver").
+
+The agent decides *what* a container gets (address, MAC, routes); a driver
+makes it so on this host. Each mode (L2 bridge, OVS VLAN, BGP) is one driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Plumbing:
+    """Everything a driver needs to wire one container interface."""
+
+    netns: str  # path of the container's network namespace
+    ifname: str  # interface name inside the container
+    host_ifname: str  # our end on the host (carries netd's mark in its name)
+    mac: str
+    address: str  # "ip/prefix"
+    gateway: str | None = None
+    routes: tuple[tuple[str, str | None], ...] = ()  # (dst, gw); default route included
+    vlan: int | None = None
+    mtu: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Dataplane(Protocol):
+    """What the agent asks of a dataplane driver. All calls are idempotent."""
+
+    def start(self) -> list[str]:
+        """Prepare the host (e.g. take br0 over); returns what it changed."""
+
+    def create(self, p: Plumbing) -> None:
+        """Create the container interface with its MAC, link it up, not yet addressed."""
+
+    def probe(self, p: Plumbing, timeout: float) -> str | None:
+        """Duplicate-address probe for p.address; the MAC that answered, or None."""
+
+    def configure(self, p: Plumbing) -> None:
+        """Address, routes, then gratuitous ARP so neighbours learn the MAC."""
+
+    def remove(self, host_ifname: str, netns: str | None, ifname: str | None) -> None:
+        """Remove the interface; success when it is already gone."""
+
+    def check(self, p: Plumbing) -> list[str]:
+        """Problems with an existing attachment (empty list when all is well)."""
+
+    def repair(self, p: Plumbing) -> bool:
+        """Make an existing attachment whole again; True when something was fixed."""
+
+    def owned_links(self) -> list[str]:
+        """Host interfaces that carry netd's mark (for the orphan sweep)."""
+
+    def netns_exists(self, netns: str) -> bool: ...

@@ -1,0 +1,55 @@
+"""Errors the dataplane raises; all are :class:`netd.errors.NetdError`."""
+
+from __future__ import annotations
+
+from netd.errors import NetdError
+
+
+class DataplaneError(NetdError):
+    """A kernel operation failed (netlink, packet socket, iptables)."""
+
+    code = "dataplane_error"
+    status = 500
+
+
+class NetnsNotFound(DataplaneError):
+    """The network namespace (name or path) does not exist (any more)."""
+
+    code = "netns_not_found"
+    status = 404
+
+
+class LinkNotFound(DataplaneError):
+    code = "link_not_found"
+    status = 404
+
+
+class LinkExists(DataplaneError):
+    code = "link_exists"
+    status = 409
+
+
+class AddressConflict(DataplaneError):
+    """Another machine on the wire answered for the address (ARP duplicate detection)."""
+
+    code = "address_conflict"
+    status = 409
+
+    def __init__(self, ip: str, mac: str) -> None:
+        super().__init__(f"address {ip} is already used on the wire by {mac}")
+        self.ip = ip
+        self.mac = mac
+
+
+class PlanError(DataplaneError):
+    """The host's configuration cannot be taken over safely as it is."""
+
+    code = "plan_error"
+    status = 422
+
+
+class TakeoverFailed(DataplaneError):
+    """The takeover was made, failed its check and was rolled back."""
+
+    code = "takeover_failed"
+    status = 500

@@ -1,0 +1,430 @@
+"""The L2 dataplane against real network namespaces (root).
+
+Topology per test, every namespace named with this run's prefix:
+
+    gw  (eth0 198.18.0.1/24) ──┐
+                               sw (Linux bridge sw0, the "physical" switch)
+    host (bond0 198.18.0.11/24, default via .1) ──┘
+        └─ after the takeover: br0 owns bond0's MAC/address/routes, containers hang off br0
+
+The host namespace behaves like a host where dockerd ran: iptables FORWARD
+policy DROP and bridged frames passed to iptables.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+from netd.dataplane import l2
+from netd.dataplane.errors import AddressConflict, DataplaneError, NetnsNotFound, TakeoverFailed
+from netd.dataplane.model import RTPROT_NETD, Route
+from netd.dataplane.netlink import Netlink, create_netns, list_netns, remove_netns
+from tests.conftest import require
+
+RUN_PREFIX = f"nd{secrets.token_hex(3)}-"
+GW_IP = "198.18.0.1"
+HOST_IP = "198.18.0.11"
+HOST_MAC = "02:00:c6:12:00:0b"
+GW_MAC = "02:00:c6:12:00:01"
+STATIC = 4
+
+pytestmark = pytest.mark.real
+
+
+def _root_ok() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup_run() -> Iterator[None]:
+    require(_root_ok(), "needs root and iproute2 for network namespaces")
+    require(shutil.which("iptables") is not None, "needs iptables")
+    require(shutil.which("ping") is not None or shutil.which("busybox") is not None,
+            "needs ping (iputils-ping) or busybox")
+    try:
+        yield
+    finally:
+        for name in list_netns(RUN_PREFIX):
+            remove_netns(name)
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=30)
+
+
+def in_ns(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *cmd, check=check)
+
+
+PING = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
+
+
+def ping(ns: str, ip: str) -> bool:
+    return in_ns(ns, *PING, "-c1", "-W1", ip, check=False).returncode == 0
+
+
+@dataclass
+class Lab:
+    tag: str
+    sw: str
+    gw: str
+    host: str
+    made: list[str]
+
+    def container(self, name: str) -> str:
+        ns = self.tag + name
+        create_netns(ns)
+        self.made.append(ns)
+        return ns
+
+    def state(self) -> l2.L2State:
+        return l2.read_state("bond0", "br0", netns=self.host)
+
+
+_counter = iter(range(1000))
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    tag = f"{RUN_PREFIX}{next(_counter)}"
+    made: list[str] = []
+    try:
+        names = {}
+        for role in ("sw", "gw", "host"):
+            names[role] = tag + role
+            create_netns(names[role])
+            made.append(names[role])
+        sw, gw, host = names["sw"], names["gw"], names["host"]
+        with Netlink(sw) as nl:
+            nl.create_bridge("sw0")
+            nl.create_veth("p-gw", "eth0", peer_netns=gw, peer_mac=GW_MAC, master="sw0")
+            nl.create_veth("p-host", "bond0", peer_netns=host, peer_mac=HOST_MAC, master="sw0")
+        with Netlink(gw) as nl:
+            nl.set_up("eth0")
+            nl.add_address("eth0", f"{GW_IP}/24")
+        with Netlink(host) as nl:
+            nl.set_up("bond0")
+            nl.add_address("bond0", f"{HOST_IP}/24")
+            nl.add_route(Route("0.0.0.0/0", gateway=GW_IP, ifname="bond0", proto=STATIC))
+            nl.add_route(Route("198.19.0.0/16", gateway=GW_IP, ifname="bond0", proto=STATIC,
+                               metric=50))
+            nl.add_route(Route("198.19.64.0/18", gateway=GW_IP, ifname="bond0", proto=STATIC,
+                               table=100))  # policy routing tables move too
+        # like a host where dockerd ran
+        in_ns(host, "iptables", "-P", "FORWARD", "DROP")
+        in_ns(host, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
+        yield Lab(tag, sw, gw, host, made)
+    finally:
+        for ns in reversed(made):
+            remove_netns(ns)
+
+
+def taken_over(lab: Lab) -> l2.TakeoverResult:
+    return l2.takeover("bond0", "br0", netns=lab.host, arp_timeout=3)
+
+
+# ---------------------------------------------------------------------------- netlink
+
+
+def test_veth_peer_is_created_in_the_target_namespace(lab: Lab) -> None:
+    c = lab.container("c")
+    pid_proc = subprocess.Popen(["ip", "netns", "exec", c, "sleep", "30"])
+    try:
+        path = f"/proc/{pid_proc.pid}/ns/net"
+        deadline = time.monotonic() + 5
+        while os.readlink(path) == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with Netlink(lab.host) as host:
+            host.create_veth("ndvtest", "eth7", peer_netns=path, peer_mac="02:00:00:00:07:07")
+            assert host.link("eth7") is None
+            assert host.link("ndvtest") is not None
+        with Netlink(path) as ctr:  # a namespace path works as well as a name
+            link = ctr.link("eth7")
+            assert link is not None and link.mac == "02:00:00:00:07:07" and link.kind == "veth"
+    finally:
+        pid_proc.kill()
+        pid_proc.wait()
+    with Netlink(lab.host) as host:
+        assert host.delete_link("ndvtest") is True
+        assert host.delete_link("ndvtest") is False  # already gone is fine
+    with pytest.raises(NetnsNotFound):
+        Netlink(lab.tag + "does-not-exist")
+    assert lab.tag + "does-not-exist" not in list_netns(RUN_PREFIX)  # never created
+
+
+# ---------------------------------------------------------------------------- takeover
+
+
+def test_takeover_moves_mac_address_and_routes_to_br0(lab: Lab) -> None:
+    assert ping(lab.host, GW_IP)
+    before = lab.state()
+    plan = l2.plan_takeover(before)
+    assert "ip link set bond0 master br0" in str(plan)
+
+    result = taken_over(lab)
+    assert result.changed and result.gateway == GW_IP and result.plan == plan
+
+    with Netlink(lab.host) as nl:
+        br, bond = nl.link("br0"), nl.link("bond0")
+        assert br is not None and bond is not None
+        assert br.kind == "bridge" and br.up
+        assert br.mac == HOST_MAC == bond.mac
+        assert bond.master == "br0"
+        assert [a.cidr for a in nl.addresses("br0", family=2)] == [f"{HOST_IP}/24"]
+        assert nl.addresses("bond0", family=2) == []
+        routes = {str(r) for r in nl.routes(family=2)}
+    assert f"default via {GW_IP} dev br0 proto static" in routes
+    assert f"198.19.0.0/16 via {GW_IP} dev br0 proto static metric 50" in routes
+    assert not any("dev bond0" in r for r in routes)
+    with Netlink(lab.host) as nl:
+        assert [str(r) for r in nl.routes(table=100)] == [
+            f"198.19.64.0/18 via {GW_IP} dev br0 table 100 proto static"]
+    assert ping(lab.host, GW_IP)
+    # the gateway still sees the host at the same MAC
+    neigh = in_ns(lab.gw, "ip", "neigh", "show", HOST_IP).stdout
+    assert HOST_MAC in neigh
+
+    # idempotent: a restart finds nothing to do
+    assert not l2.plan_takeover(lab.state())
+    again = taken_over(lab)
+    assert not again.changed and not again.plan
+
+
+def test_takeover_rolls_back_when_gateway_is_silent(lab: Lab) -> None:
+    before = lab.state()
+    t0 = time.monotonic()
+    with pytest.raises(TakeoverFailed, match=r"198\.18\.0\.99 did not answer ARP.*restored"):
+        l2.takeover("bond0", "br0", netns=lab.host, gateway="198.18.0.99", arp_timeout=1)
+    assert time.monotonic() - t0 < 5
+    after = lab.state()
+    assert after.bridge is None
+    assert after.uplink.master is None
+    assert {a.cidr for a in after.uplink_addresses} >= {f"{HOST_IP}/24"}
+    assert {r.key() for r in after.uplink_routes} == {r.key() for r in before.uplink_routes}
+    assert not l2.plan_rollback(before, after)
+    assert ping(lab.host, GW_IP)
+
+
+def test_gateway_answers_arp(lab: Lab) -> None:
+    assert l2.gateway_answers_arp("bond0", GW_IP, 2, netns=lab.host)
+    assert l2.arp_resolve("bond0", GW_IP, 2, netns=lab.host) == GW_MAC
+    t0 = time.monotonic()
+    assert not l2.gateway_answers_arp("bond0", "198.18.0.98", 0.5, netns=lab.host)
+    assert 0.4 < time.monotonic() - t0 < 2
+
+
+def test_manual_apply_and_rollback(lab: Lab) -> None:
+    before = lab.state()
+    l2.apply_takeover(l2.plan_takeover(before), netns=lab.host)
+    assert lab.state().uplink.master == "br0"
+    undone = l2.rollback(before, netns=lab.host)
+    assert undone
+    assert not l2.rollback(before, netns=lab.host)  # nothing left to undo
+    assert ping(lab.host, GW_IP)
+
+
+# ---------------------------------------------------------------------------- containers
+
+
+def attach(lab: Lab, ns: str, ip: str, mac: str, cid: str, **kw: object) -> l2.Attachment:
+    return l2.attach(ns, "eth0", l2.host_ifname_for(cid), "br0", f"{ip}/24", mac, GW_IP,
+                     ["198.19.0.0/16"], host_netns=lab.host, container_id=cid,
+                     **kw)  # type: ignore[arg-type]
+
+
+def test_attach_two_containers_reach_each_other_and_the_gateway(lab: Lab) -> None:
+    taken_over(lab)
+    c1, c2 = lab.container("c1"), lab.container("c2")
+    # a stale ARP entry at the gateway: the gratuitous ARP must correct it
+    in_ns(lab.gw, "ip", "neigh", "replace", "198.18.0.21", "lladdr", "02:00:00:00:99:99",
+          "dev", "eth0", "nud", "stale")
+    a1 = attach(lab, c1, "198.18.0.21", "02:00:C6:12:00:15", "c1-id")
+    a2 = attach(lab, c2, "198.18.0.22", "02:00:c6:12:00:16", "c2-id")
+    assert a1.mac == "02:00:c6:12:00:15" and a2.mac == "02:00:c6:12:00:16"
+    assert a1.host_ifname == l2.host_ifname_for("c1-id") and len(a1.host_ifname) == 15
+    assert "02:00:c6:12:00:15" in in_ns(lab.gw, "ip", "neigh", "show", "198.18.0.21").stdout
+
+    with Netlink(c1) as nl:
+        link = nl.link("eth0")
+        assert link is not None and link.up and link.mac == "02:00:c6:12:00:15"
+        assert [a.cidr for a in nl.addresses("eth0", family=2)] == ["198.18.0.21/24"]
+        routes = {str(r) for r in nl.routes(family=2) if r.proto == RTPROT_NETD}
+    assert routes == {f"default via {GW_IP} dev eth0 proto netd",
+                      f"198.19.0.0/16 via {GW_IP} dev eth0 proto netd"}
+    with Netlink(lab.host) as nl:
+        host_end = nl.link(a1.host_ifname)
+        assert host_end is not None and host_end.master == "br0" and host_end.up
+        assert host_end.alias == "netd:c1-id:eth0"
+        br = nl.link("br0")
+        assert br is not None and host_end.mtu == br.mtu == a1.mtu
+        assert nl.link("eth0") is None  # the container end never appeared on the host
+    assert {link.name for link in l2.host_links("br0", host_netns=lab.host)} == {
+        a1.host_ifname, a2.host_ifname}
+
+    assert ping(c1, "198.18.0.22")
+    assert ping(c2, "198.18.0.21")
+    assert ping(c1, GW_IP)
+    assert ping(c2, GW_IP)
+    assert ping(c1, HOST_IP)
+    assert ping(lab.gw, "198.18.0.22")
+
+
+def test_forward_drop_blocks_bridged_frames_until_netd_accepts_them(lab: Lab) -> None:
+    l2.takeover("bond0", "br0", netns=lab.host, arp_timeout=3, accept_forwarding=False)
+    c1 = lab.container("c1")
+    attach(lab, c1, "198.18.0.21", "02:00:c6:12:00:15", "c1-id")
+    assert not ping(c1, GW_IP)  # dockerd's FORWARD DROP eats bridged frames
+    assert l2.ensure_bridge_forwarding("br0", netns=lab.host) is True
+    assert l2.ensure_bridge_forwarding("br0", netns=lab.host) is False
+    rules = in_ns(lab.host, "iptables", "-S", "FORWARD").stdout
+    assert rules.count("netd: accept frames bridged on br0") == 1
+    assert ping(c1, GW_IP)
+    assert l2.remove_bridge_forwarding("br0", netns=lab.host) is True
+    assert "netd" not in in_ns(lab.host, "iptables", "-S", "FORWARD").stdout
+
+
+def test_dad_probe_finds_the_machine_holding_the_address(lab: Lab) -> None:
+    taken_over(lab)
+    c1 = lab.container("c1")
+    with Netlink(lab.host) as nl:
+        nl.create_veth("ndvdad", "eth0", peer_netns=c1, peer_mac="02:00:c6:12:00:31",
+                       master="br0")
+    with Netlink(c1) as nl:
+        nl.set_up("eth0")
+    assert l2.wait_forwarding("ndvdad", 2, host_netns=lab.host)  # else the first probe is lost
+    t0 = time.monotonic()
+    assert l2.dad_probe(c1, "eth0", GW_IP, 2) == GW_MAC
+    assert time.monotonic() - t0 < 0.5  # the first probe got its answer
+    assert l2.dad_probe(c1, "eth0", HOST_IP, 2) == HOST_MAC
+    t0 = time.monotonic()
+    assert l2.dad_probe(c1, "eth0", "198.18.0.77", 0.3) is None
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_attach_with_a_duplicate_address_leaves_nothing_behind(lab: Lab) -> None:
+    taken_over(lab)
+    c1 = lab.container("c1")
+    with pytest.raises(AddressConflict) as info:
+        attach(lab, c1, GW_IP, "02:00:c6:12:00:15", "c1-id", dad_timeout=1)
+    assert info.value.ip == GW_IP and info.value.mac == GW_MAC
+    with Netlink(lab.host) as nl:
+        assert nl.link(l2.host_ifname_for("c1-id")) is None
+    with Netlink(c1) as nl:
+        assert nl.link("eth0") is None
+    # a free address passes the probe
+    a = attach(lab, c1, "198.18.0.23", "02:00:c6:12:00:17", "c1-id", dad_timeout=0.3)
+    assert ping(c1, GW_IP) and a.address == "198.18.0.23/24"
+
+
+def test_attach_failures_leave_nothing_behind(lab: Lab) -> None:
+    taken_over(lab)
+    name = l2.host_ifname_for("gone")
+    with pytest.raises(NetnsNotFound):
+        attach(lab, lab.tag + "gone", "198.18.0.24", "02:00:c6:12:00:18", "gone")
+    c1 = lab.container("c1")
+    with pytest.raises(ValueError, match="family"):
+        l2.attach(c1, "eth0", name, "br0", "198.18.0.24/24", "02:00:c6:12:00:18",
+                  "2001:db8::1", host_netns=lab.host, container_id="gone")
+    with pytest.raises(DataplaneError, match="adding route"):  # the kernel refuses the gw
+        l2.attach(c1, "eth0", name, "br0", "198.18.0.24/24", "02:00:c6:12:00:18",
+                  GW_IP, [("198.19.0.0/16", "198.18.0.255")], host_netns=lab.host,
+                  container_id="gone")
+    with Netlink(lab.host) as nl:
+        assert nl.link(name) is None
+    with Netlink(c1) as nl:
+        assert nl.link("eth0") is None
+    # the name is taken: refused, and the existing attachment is untouched
+    a = attach(lab, c1, "198.18.0.24", "02:00:c6:12:00:18", "c1-id")
+    c2 = lab.container("c2")
+    with pytest.raises(DataplaneError, match="owned by container c1-id"):
+        attach(lab, c2, "198.18.0.25", "02:00:c6:12:00:19", "c1-id")
+    assert ping(c1, GW_IP) and a.host_ifname == l2.host_ifname_for("c1-id")
+
+
+def test_detach_is_idempotent_and_only_removes_netd_links(lab: Lab) -> None:
+    taken_over(lab)
+    c1 = lab.container("c1")
+    a = attach(lab, c1, "198.18.0.21", "02:00:c6:12:00:15", "c1-id")
+    assert l2.detach(a.host_ifname, host_netns=lab.host) is True
+    with Netlink(lab.host) as nl:
+        assert nl.link(a.host_ifname) is None
+    with Netlink(c1) as nl:
+        assert nl.link("eth0") is None
+    assert l2.detach(a.host_ifname, host_netns=lab.host) is False
+    with pytest.raises(DataplaneError, match="refusing"):
+        l2.detach("bond0", host_netns=lab.host)
+    # the container's namespace disappearing takes the veth with it; detach still succeeds
+    c2 = lab.container("c2")
+    b = attach(lab, c2, "198.18.0.22", "02:00:c6:12:00:16", "c2-id")
+    remove_netns(c2)
+    l2.detach(b.host_ifname, host_netns=lab.host)  # True or False: the kernel may be faster
+    assert l2.detach(b.host_ifname, host_netns=lab.host) is False
+    assert l2.host_links(host_netns=lab.host) == []
+
+
+def test_plumb_and_configure_are_idempotent_and_check_finds_damage(lab: Lab) -> None:
+    taken_over(lab)
+    c1 = lab.container("c1")
+    a = attach(lab, c1, "198.18.0.21", "02:00:c6:12:00:15", "c1-id")
+    assert l2.check_attachment(a, host_netns=lab.host) == []
+    # the agent re-running ADD steps after a restart changes nothing
+    again = l2.plumb(c1, "eth0", a.host_ifname, "br0", a.mac, host_netns=lab.host,
+                     container_id="c1-id")
+    assert again == (a.host_index, a.mtu)
+    l2.configure(c1, "eth0", a.address, GW_IP, ["198.19.0.0/16"])
+    assert l2.check_attachment(a, host_netns=lab.host) == []
+    with Netlink(c1) as nl:
+        assert len(nl.addresses("eth0", family=2)) == 1
+        nl.del_route(Route("0.0.0.0/0", gateway=GW_IP, ifname="eth0"))
+        nl.set_mac("eth0", "02:00:c6:12:00:99")
+    problems = l2.check_attachment(a, host_netns=lab.host)
+    assert problems == [
+        "eth0 has MAC 02:00:c6:12:00:99, expected 02:00:c6:12:00:15",
+        f"route default via {GW_IP} dev eth0 is missing",
+    ]
+    l2.detach(a.host_ifname, host_netns=lab.host)
+    assert l2.check_attachment(a, host_netns=lab.host) == [
+        f"host interface {a.host_ifname} is missing", f"eth0 is missing in {c1}"]
+
+
+def test_concurrent_attaches(lab: Lab) -> None:
+    taken_over(lab)
+    n = 16
+    spaces = [lab.container(f"p{i}") for i in range(n)]
+
+    def one(i: int) -> l2.Attachment:
+        return attach(lab, spaces[i], f"198.18.0.{100 + i}", f"02:00:c6:12:01:{i:02x}", f"p{i}")
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        done = list(pool.map(one, range(n)))
+    assert len({a.host_ifname for a in done}) == n
+    assert all(l2.check_attachment(a, host_netns=lab.host) == [] for a in done)
+    assert ping(spaces[0], f"198.18.0.{100 + n - 1}") and ping(spaces[-1], GW_IP)
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        assert all(pool.map(lambda a: l2.detach(a.host_ifname, host_netns=lab.host), done))
+    assert l2.host_links(host_netns=lab.host) == []
+
+
+def test_failed_apply_is_rolled_back(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = lab.state()
+
+    def broken(self: l2.ReplaceRoute, nl: Netlink) -> None:
+        raise DataplaneError("injected failure")
+
+    monkeypatch.setattr(l2.ReplaceRoute, "apply", broken)
+    with pytest.raises(TakeoverFailed, match=r"injected failure.*restored"):
+        l2.takeover("bond0", "br0", netns=lab.host, arp_timeout=1)
+    after = lab.state()
+    assert after.bridge is None and after.uplink.master is None
+    assert not l2.plan_rollback(before, after)
+    assert ping(lab.host, GW_IP)
