@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # Debian packages the tests, demo and benchmarks use
 APT_PACKAGES := curl iproute2 iputils-ping containernetworking-plugins
 
-.PHONY: help deps venv lint test test-unit demo demo-down bench clean
+.PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup
 
 help:
 	@echo "make demo   start the IPAM server, create two pools with netctl, print them"
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# podman 4.3 + CNI backend + runc + busybox-static, configured for this kernel
+# (drop-in /etc/containers/containers.conf.d/50-netd.conf; see tests/support/podman.py)
+podman-setup: venv
+	$(BIN)/python -m tests.support.podman setup
 
 lint: venv
 	$(BIN)/ruff check netd cni bgp ovs tests

@@ -1,11 +1,11 @@
-"""``netd-ipam``: the CNI IPAM plugin (forwards to the host agent). Not yet."""
+"""``netd-ipam`` console script: the CNI IPAM plugin (see :mod:`netd.cni.shim`)."""
 
 from __future__ import annotations
 
 import sys
 
-from .plugin import _not_yet
+from .shim import main as shim_main
 
 
 def main() -> None:
-    sys.exit(_not_yet("netd-ipam"))
+    sys.exit(shim_main("netd-ipam"))

@@ -6,6 +6,7 @@ checked, so only root (or the agent's own user) can plumb containers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,10 +41,9 @@ class _Conn(socketserver.StreamRequestHandler):
         self._answer(self.server.target.handle(request))
 
     def _answer(self, answer: dict[str, Any]) -> None:
-        try:
+        # the plugin may have gone away (runtime timeout); the record says what happened
+        with contextlib.suppress(OSError):
             self.wfile.write(json.dumps(answer).encode() + b"\n")
-        except OSError:
-            pass  # the plugin went away (runtime timeout); the record says what happened
 
 
 class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -79,10 +79,8 @@ class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def server_close(self) -> None:
         super().server_close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 def call(path: str, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from netd.agent.cniresult import CniError, CniRequest
 from netd.agent.config import AgentConfig
 from netd.agent.state import Attachment, StateStore
 from netd.dataplane.driver import Dataplane, Plumbing
-from netd.dataplane.errors import DataplaneError, NetnsNotFound
+from netd.dataplane.errors import AddressConflict, DataplaneError, NetnsNotFound
 from netd.dataplane.l2 import host_ifname_for
 from netd.errors import (
     AddressInUse,
@@ -210,27 +210,24 @@ class Agent:
         for attempt in range(DAD_ATTEMPTS):
             att.ip, att.mac = alloc["ip"], alloc["mac"]
             p = self._plumbing(req, alloc, att.host_ifname)
-            self.dp.create(p)
-            if self.cfg.l2.dad_timeout <= 0:
-                break
-            holder = self.dp.probe(p, self.cfg.l2.dad_timeout)
-            if holder is None:
-                break
-            # Someone on the wire already uses this address: never hand it out.
-            note = f"duplicate: answered ARP from {holder} (seen by {self.cfg.host})"
-            log.warning("%s is in use on the wire by %s; reserving it", alloc["ip"], holder)
-            self.ipam.release(pool=req.pool, container_id=req.container_id, ifname=req.ifname)
             try:
-                self.ipam.reserve(req.pool, alloc["ip"], note=note)
-            except NetdError as exc:
-                log.warning("could not reserve duplicate %s: %s", alloc["ip"], exc)
-            self.dp.remove(att.host_ifname, req.netns, req.ifname)
-            if attempt == DAD_ATTEMPTS - 1:
-                raise CniError(cni.ADDRESS_IN_USE,
-                               f"{DAD_ATTEMPTS} addresses in a row were already in use on the "
-                               "wire", note)
-            alloc = self._allocate(req)
-        self.dp.configure(p)
+                self.dp.attach(p, self.cfg.l2.dad_timeout)
+                break
+            except AddressConflict as exc:
+                # Someone on the wire already uses this address: never hand it out.
+                note = f"duplicate: answered ARP from {exc.mac} (seen by {self.cfg.host})"
+                log.warning("%s is in use on the wire by %s; reserving it", exc.ip, exc.mac)
+                self.ipam.release(pool=req.pool, container_id=req.container_id,
+                                  ifname=req.ifname)
+                try:
+                    self.ipam.reserve(req.pool, exc.ip, note=note)
+                except NetdError as err:
+                    log.warning("could not reserve duplicate %s: %s", exc.ip, err)
+                if attempt == DAD_ATTEMPTS - 1:
+                    raise CniError(cni.ADDRESS_IN_USE,
+                                   f"{DAD_ATTEMPTS} addresses in a row were already in use on "
+                                   "the wire", note) from None
+                alloc = self._allocate(req)
         return cni.build_result(
             ifname=req.ifname, mac=alloc["mac"], sandbox=req.netns,
             host_ifname=att.host_ifname, address=alloc["address"],

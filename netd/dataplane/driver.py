@@ -32,14 +32,14 @@ class Dataplane(Protocol):
     def start(self) -> list[str]:
         """Prepare the host (e.g. take br0 over); returns what it changed."""
 
-    def create(self, p: Plumbing) -> None:
-        """Create the container interface with its MAC, link it up, not yet addressed."""
+    def attach(self, p: Plumbing, dad_timeout: float) -> None:
+        """Create, address and route the container interface, then announce it.
 
-    def probe(self, p: Plumbing, timeout: float) -> str | None:
-        """Duplicate-address probe for p.address; the MAC that answered, or None."""
-
-    def configure(self, p: Plumbing) -> None:
-        """Address, routes, then gratuitous ARP so neighbours learn the MAC."""
+        With ``dad_timeout`` > 0 the wire is probed for the address first and
+        :class:`~netd.dataplane.errors.AddressConflict` raised (naming the MAC
+        that answered) when another machine holds it. A failed attach leaves
+        nothing behind.
+        """
 
     def remove(self, host_ifname: str, netns: str | None, ifname: str | None) -> None:
         """Remove the interface; success when it is already gone."""

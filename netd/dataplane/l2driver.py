@@ -6,7 +6,6 @@ functions of :mod:`netd.dataplane.l2`; it runs in the host's own namespace.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 
 from netd.agent.config import L2Config
@@ -52,19 +51,10 @@ class L2Driver:
         return [str(step) for step in result.plan]
 
     # containers
-    def create(self, p: Plumbing) -> None:
-        l2.plumb(p.netns, p.ifname, p.host_ifname, self.cfg.bridge, p.mac,
-                 container_id=p.extra.get("container_id"), mtu=p.mtu)
-        l2.wait_forwarding(p.host_ifname)
-
-    def probe(self, p: Plumbing, timeout: float) -> str | None:
-        ip = p.address.split("/")[0]
-        if ipaddress.ip_address(ip).version != 4:
-            return None  # IPv6 duplicate detection is the kernel's (optimistic DAD)
-        return l2.dad_probe(p.netns, p.ifname, ip, timeout)
-
-    def configure(self, p: Plumbing) -> None:
-        l2.configure(p.netns, p.ifname, p.address, p.gateway, _extra_routes(p))
+    def attach(self, p: Plumbing, dad_timeout: float) -> None:
+        l2.attach(p.netns, p.ifname, p.host_ifname, self.cfg.bridge, p.address, p.mac,
+                  p.gateway, _extra_routes(p), container_id=p.extra.get("container_id"),
+                  dad_timeout=dad_timeout or None, mtu=p.mtu)
 
     def remove(self, host_ifname: str, netns: str | None, ifname: str | None) -> None:
         l2.detach(host_ifname)
@@ -81,8 +71,9 @@ class L2Driver:
     def repair(self, p: Plumbing) -> bool:
         if not l2.check_attachment(self._attachment(p)):
             return False
-        self.create(p)
-        self.configure(p)
+        l2.plumb(p.netns, p.ifname, p.host_ifname, self.cfg.bridge, p.mac,
+                 container_id=p.extra.get("container_id"), mtu=p.mtu)
+        l2.configure(p.netns, p.ifname, p.address, p.gateway, _extra_routes(p))
         return True
 
     def owned_links(self) -> list[str]:

@@ -53,6 +53,7 @@ T = TypeVar("T")
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 IFF_UP = 0x1
+IFF_NOARP = 0x80
 NETLINK_ROUTE = 0
 
 _libc: ctypes.CDLL | None = None
@@ -319,6 +320,12 @@ class Netlink:
     def set_up(self, ifname: str) -> None:
         with self._errors(f"bringing {ifname} up"):
             self._ipr.link("set", index=self.index(ifname), state="up")
+
+    def set_noarp(self, ifname: str, noarp: bool) -> None:
+        """IFF_NOARP: the kernel neither answers nor sends ARP on the link."""
+        with self._errors(f"setting NOARP on {ifname}"):
+            self._ipr.link("set", index=self.index(ifname), flags=IFF_NOARP if noarp else 0,
+                           change=IFF_NOARP)
 
     def set_down(self, ifname: str) -> None:
         with self._errors(f"bringing {ifname} down"):

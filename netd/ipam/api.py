@@ -1,0 +1,809 @@
+"""The IPAM HTTP API (``/v1``), as documented in ``docs/API.md``.
+
+Endpoints are ``async def`` and call the synchronous :class:`~netd.ipam.service.IPAM`
+directly on the event loop: every IPAM call is one short store transaction and
+the store serialises writers, so a thread pool would only add latency.
+
+Cross-cutting concerns live in one pure-ASGI middleware (:class:`_Edge`):
+authentication of mutations, the request body limit, the latency histogram,
+the last-resort 500, and a fast path for the hot mutations (allocate,
+release) that skips FastAPI's routing for well-formed requests. Every error
+answer is built by :func:`error_response`; exceptions are mapped to it in
+:func:`_install_error_handlers` (and by the edge for 401/413/500).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from netd import __version__
+from netd.errors import NetdError, PoolNotFound
+from netd.ipam import model
+from netd.ipam.metrics import Metrics
+from netd.ipam.service import IPAM, AllocRequest, PoolSpec
+
+log = logging.getLogger(__name__)
+
+MUTATING = frozenset({"POST", "DELETE", "PUT", "PATCH"})
+METHODS = frozenset({"GET", "HEAD", "OPTIONS", *MUTATING})
+MAX_BODY = 1 << 20
+ACTOR_PATTERN = r"^[\x20-\x7e]{1,64}$"
+ACTOR_RE = re.compile(ACTOR_PATTERN)
+
+
+# --- error mapping (the one place) -------------------------------------------
+
+_HTTP_CODES = {
+    400: "invalid_input", 401: "unauthorized", 404: "not_found",
+    405: "method_not_allowed", 413: "invalid_input", 422: "invalid_input",
+    503: "unavailable",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, metrics: Metrics,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """Every non-2xx answer: ``{"error": {"code", "message"}}``, counted by code."""
+    metrics.error(code)
+    one_line = " ".join(message.split())
+    return JSONResponse({"error": {"code": code, "message": one_line}}, status_code=status,
+                        headers=headers)
+
+
+def netd_error_response(exc: NetdError, metrics: Metrics) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return error_response(exc.status, exc.code, exc.message, metrics, headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """One readable line for a request validation failure (at most three problems)."""
+    errors = exc.errors()
+    parts: list[str] = []
+    for err in errors[:3]:
+        loc = [str(p) for p in err.get("loc", ())]
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if kind == "json_invalid":
+            why = (err.get("ctx") or {}).get("error", "invalid JSON")
+            pos = f" at position {loc[1]}" if len(loc) > 1 else ""
+            return f"malformed JSON body: {why}{pos}"
+        if loc == ["body"] and kind in ("model_attributes_type", "dict_type"):
+            return ("the request body must be a JSON object, sent with "
+                    "Content-Type: application/json")
+        if loc[:1] == ["header"] and loc[1:2] == ["X-Netd-Actor"]:
+            return "X-Netd-Actor must be 1-64 printable ASCII characters"
+        if loc[:1] in (["query"], ["path"]) and len(loc) > 1:
+            where = f"{loc[0]} parameter {'.'.join(loc[1:])}"
+        elif loc[:1] == ["body"] and len(loc) > 1:
+            where = ".".join(loc[1:])
+        else:
+            where = ".".join(loc) or "request"
+        parts.append(f"{where}: {msg}")
+    extra = len(errors) - len(parts)
+    return "; ".join(parts) + (f" (and {extra} more)" if extra > 0 else "")
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    async def netd_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, NetdError)
+        return netd_error_response(exc, metrics)
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(422, "invalid_input", _validation_message(exc), metrics)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        if exc.status_code in (404, 405):
+            what = "no such resource" if exc.status_code == 404 else "method not allowed"
+            message = f"{what}: {request.method} {request.url.path[:200]}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, code, message, metrics,
+                              dict(exc.headers) if exc.headers else None)
+
+    app.add_exception_handler(NetdError, netd_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+# --- models ----------------------------------------------------------------
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine code, see docs/API.md")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class RouteModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dst: str = Field(description="destination CIDR")
+    gw: str | None = Field(None, description="next hop; default: the pool gateway")
+
+
+class Dns(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    nameservers: list[str] = Field(default_factory=list)
+    domain: str = ""
+    search: list[str] = Field(default_factory=list)
+    options: list[str] = Field(default_factory=list)
+
+
+Vlan = Annotated[int, Field(strict=True, ge=1, le=4094)]
+
+
+class PoolCreate(_In):
+    name: str = Field(max_length=63, description="1-63 of a-z 0-9 . _ -")
+    cidr: str | None = None
+    gateway: str | None = Field(None, description="default: the first usable address")
+    vlan: Vlan | Literal["auto"] | None = Field(
+        None, description="1-4094, or 'auto' for the lowest free VLAN in vlan_range")
+    mode: Literal["l2", "vlan", "bgp"] = "l2"
+    labels: dict[str, str] = Field(default_factory=dict)
+    reserved: list[str] = Field(default_factory=list, description="ranges: IP, A-B or CIDR")
+    routes: list[RouteModel] = Field(default_factory=list)
+    dns: Dns | None = None
+    block_prefix: Annotated[int, Field(strict=True)] | None = Field(
+        None, description="host block prefix length (bgp pools only)")
+    supernet: str | None = Field(None, description="generate the lowest free subnet in it")
+    prefix_len: Annotated[int, Field(strict=True)] | None = None
+    vlan_range: tuple[Vlan, Vlan] | None = None
+
+    @field_validator("vlan", mode="before")
+    @classmethod
+    def _vlan(cls, value: Any) -> Any:
+        """One clear message instead of one per branch of the union."""
+        if value is None or value == "auto" or (type(value) is int and 1 <= value <= 4094):
+            return value
+        raise ValueError(f"invalid VLAN {repr(value)[:20]}: a number 1-4094 or 'auto'")
+
+
+class Pool(BaseModel):
+    name: str
+    cidr: str
+    gateway: str
+    mode: str
+    vlan: int | None
+    labels: dict[str, str]
+    routes: list[RouteModel]
+    dns: Dns
+    block_prefix: int | None
+    created: float
+    size: int
+    free: int
+    reserved: int
+    allocated: int
+    utilisation: float = Field(description="(reserved + allocated) / size, 0..1")
+
+
+class PoolList(BaseModel):
+    pools: list[Pool]
+
+
+class PoolDeleted(BaseModel):
+    deleted: str
+    dropped_allocations: int
+
+
+class Allocation(BaseModel):
+    pool: str
+    ip: str
+    prefix_len: int
+    address: str = Field(description="ip/prefix_len")
+    gateway: str
+    mac: str
+    container_id: str
+    ifname: str
+    host: str
+    netns: str
+    handle: str | None
+    fixed: bool
+    labels: dict[str, str]
+    vlan: int | None
+    routes: list[RouteModel]
+    dns: Dns
+    created: float
+
+
+class Reservation(BaseModel):
+    pool: str
+    range: str = Field(description="A or A-B")
+    first: str
+    last: str
+    count: int
+    note: str
+    handle: str | None
+    created: float
+
+
+class PoolAddresses(BaseModel):
+    allocated: list[Allocation]
+    reserved: list[Reservation]
+
+
+class ReserveIn(_In):
+    range: str = Field(description="IP, A-B or CIDR inside the pool")
+    note: str = Field("", max_length=model.MAX_NOTE)
+
+
+class UnreserveIn(_In):
+    range: str
+
+
+class Freed(BaseModel):
+    freed: int
+
+
+class AssignIn(_In):
+    ip: str
+    handle: str = Field(max_length=253)
+    note: str = Field("", max_length=model.MAX_NOTE)
+
+
+class Block(BaseModel):
+    pool: str
+    cidr: str
+    host: str
+
+
+class BlockList(BaseModel):
+    blocks: list[Block]
+
+
+class AllocateIn(_In):
+    pool: str = Field(max_length=63)
+    container_id: str = Field(min_length=1, max_length=model.MAX_ID)
+    ifname: str = Field("eth0", min_length=1, max_length=15)
+    host: str = Field("", max_length=model.MAX_ID)
+    netns: str = Field("", max_length=4096)
+    labels: dict[str, str] = Field(default_factory=dict)
+    ip: str | None = Field(None, description="ask for this address")
+    mac: str | None = Field(None, description="use this MAC (default: derived or random)")
+    handle: str | None = Field(None, max_length=253,
+                               description="stable handle: gets its assigned address")
+
+
+class ReleaseIn(_In):
+    pool: str | None = None
+    container_id: str | None = Field(None, max_length=model.MAX_ID)
+    ifname: str | None = Field(None, max_length=15)
+    ip: str | None = None
+    force: bool = Field(False, description="release by ip without naming the owner")
+
+
+class Released(BaseModel):
+    released: list[Allocation]
+    message: str
+
+
+class AddressList(BaseModel):
+    addresses: list[Allocation]
+
+
+class AddressState(BaseModel):
+    ip: str
+    pool: str
+    cidr: str
+    state: Literal["free", "reserved", "allocated", "unusable"]
+    container_id: str | None = None
+    ifname: str | None = None
+    host: str | None = None
+    netns: str | None = None
+    mac: str | None = None
+    handle: str | None = None
+    labels: dict[str, str] | None = None
+    note: str | None = None
+    since: float | None = None
+
+
+class Event(BaseModel):
+    id: int
+    ts: float
+    pool: str
+    ip: str
+    action: str
+    container_id: str
+    ifname: str
+    host: str
+    mac: str
+    actor: str
+    note: str
+
+
+class EventList(BaseModel):
+    events: list[Event]
+
+
+class HostSummary(BaseModel):
+    host: str
+    allocations: int
+    pools: dict[str, int]
+    blocks: int
+
+
+class HostList(BaseModel):
+    hosts: list[HostSummary]
+
+
+class Health(BaseModel):
+    status: str
+
+
+# --- conversions -------------------------------------------------------------
+
+
+def _prefix(pool: model.Pool) -> tuple[int, int]:
+    """(version, prefix length) without building an ip_network."""
+    return (6 if ":" in pool.cidr else 4), int(pool.cidr.rsplit("/", 1)[1])
+
+
+def _pool_out(pool: model.Pool, stats: model.PoolStats) -> dict[str, Any]:
+    d = pool.to_dict()
+    d.update(size=stats.size, free=stats.free, reserved=stats.reserved,
+             allocated=stats.allocated, utilisation=stats.utilisation)
+    return d
+
+
+def _alloc_out(a: model.Allocation, pool: model.Pool) -> dict[str, Any]:
+    version, plen = _prefix(pool)
+    ip = model.ip_str(version, a.ip)
+    return {
+        "pool": a.pool, "ip": ip, "prefix_len": plen, "address": f"{ip}/{plen}",
+        "gateway": pool.gateway, "mac": a.mac, "container_id": a.container_id,
+        "ifname": a.ifname, "host": a.host, "netns": a.netns, "handle": a.handle,
+        "fixed": a.fixed, "labels": a.labels, "vlan": pool.vlan,
+        "routes": [r.to_dict() for r in pool.routes], "dns": pool.dns, "created": a.created,
+    }
+
+
+def _res_out(r: model.Reservation, pool: model.Pool) -> dict[str, Any]:
+    version, _ = _prefix(pool)
+    first, last = model.ip_str(version, r.lo), model.ip_str(version, r.hi)
+    return {
+        "pool": r.pool, "range": first if r.lo == r.hi else f"{first}-{last}",
+        "first": first, "last": last, "count": r.count, "note": r.note,
+        "handle": r.handle, "created": r.created,
+    }
+
+
+def _block_out(b: model.Block, version: int) -> dict[str, Any]:
+    return {"pool": b.pool, "cidr": f"{model.ip_str(version, b.lo)}/{b.prefix}", "host": b.host}
+
+
+def _pool_after_release(ipam: IPAM, a: model.Allocation) -> model.Pool:
+    """The pool of a just-released allocation, to describe it.
+
+    Another server on the same store may have deleted the pool since the
+    release committed; the release stands, so describe it as well as we can.
+    """
+    try:
+        return ipam.get_pool(a.pool)[0]
+    except PoolNotFound:
+        v6 = a.ip > 0xFFFFFFFF
+        return model.Pool(name=a.pool, cidr="::/128" if v6 else "0.0.0.0/32", gateway="")
+
+
+def _opt(value: str | None) -> str | None:
+    """Empty query parameters mean 'no filter'."""
+    return value or None
+
+
+# --- the ASGI edge: auth, body limit, latency, hot paths, last-resort 500 -------
+
+FastHandler = Callable[[Scope, bytes], Response | None]
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None when it is larger than ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the already read body to the app once."""
+    done = False
+
+    async def replay() -> Message:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class _Edge:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request).
+
+    Mutations are authenticated here, before anything reads or parses the
+    body, so a request without the token can change nothing and learns
+    nothing. The body is read once (bounded by ``MAX_BODY``).
+
+    The hot mutations (allocate, release) have a fast path that skips
+    FastAPI's routing and dependency machinery. It only answers well-formed
+    requests, through the same operations and error mapping as the routes;
+    anything unusual (other content type, bad actor header, invalid body)
+    falls through to the FastAPI route, which produces the documented error.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: str | None, metrics: Metrics,
+                 fast: dict[str, FastHandler] | None = None) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.metrics = metrics
+        self.fast = fast or {}
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.token is not None
+        value = _header(scope, b"authorization")
+        if value is None:
+            return False
+        scheme, _, given = value.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        method: str = scope["method"] if scope["method"] in METHODS else "OTHER"
+        if method in MUTATING:
+            answered, body = await self._mutation(scope, receive, send, method)
+            if answered is not None:
+                self.metrics.observe(answered, method, time.perf_counter() - start)
+                return
+            receive = _replay(body, receive)
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # No request data in the log line: headers may carry the token.
+            log.exception("unexpected error serving %s %s", method, scope.get("path", "?"))
+            if started:
+                raise
+            await self._internal_error(scope, receive, send)
+        template = getattr(scope.get("route"), "path", None) or "<unmatched>"
+        self.metrics.observe(template, method, time.perf_counter() - start)
+
+    async def _mutation(self, scope: Scope, receive: Receive, send: Send,
+                        method: str) -> tuple[str | None, bytes]:
+        """Auth, body and fast path of a mutation.
+
+        Returns (route label, b"") when answered here, else (None, body).
+        """
+        if self.token is not None and not self._authorized(scope):
+            await error_response(401, "unauthorized", "missing or wrong bearer token",
+                                 self.metrics, {"WWW-Authenticate": "Bearer"}
+                                 )(scope, receive, send)
+            return "<unauthorized>", b""
+        length = _header(scope, b"content-length")
+        declared = int(length) if length is not None and length.isdigit() else 0
+        try:
+            body = None if declared > MAX_BODY else await _read_body(receive, MAX_BODY)
+        except _Disconnected:
+            return "<disconnected>", b""
+        if body is None:
+            await error_response(413, "invalid_input",
+                                 f"request body is larger than {MAX_BODY} bytes",
+                                 self.metrics)(scope, receive, send)
+            return "<too_large>", b""
+        handler = self.fast.get(scope["path"]) if method == "POST" else None
+        if handler is not None:
+            try:
+                response = handler(scope, body)
+            except Exception:
+                log.exception("unexpected error serving %s %s", method, scope["path"])
+                await self._internal_error(scope, receive, send)
+                return str(scope["path"]), b""
+            if response is not None:
+                await response(scope, receive, send)
+                return str(scope["path"]), b""
+        return None, body
+
+    async def _internal_error(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(500, "internal", "internal server error",
+                             self.metrics)(scope, receive, send)
+
+
+def _is_json(scope: Scope) -> bool:
+    ctype = _header(scope, b"content-type")
+    return ctype is not None and ctype.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+def _fast_handler(
+    model_in: type[_In], op: Callable[[Any, str], dict[str, Any]],
+    out: TypeAdapter[Any], metrics: Metrics,
+) -> FastHandler:
+    """A fast path for one POST route: only for requests the route would accept."""
+
+    def handler(scope: Scope, body: bytes) -> Response | None:
+        if not _is_json(scope):
+            return None
+        raw_actor = _header(scope, b"x-netd-actor")
+        actor = "api" if raw_actor is None else raw_actor.decode("latin-1")
+        if raw_actor is not None and not ACTOR_RE.match(actor):
+            return None
+        try:
+            request = model_in.model_validate(json.loads(body))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, ValidationError
+            return None
+        try:
+            result = op(request, actor)
+        except NetdError as exc:
+            return netd_error_response(exc, metrics)
+        return Response(out.dump_json(out.validate_python(result)),
+                        media_type="application/json")
+
+    return handler
+
+
+# --- the app -----------------------------------------------------------------
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "pool_not_found, not_found"},
+    409: {"model": ErrorBody, "description": "conflict: pool_exists, pool_overlap, "
+          "pool_exhausted, pool_in_use, address_in_use, mac_in_use"},
+    422: {"model": ErrorBody, "description": "invalid_input"},
+    503: {"model": ErrorBody, "description": "unavailable (datastore busy)"},
+}
+_MUTATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "unauthorized (missing or wrong token)"},
+    **_ERRORS,
+}
+
+Actor = Annotated[str, Header(
+    alias="X-Netd-Actor", pattern=ACTOR_PATTERN,
+    description="who is acting, recorded in history (<= 64 printable characters)")]
+PoolName = Annotated[str, Path(description="pool name")]
+Limit = Annotated[int, Query(ge=1, le=100_000)]
+
+
+def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
+    """Build the API app around an :class:`IPAM`; ``token=None`` disables auth."""
+    metrics.track(ipam)
+
+    # the hot operations, shared by the routes and the edge's fast path
+    def do_allocate(body: AllocateIn, actor: str) -> dict[str, Any]:
+        req = AllocRequest(
+            pool=body.pool, container_id=body.container_id, ifname=body.ifname,
+            host=body.host, netns=body.netns, labels=body.labels, ip=body.ip,
+            mac=body.mac, handle=body.handle,
+        )
+        alloc, pool = ipam.allocate(req, actor=actor)
+        metrics.allocated(pool.name)
+        return _alloc_out(alloc, pool)
+
+    def do_release(body: ReleaseIn, actor: str) -> dict[str, Any]:
+        result = ipam.release(pool=body.pool, container_id=body.container_id,
+                              ifname=body.ifname, ip=body.ip, force=body.force, actor=actor)
+        pools: dict[str, model.Pool] = {}
+        out = []
+        for a in result.released:
+            if a.pool not in pools:
+                pools[a.pool] = _pool_after_release(ipam, a)
+            out.append(_alloc_out(a, pools[a.pool]))
+            metrics.released(a.pool)
+        return {"released": out, "message": result.message}
+
+    fast = {
+        "/v1/allocate": _fast_handler(AllocateIn, do_allocate, TypeAdapter(Allocation), metrics),
+        "/v1/release": _fast_handler(ReleaseIn, do_release, TypeAdapter(Released), metrics),
+    }
+    app = FastAPI(
+        title="netd IPAM", version=__version__, redirect_slashes=False,
+        description="Central IPAM of netd: pools, allocations, reservations, history. "
+                    "Mutations (POST, DELETE) need `Authorization: Bearer <token>` when "
+                    "the server has a token.",
+    )
+    _install_error_handlers(app, metrics)
+    app.add_middleware(_Edge, token=token, metrics=metrics, fast=fast)
+
+    def custom_openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}}
+            for ops in schema.get("paths", {}).values():
+                for method, op in ops.items():
+                    if method.upper() in MUTATING:
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]
+
+    # --- health and metrics --------------------------------------------------
+
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}},
+                              "description": "Prometheus text format"}})
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # --- pools ---------------------------------------------------------------
+
+    @app.get("/v1/pools", response_model=PoolList, tags=["pools"], responses=_ERRORS)
+    async def list_pools() -> dict[str, Any]:
+        return {"pools": [_pool_out(p, s) for p, s in ipam.list_pools()]}
+
+    @app.post("/v1/pools", response_model=Pool, status_code=201, tags=["pools"],
+              responses=_MUTATION_ERRORS)
+    async def create_pool(body: PoolCreate, actor: Actor = "api") -> dict[str, Any]:
+        spec = PoolSpec(
+            name=body.name, cidr=body.cidr, gateway=body.gateway, vlan=body.vlan,
+            mode=body.mode, labels=body.labels, reserved=body.reserved,
+            routes=[r.model_dump(exclude_none=True) for r in body.routes],
+            dns=body.dns.model_dump(exclude_unset=True) if body.dns else {},
+            block_prefix=body.block_prefix, supernet=body.supernet,
+            prefix_len=body.prefix_len, vlan_range=body.vlan_range,
+        )
+        pool = ipam.create_pool(spec, actor=actor)
+        _, stats = ipam.get_pool(pool.name)
+        return _pool_out(pool, stats)
+
+    @app.get("/v1/pools/{name}", response_model=Pool, tags=["pools"], responses=_ERRORS)
+    async def get_pool(name: PoolName) -> dict[str, Any]:
+        return _pool_out(*ipam.get_pool(name))
+
+    @app.delete("/v1/pools/{name}", response_model=PoolDeleted, tags=["pools"],
+                responses=_MUTATION_ERRORS)
+    async def delete_pool(name: PoolName, force: bool = False,
+                          actor: Actor = "api") -> dict[str, Any]:
+        dropped = ipam.delete_pool(name, force=force, actor=actor)
+        return {"deleted": name, "dropped_allocations": dropped}
+
+    @app.get("/v1/pools/{name}/addresses", response_model=PoolAddresses, tags=["pools"],
+             responses=_ERRORS)
+    async def pool_addresses(
+        name: PoolName,
+        state: Literal["all", "allocated", "reserved"] = "all",
+        host: str | None = None,
+        limit: Limit = 1000,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        pool, reservations = ipam.reservations(name)
+        allocated: list[dict[str, Any]] = []
+        if state in ("all", "allocated"):
+            allocated = [_alloc_out(a, p) for a, p in
+                         ipam.addresses(name, _opt(host), limit, _opt(after))]
+        reserved = ([_res_out(r, pool) for r in reservations]
+                    if state in ("all", "reserved") else [])
+        return {"allocated": allocated, "reserved": reserved}
+
+    @app.post("/v1/pools/{name}/reserve", response_model=Reservation, status_code=201,
+              tags=["pools"], responses=_MUTATION_ERRORS)
+    async def reserve(name: PoolName, body: ReserveIn,
+                      actor: Actor = "api") -> dict[str, Any]:
+        r = ipam.reserve(name, body.range, body.note, actor=actor)
+        pool, _ = ipam.get_pool(name)
+        return _res_out(r, pool)
+
+    @app.post("/v1/pools/{name}/unreserve", response_model=Freed, tags=["pools"],
+              responses=_MUTATION_ERRORS)
+    async def unreserve(name: PoolName, body: UnreserveIn,
+                        actor: Actor = "api") -> dict[str, int]:
+        return {"freed": ipam.unreserve(name, body.range, actor=actor)}
+
+    @app.post("/v1/pools/{name}/assign", response_model=Reservation, tags=["pools"],
+              responses=_MUTATION_ERRORS)
+    async def assign(name: PoolName, body: AssignIn, actor: Actor = "api") -> dict[str, Any]:
+        r = ipam.assign(name, body.ip, body.handle, body.note, actor=actor)
+        pool, _ = ipam.get_pool(name)
+        return _res_out(r, pool)
+
+    @app.get("/v1/pools/{name}/blocks", response_model=BlockList, tags=["pools"],
+             responses=_ERRORS)
+    async def pool_blocks(name: PoolName, host: str | None = None) -> dict[str, Any]:
+        pool, _ = ipam.get_pool(name)
+        version, _ = _prefix(pool)
+        return {"blocks": [_block_out(b, version) for b in ipam.blocks(name, _opt(host))]}
+
+    @app.get("/v1/blocks", response_model=BlockList, tags=["blocks"], responses=_ERRORS)
+    async def all_blocks(host: str | None = None) -> dict[str, Any]:
+        blocks = ipam.blocks(None, _opt(host))
+        if not blocks:
+            return {"blocks": []}
+        versions = {p.name: _prefix(p)[0] for p, _ in ipam.list_pools()}
+        return {"blocks": [_block_out(b, versions.get(b.pool, 4)) for b in blocks]}
+
+    # --- addresses -------------------------------------------------------------
+
+    @app.post("/v1/allocate", response_model=Allocation, tags=["addresses"],
+              responses=_MUTATION_ERRORS)
+    async def allocate(body: AllocateIn, actor: Actor = "api") -> dict[str, Any]:
+        return do_allocate(body, actor)
+
+    @app.post("/v1/release", response_model=Released, tags=["addresses"],
+              responses=_MUTATION_ERRORS)
+    async def release(body: ReleaseIn, actor: Actor = "api") -> dict[str, Any]:
+        return do_release(body, actor)
+
+    @app.get("/v1/addresses", response_model=AddressList, tags=["addresses"],
+             responses=_ERRORS)
+    async def addresses(
+        pool: str | None = None, host: str | None = None, limit: Limit = 1000,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        rows = ipam.addresses(_opt(pool), _opt(host), limit, _opt(after))
+        return {"addresses": [_alloc_out(a, p) for a, p in rows]}
+
+    @app.get("/v1/addresses/{ip}", response_model=AddressState,
+             response_model_exclude_unset=True, tags=["addresses"], responses=_ERRORS)
+    async def show(ip: str) -> dict[str, Any]:
+        return ipam.show(ip)
+
+    @app.get("/v1/addresses/{ip}/history", response_model=EventList, tags=["addresses"],
+             responses=_ERRORS)
+    async def address_history(ip: str, limit: Limit = 100) -> dict[str, Any]:
+        return {"events": [e.to_dict() for e in ipam.history(ip=ip, limit=limit)]}
+
+    @app.get("/v1/history", response_model=EventList, tags=["history"], responses=_ERRORS)
+    async def history(pool: str | None = None, limit: Limit = 100) -> dict[str, Any]:
+        return {"events": [e.to_dict() for e in ipam.history(pool=_opt(pool), limit=limit)]}
+
+    @app.get("/v1/hosts", response_model=HostList, tags=["hosts"], responses=_ERRORS)
+    async def hosts() -> dict[str, Any]:
+        return {"hosts": ipam.hosts()}
+
+    return app
+

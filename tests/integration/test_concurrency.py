@@ -1,0 +1,137 @@
+"""Concurrent allocation against real server processes: no address is ever handed out twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, start_server
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+WORKER = Path(__file__).with_name("_alloc_worker.py")
+
+
+def run_workers(jobs: list[tuple[Server, str, int, str, int]]) -> list[dict[str, Any]]:
+    """Run (server, prefix, count, pools, release_every) jobs as parallel OS processes."""
+    start_at = time.time() + 2.0  # all processes start allocating at the same moment
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), srv.url, srv.token, prefix, str(count),
+             str(start_at), pools, str(release_every)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for srv, prefix, count, pools, release_every in jobs
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()
+        result = json.loads(out)
+        assert result["errors"] == [], result["errors"][:5]
+        results.append(result)
+    return results
+
+
+def check_history(events: list[dict[str, Any]]) -> None:
+    """Replay the history: an address is only allocated while free, released by its holder."""
+    holder: dict[tuple[str, str], str] = {}
+    for e in sorted(events, key=lambda e: e["id"]):
+        k = (e["pool"], e["ip"])
+        if e["action"] == "allocate":
+            assert k not in holder, f"{k} allocated to {e['container_id']} while {holder[k]} " \
+                                    "held it"
+            holder[k] = e["container_id"]
+        elif e["action"] == "release":
+            assert holder.pop(k, None) == e["container_id"], e
+
+
+def check_consistent(c: httpx.Client, held: list[dict[str, Any]],
+                     released: list[dict[str, Any]]) -> None:
+    keys = [(a["pool"], a["ip"]) for a in held]
+    assert len(set(keys)) == len(keys), "an address is held twice"
+    macs = [a["mac"] for a in held]
+    assert len(set(macs)) == len(macs), "a MAC is held twice"
+
+    pools = c.get("/v1/pools").json()["pools"]
+    assert sum(p["allocated"] for p in pools) == len(held)
+    for p in pools:
+        assert p["free"] == p["size"] - p["reserved"] - p["allocated"]
+        assert p["reserved"] == 1  # the gateway
+    listed = c.get("/v1/addresses", params={"limit": 100000}).json()["addresses"]
+    assert {(a["pool"], a["ip"], a["mac"], a["container_id"]) for a in listed} == \
+        {(a["pool"], a["ip"], a["mac"], a["container_id"]) for a in held}
+    assert len(listed) == len(held)
+
+    events = c.get("/v1/history", params={"limit": 100000}).json()["events"]
+    by_action: dict[str, int] = defaultdict(int)
+    for e in events:
+        by_action[e["action"]] += 1
+    assert by_action["allocate"] == len(held) + len(released)
+    assert by_action["release"] == len(released)
+    check_history(events)
+    for p in pools:
+        for a in c.get(f"/v1/pools/{p['name']}/addresses",
+                       params={"state": "reserved"}).json()["reserved"]:
+            assert a["range"] == p["gateway"]
+            assert (p["name"], p["gateway"]) not in set(keys)
+
+
+def counter(metrics_text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", metrics_text, re.M))
+
+
+def test_eight_processes_one_server(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=30,
+                      headers={"Authorization": f"Bearer {server.token}"}) as c:
+        for body in ({"name": "v4", "cidr": "10.100.0.0/21"},
+                     {"name": "v6", "cidr": "fd00:100::/64"}):
+            assert c.post("/v1/pools", json=body).status_code == 201
+        results = run_workers([(server, f"w{i}", 500, "v4,v6", 0) for i in range(8)])
+        held = [a for r in results for a in r["held"]]
+        assert len(held) == 4000
+        assert sum(1 for a in held if a["pool"] == "v4") == 2000
+        check_consistent(c, held, [])
+        assert counter(c.get("/metrics").text, "netd_ipam_allocations_total") == 4000
+
+
+def test_two_servers_one_store(tmp_path: Path) -> None:
+    token = os.urandom(16).hex()
+    a = start_server(tmp_path, token=token)
+    try:
+        b = start_server(tmp_path, token=token, db=a.db)
+        try:
+            with httpx.Client(base_url=a.url, timeout=30,
+                              headers={"Authorization": f"Bearer {token}"}) as ca, \
+                    httpx.Client(base_url=b.url, timeout=30) as cb:
+                assert ca.post("/v1/pools", json={"name": "shared",
+                                                  "cidr": "10.101.0.0/21"}).status_code == 201
+                # 8 x 300 = 2400 allocations, every 4th released at once: the
+                # 2045 never-used addresses run out and released ones are reused
+                jobs = [(srv, f"{name}{i}", 300, "shared", 4)
+                        for i in range(4) for srv, name in ((a, "a"), (b, "b"))]
+                results = run_workers(jobs)
+                held = [x for r in results for x in r["held"]]
+                released = [x for r in results for x in r["released"]]
+                assert len(held) == 1800 and len(released) == 600
+                check_consistent(ca, held, released)
+                check_consistent(cb, held, released)
+                assert ca.get("/v1/pools").content == cb.get("/v1/pools").content
+                ips = {x["ip"] for x in held} | {x["ip"] for x in released}
+                assert len(ips) < 2400, "released addresses were never reused"
+                total = sum(counter(cl.get("/metrics").text, "netd_ipam_allocations_total")
+                            for cl in (ca, cb))
+                assert total == 2400
+        finally:
+            b.stop()
+    finally:
+        a.stop()

@@ -1,0 +1,161 @@
+"""``netd ipam serve`` and ``netd install-cni`` as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import bin_path, free_port, start_server
+
+pytestmark = pytest.mark.real
+
+
+def netd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([bin_path("netd"), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited"
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--listen", "nope"], "--listen: 'nope' is not HOST:PORT"),
+    (["--listen", "127.0.0.1:0"], "port must be 1-65535"),
+    (["--listen", "127.0.0.1:70000"], "port must be 1-65535"),
+    (["--listen", "::1:9650"], "[ADDR]:PORT"),
+    (["--vlan-range", "10"], "--vlan-range: '10' is not LO-HI"),
+    (["--vlan-range", "0-5"], "need 1 <= LO <= HI <= 4094"),
+    (["--vlan-range", "20-10"], "need 1 <= LO <= HI <= 4094"),
+    (["--store", "mysql://db/ipam"], "unknown store URL"),
+    (["--token-file", "/nonexistent/token"], "cannot read token file /nonexistent/token"),
+    (["--cooldown", "-1"], "-1"),
+])
+def test_serve_bad_flags(tmp_path: Path, args: list[str], message: str) -> None:
+    base = ["--listen", f"127.0.0.1:{free_port()}", "--store", f"sqlite:///{tmp_path}/db"]
+    r = netd("ipam", "serve", *base, *args)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = netd("ipam", "serve", "--listen", f"127.0.0.1:{port}",
+                 "--store", f"sqlite:///{tmp_path}/db")
+    assert r.returncode == 1
+    assert f"Error: cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_empty_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("\n")
+    r = netd("ipam", "serve", "--listen", f"127.0.0.1:{free_port()}",
+             "--store", f"sqlite:///{tmp_path}/db", "--token-file", str(token))
+    assert r.returncode == 1 and "is empty" in r.stderr
+
+
+def test_serve_without_token_and_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [bin_path("netd"), "ipam", "serve", "--listen", f"127.0.0.1:{port}",
+             "--store", f"sqlite:///{tmp_path}/db", "--vlan-range", "300-301"],
+            stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        # no token configured: mutations are open; --vlan-range bounds 'auto'
+        for name, cidr, vlan in (("p1", "10.90.0.0/24", 300), ("p2", "10.90.1.0/24", 301)):
+            r = httpx.post(url + "/v1/pools", json={"name": name, "cidr": cidr, "vlan": "auto"})
+            assert r.status_code == 201 and r.json()["vlan"] == vlan
+        r = httpx.post(url + "/v1/pools", json={"name": "p3", "cidr": "10.90.2.0/24",
+                                                "vlan": "auto"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "pool_exhausted"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "mutations are accepted without authentication" in text
+    assert "netd ipam stopped" in text
+    assert "Traceback" not in text
+
+
+def test_world_readable_token_warns(tmp_path: Path) -> None:
+    srv = start_server(tmp_path)
+    srv.stop()
+    token = tmp_path / "open-token"
+    token.write_text("secret-token\n")
+    token.chmod(0o644)
+    port = free_port()
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [bin_path("netd"), "ipam", "serve", "--listen", f"127.0.0.1:{port}",
+             "--store", f"sqlite:///{tmp_path}/db2", "--token-file", str(token)],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/pools",
+                       json={"name": "p", "cidr": "10.91.0.0/24"},
+                       headers={"Authorization": "Bearer secret-token"})
+        assert r.status_code == 201
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    text = log.read_text()
+    assert "accessible by group or others" in text
+    assert "secret-token" not in text
+
+
+def test_install_cni(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "opt" / "cni" / "bin"
+    r = netd("install-cni", "--bin-dir", str(bin_dir))
+    assert r.returncode == 0, r.stderr
+    for name in ("netd-cni", "netd-ipam"):
+        path = bin_dir / name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755
+        # CNI runtimes call plugins with a bare environment
+        run = subprocess.run([str(path)], capture_output=True, text=True,
+                             env={"CNI_COMMAND": "VERSION"}, input="{}", timeout=30,
+                             check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "cniVersion" in json.loads(run.stdout)
+    # re-installing is idempotent
+    assert netd("install-cni", "--bin-dir", str(bin_dir)).returncode == 0
+    assert sorted(os.listdir(bin_dir)) == ["netd-cni", "netd-ipam"]
+
+
+def test_install_cni_unwritable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = netd("install-cni", "--bin-dir", str(blocker / "bin"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: cannot install into")
+    assert len(r.stderr.strip().splitlines()) == 1
