@@ -945,6 +945,11 @@ def render(res: dict[str, Any]) -> str:
                      f" GB; filled {c.get('filled_range')}")
             L.append(f"   consistency after fill: {'OK' if c.get('ok') else 'FAILED'}; "
                      f"allocate() then returns {', '.join(c.get('allocate_after_fill', []))}")
+        rel = ", ".join(f"{ip[k]['cidr']} {ip[k]['fill_pct']:.0f}%: "
+                        f"{fmt_ms(ip[k]['release_without_ifname']['p50_ms'])} ms"
+                        for k in ("s24-0", "s8-0", "s24-90", "s8-90"))
+        L.append(f"   observation, release(pool, container_id) without ifname (p50 of 3, "
+                 f"untimed in the churn): {rel}")
         f24 = ip["s24-90"].get("fill") or {}
         L.append(f"   /24 fill: {f24.get('rows')} real allocate() calls")
     else:

@@ -31,7 +31,9 @@ from netd.cni import shim
 REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / "cni" / "shim.py"
 VENV_BIN = Path(sys.executable).parent
-PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else os.path.realpath(sys.executable)  # netd install-cni prefers the distribution python
+# netd install-cni prefers the distribution's python3 (it starts faster)
+PYTHON = ("/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK)
+          else os.path.realpath(sys.executable))
 SUPPORTED = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 Answer = dict[str, Any] | bytes | Callable[[dict[str, Any]], dict[str, Any] | bytes]
