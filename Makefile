@@ -7,12 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # Debian packages the tests, demo and benchmarks use
-APT_PACKAGES := curl iproute2 iputils-ping containernetworking-plugins
+APT_PACKAGES := curl iproute2 iputils-ping iptables containernetworking-plugins podman runc \
+	busybox-static
 
 .PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup
 
 help:
-	@echo "make demo   start the IPAM server, create two pools with netctl, print them"
+	@echo "make demo   a two-host L2 lab in namespaces with four podman containers: matrix + IPAM table"
 	@echo "make test   install everything, lint (ruff, mypy), run the whole test suite"
 	@echo "make bench  run the benchmarks (tests/bench) and print the figures"
 

@@ -216,7 +216,8 @@ def conflist_doc(plan: LabPlan, host: HostPlan) -> dict[str, Any]:
     return {
         "cniVersion": "1.0.0",
         "name": host.network,
-        "plugins": [{"type": "netd-cni", "pool": POOL, "agentSocket": str(host.socket)}],
+        "plugins": [{"type": "netd-cni", "pool": POOL, "agentSocket": str(host.socket),
+                     "capabilities": {"ips": True, "mac": True}}],
     }
 
 

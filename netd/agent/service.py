@@ -168,15 +168,20 @@ class Agent:
         labels = {"netd.network": req.network}
         handle = req.args.get("NETD_HANDLE")
         pod_ns, pod = req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")
-        if pod_ns and pod:
+        if pod_ns and pod:  # kubelet: the pod's namespace/name is its stable identity
             labels["k8s.pod"] = f"{pod_ns}/{pod}"
             handle = handle or f"{pod_ns}/{pod}"
-        if req.args.get("NETD_NAME"):
-            labels["container.name"] = req.args["NETD_NAME"]
-        ip = req.args.get("IP") or None
-        mac = req.args.get("MAC") or None
+        elif pod:  # podman passes only K8S_POD_NAME: the container's name
+            labels["container.name"] = pod
+            handle = handle or pod
+        # a fixed address: CNI_ARGS IP=/MAC= or the "ips"/"mac" runtime capabilities
+        rc = req.runtime_config
+        ips = rc.get("ips") if isinstance(rc.get("ips"), list) else []
+        ip = req.args.get("IP") or (str(ips[0]).split("/")[0] if ips else None)
+        mac = req.args.get("MAC") or (rc.get("mac") if isinstance(rc.get("mac"), str) else None)
         return self.ipam.allocate(req.pool, req.container_id, req.ifname, host=self.cfg.host,
-                                  netns=req.netns, labels=labels, ip=ip, mac=mac, handle=handle)
+                                  netns=req.netns, labels=labels, ip=ip or None,
+                                  mac=mac or None, handle=handle)
 
     def _add_ipam(self, req: CniRequest, att: Attachment) -> dict[str, Any]:
         alloc = self._allocate(req)

@@ -119,7 +119,14 @@ def kv(pairs: dict[str, str] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((pairs or {}).items()))
 
 
+SHORT_ID = 12  # like docker ps: a 64-hex container id is unreadable in a table
+
+
 def owner(container_id: Any, ifname: Any) -> str:
+    """``container/ifname`` for tables; long hex ids shortened (--json has them whole)."""
+    if container_id and len(str(container_id)) == 64 and all(
+            c in "0123456789abcdef" for c in str(container_id)):
+        container_id = str(container_id)[:SHORT_ID]
     if not container_id:
         return "-"
     return f"{container_id}/{ifname}" if ifname else str(container_id)
