@@ -157,7 +157,9 @@ class Agent:
                 result = self._add_ipam(req, att) if ipam_only else self._add_link(req, att)
             except BaseException as exc:
                 log.warning("ADD %s/%s failed, undoing: %s", req.container_id, req.ifname, exc)
-                self._undo(att, "failed ADD")
+                # IPAM unreachable: queue the release at once instead of waiting for
+                # another timeout, so that the ADD fails fast with 11
+                self._undo(att, "failed ADD", ipam_down=isinstance(exc, Unavailable))
                 raise
             att.state = "ready"
             att.result = result
@@ -255,18 +257,23 @@ class Agent:
             self._undo(att, "DEL")
         return {}
 
-    def _undo(self, att: Attachment, why: str) -> None:
+    def _undo(self, att: Attachment, why: str, *, ipam_down: bool = False) -> None:
         """Remove an attachment's plumbing and release its address (queued if need be)."""
         if att.state != "deleting":
             att.state = "deleting"
             self.state.put(att)
         if att.host_ifname:
             self.dp.remove(att.host_ifname, att.netns or None, att.ifname)
-        self._release(att.pool, att.container_id, att.ifname, att.ip, why)
+        self._release(att.pool, att.container_id, att.ifname, att.ip, why, queue=ipam_down)
         self.state.delete(*att.key)
 
     def _release(self, pool: str, container_id: str, ifname: str, ip: str | None,
-                 why: str) -> None:
+                 why: str, *, queue: bool = False) -> None:
+        if queue:
+            log.warning("IPAM unreachable; release of %s/%s queued (%s)", container_id, ifname,
+                        why)
+            self.state.queue_release(pool, container_id, ifname, ip, "IPAM unreachable")
+            return
         try:
             self.release_ipam.release(pool=pool, container_id=container_id, ifname=ifname)
         except Unavailable as exc:

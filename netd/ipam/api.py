@@ -142,7 +142,8 @@ class ErrorBody(BaseModel):
 class RouteModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dst: str = Field(description="destination CIDR")
-    gw: str | None = Field(None, description="next hop; default: the pool gateway")
+    gw: str | None = Field(None, description="next hop; default: the pool gateway",
+                           exclude_if=lambda v: v is None)
 
 
 class Dns(BaseModel):

@@ -7,6 +7,7 @@ index correctly in stores whose integers are 64-bit.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -219,7 +220,7 @@ class Pool:
     block_prefix: int | None = None
     created: float = 0.0
 
-    @property
+    @functools.cached_property
     def network(self) -> IPNetwork:
         return ipaddress.ip_network(self.cidr)
 

@@ -158,7 +158,7 @@ CREATE TABLE IF NOT EXISTS blocks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blocks_host ON blocks (host, pool, lo);
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, pool TEXT NOT NULL,
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, pool TEXT NOT NULL,
     ip TEXT NOT NULL, action TEXT NOT NULL, container_id TEXT NOT NULL, ifname TEXT NOT NULL,
     host TEXT NOT NULL, mac TEXT NOT NULL, actor TEXT NOT NULL, note TEXT NOT NULL,
     lo TEXT, hi TEXT
@@ -241,6 +241,11 @@ class SqliteTxn:
         return (int(row["n_reserved"]), int(row["n_allocated"])) if row else (0, 0)
 
     def add_counters(self, name: str, reserved: int, allocated: int) -> None:
+        if reserved == 0:  # the common case: one statement
+            self.db.execute("UPDATE pools SET n_allocated=n_allocated+? WHERE name=?",
+                            (allocated, name))
+            return
+        # n_reserved is text: an IPv6 reservation can exceed SQLite's 64-bit integers
         res, alloc = self.counters(name)
         self.db.execute("UPDATE pools SET n_reserved=?, n_allocated=? WHERE name=?",
                         (str(res + reserved), alloc + allocated, name))
@@ -322,7 +327,8 @@ class SqliteTxn:
     def allocations_of(
         self, container_id: str, ifname: str | None, pool: str | None
     ) -> list[Allocation]:
-        sql = "SELECT * FROM allocations WHERE container_id=?"
+        # without statistics SQLite may pick the (pool, ip) key and scan the whole pool
+        sql = "SELECT * FROM allocations INDEXED BY alloc_owner WHERE container_id=?"
         args: list[Any] = [container_id]
         if ifname is not None:
             sql += " AND ifname=?"
@@ -535,10 +541,19 @@ class SqliteStore:
             self._begin(db, immediate=True)
             try:
                 yield SqliteTxn(db)
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback(db)
+                raise Unavailable(f"datastore error: {exc}") from None
             except BaseException:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise
-            db.execute("COMMIT")
+
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        """Roll back if a transaction is still open (a failed COMMIT may have ended it)."""
+        if db.in_transaction:
+            db.execute("ROLLBACK")
 
     @contextmanager
     def read(self) -> Iterator[SqliteTxn]:

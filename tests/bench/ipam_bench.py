@@ -787,6 +787,9 @@ def bench_inproc(tmp: Path, args: argparse.Namespace,
                                     out["s24-90"]["latency"]["p50_ms"]),
                        "p99": ratio(out["s8-90"]["latency"]["p99_ms"],
                                     out["s24-90"]["latency"]["p99_ms"])}
+    a = out["s8-0"]["latency"]["never_used_path"]["p50_ms"]
+    b = out["s8-90"]["latency"]["never_used_path"]["p50_ms"]
+    out["same_path"] = {"s8_0_p50_ms": a, "s8_90_p50_ms": b, "ratio": ratio(b, a)}
     return out
 
 
@@ -874,9 +877,11 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         f"1 client: {fmt_ms((c1.get('latency') or {}).get('p99_ms'))} ms")
     for lvl in ("0", "90"):
         r = (ip.get(f"ratio_{lvl}") or {}).get("p50")
+        fills = ", ".join(f"/{p} {ip[f's{p}-{lvl}']['fill_pct']:.1f}%" for p in ("24", "8")
+                          if f"s{p}-{lvl}" in ip)
         add(f"/8-to-/24 p50 latency ratio <= {TARGET_SIZE_RATIO:g} at {lvl}% fill", r,
             None if r is None else r <= TARGET_SIZE_RATIO, "x",
-            f"p99 ratio {(ip.get(f'ratio_{lvl}') or {}).get('p99')}")
+            f"p99 ratio {(ip.get(f'ratio_{lvl}') or {}).get('p99')}; actual fill {fills}")
     v16 = ratio(t16, hl_s)
     add(f"16-client throughput >= {TARGET_VS_HOST_LOCAL:g}x serial host-local", v16,
         None if v16 is None else v16 >= TARGET_VS_HOST_LOCAL, "x",
@@ -937,6 +942,11 @@ def render(res: dict[str, Any]) -> str:
         for lvl in ("0", "90"):
             r = ip[f"ratio_{lvl}"]
             L.append(f"   /8-to-/24 ratio at {lvl:>2}% fill: p50 {r['p50']}x, p99 {r['p99']}x")
+        same = ip["same_path"]
+        L.append(f"   same path (never-used address), /8 at 0% -> /8 at "
+                 f"{ip['s8-90']['fill_pct']:.0f}%: p50 {fmt_ms(same['s8_0_p50_ms'])} -> "
+                 f"{fmt_ms(same['s8_90_p50_ms'])} ms ({same['ratio']}x); the churning /24 "
+                 "mostly takes the re-used path")
         f = ip["s8-90"].get("fill") or {}
         c = ip["s8-90"].get("consistency") or {}
         if f:

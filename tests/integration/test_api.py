@@ -192,7 +192,7 @@ def test_allocate_release(api: httpx.Client, anon: httpx.Client) -> None:
     assert a["mac"] == "0a:58:0a:28:00:02" and a["ifname"] == "eth0"
     assert a["container_id"] == "ctr-1" and a["host"] == "h1"
     assert a["netns"] == "/proc/1/ns/net" and a["labels"] == {"app": "x"}
-    assert a["vlan"] == 40 and a["routes"] == [{"dst": "0.0.0.0/0", "gw": None}]
+    assert a["vlan"] == 40 and a["routes"] == [{"dst": "0.0.0.0/0"}]
     assert a["dns"]["nameservers"] == ["10.40.0.53"]
     assert a["handle"] is None and a["fixed"] is False and a["created"] > 0
 

@@ -267,6 +267,7 @@ def test_ip_lifecycle(server: Server) -> None:
     header, *lines = hist.splitlines()
     assert header.split() == ["TIME", "ACTION", "OWNER", "HOST", "MAC", "ACTOR", "NOTE"]
     assert [line.split()[1:] for line in lines] == [
+        ["pool-create", "-", "-", "-", "netctl:alice", "gateway", "10.10.0.1"],
         ["allocate", "cid1/eth0", "h1", a1["mac"], "agent:h1", "-"],
         ["release", "cid1/eth0", "h1", a1["mac"], "netctl:alice", "-"],
     ]
@@ -274,7 +275,7 @@ def test_ip_lifecycle(server: Server) -> None:
     events = js(server, "ip", "history", "10.10.0.2", "--limit", "1")["events"]
     assert [e["action"] for e in events] == ["release"]
     assert [e["action"] for e in js(server, "ip", "history", "10.10.0.50")["events"]] == [
-        "assign", "allocate"]
+        "pool-create", "assign", "allocate"]
 
 
 def test_ip_list_pages_through_every_pool(server: Server) -> None:
@@ -435,8 +436,9 @@ def test_server_url_from_environment(server: Server) -> None:
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["name"] == "web"
     events = httpx.get(f"{server.url}/v1/history").json()["events"]
-    assert events[-1]["action"] == "pool-create"
-    assert events[-1]["actor"] == "netctl:alice"
+    # pool-create, then the gateway's automatic reservation
+    assert [e["action"] for e in events[-2:]] == ["pool-create", "reserve"]
+    assert {e["actor"] for e in events[-2:]} == {"netctl:alice"}
 
 
 def test_server_down_is_unavailable(server: Server) -> None:
