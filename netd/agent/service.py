@@ -125,6 +125,12 @@ class Agent:
 
     @contextmanager
     def _locked(self, key: tuple[str, str, str]) -> Iterator[None]:
+        """Serialise work on one owner: (network, container id, ifname).
+
+        The lock is per (container id, ifname), whatever the network: that is
+        the owner in the IPAM, and queued releases name no network.
+        """
+        key = ("", key[1], key[2])
         with self._locks_guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
@@ -138,6 +144,11 @@ class Agent:
     def add(self, req: CniRequest) -> dict[str, Any]:
         key = (req.network, req.container_id, req.ifname)
         with self._locked(key):
+            # A release queued by an earlier failed attempt of this owner must
+            # not free what this ADD is about to get (the IPAM answers an
+            # owner's retry with the address it already holds).
+            if self.state.drop_releases(req.container_id, req.ifname):
+                log.info("ADD %s/%s: dropped its queued release", req.container_id, req.ifname)
             existing = self.state.get(*key)
             if existing is not None:
                 if existing.state == "ready" and existing.netns == req.netns:
@@ -284,21 +295,34 @@ class Agent:
             pass  # the pool is gone, and its addresses with it
 
     def flush_releases(self) -> int:
-        """Send queued releases; returns how many are still waiting."""
+        """Send queued releases; returns how many are still waiting.
+
+        Each is sent under its owner's lock and only if still queued and the
+        owner is not attached again: a retried ADD owns the address now.
+        """
         waiting = 0
         for p in self.state.pending():
-            try:
-                self.release_ipam.release(pool=p.pool, container_id=p.container_id,
-                                          ifname=p.ifname)
-            except Unavailable as exc:
-                self.state.release_failed(p.id, exc.message)
-                waiting += 1
-                continue
-            except NetdError as exc:
-                log.warning("dropping queued release of %s/%s: %s", p.container_id, p.ifname,
-                            exc)
-            self.state.release_done(p.id)
-            log.info("queued release of %s/%s sent", p.container_id, p.ifname)
+            with self._locked(("", p.container_id, p.ifname)):
+                if self.state.pending_release(p.id) is None:
+                    continue
+                if any(a.container_id == p.container_id and a.ifname == p.ifname
+                       for a in self.state.all()):
+                    log.info("queued release of %s/%s dropped: attached again",
+                             p.container_id, p.ifname)
+                    self.state.release_done(p.id)
+                    continue
+                try:
+                    self.release_ipam.release(pool=p.pool, container_id=p.container_id,
+                                              ifname=p.ifname)
+                except Unavailable as exc:
+                    self.state.release_failed(p.id, exc.message)
+                    waiting += 1
+                    continue
+                except NetdError as exc:
+                    log.warning("dropping queued release of %s/%s: %s", p.container_id,
+                                p.ifname, exc)
+                self.state.release_done(p.id)
+                log.info("queued release of %s/%s sent", p.container_id, p.ifname)
         return waiting
 
     # --- CHECK ----------------------------------------------------------------
@@ -406,8 +430,9 @@ class Agent:
         for att in self.state.all():
             what = f"{att.container_id[:12]}/{att.ifname} ({att.ip})"
             if att.state != "ready":
-                self._undo(att, "interrupted " + att.state)
-                done.append(f"undid interrupted {att.state.upper()} of {what}")
+                interrupted = att.state  # _undo sets it to "deleting"
+                self._undo(att, "interrupted " + interrupted)
+                done.append(f"undid interrupted {interrupted.upper()} of {what}")
             elif not self.dp.netns_exists(att.netns):
                 self._undo(att, "container gone")
                 done.append(f"removed {what}: its network namespace is gone")

@@ -4,6 +4,10 @@ An attachment is written as ``adding`` *before* the agent allocates or
 creates anything, and as ``ready`` once everything is in place, so a crash
 at any moment leaves a record that reconciliation can finish or undo.
 Releases the IPAM could not take (it was unreachable) wait in a queue here.
+
+The Docker driver (:mod:`netd.agent.docker_driver`) keeps its own three tables
+here: the networks it serves, the addresses it holds in the IPAM (and under
+which owner) and its endpoints.
 """
 
 from __future__ import annotations
@@ -31,6 +35,22 @@ CREATE TABLE IF NOT EXISTS pending_releases (
     ifname TEXT NOT NULL, ip TEXT, queued REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS docker_networks (
+    network_id TEXT PRIMARY KEY, pool TEXT NOT NULL, cidr TEXT NOT NULL, gateway TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS docker_addresses (
+    pool TEXT NOT NULL, ip TEXT NOT NULL, owner TEXT NOT NULL, mac TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (pool, ip)
+);
+CREATE TABLE IF NOT EXISTS docker_endpoints (
+    endpoint_id TEXT PRIMARY KEY, network_id TEXT NOT NULL, pool TEXT NOT NULL,
+    ip TEXT NOT NULL, address TEXT NOT NULL, mac TEXT NOT NULL, state TEXT NOT NULL,
+    host_ifname TEXT NOT NULL, peer_ifname TEXT NOT NULL, sandbox TEXT NOT NULL DEFAULT '',
+    docker_pid INTEGER NOT NULL DEFAULT 0, container_name TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL, updated REAL NOT NULL
+);
 """
 
 
@@ -53,6 +73,44 @@ class Attachment:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.network, self.container_id, self.ifname)
+
+
+@dataclass
+class DockerNetwork:
+    network_id: str
+    pool: str
+    cidr: str  # the pool's subnet, e.g. 198.18.0.0/24
+    gateway: str | None
+    created: float = 0.0
+
+
+@dataclass
+class DockerAddress:
+    """An address the Docker IPAM driver holds, and its owner in the IPAM."""
+
+    pool: str
+    ip: str
+    owner: str  # "docker-pending-<mac>" until CreateEndpoint, then the endpoint id
+    mac: str
+    created: float = 0.0
+
+
+@dataclass
+class DockerEndpoint:
+    endpoint_id: str
+    network_id: str
+    pool: str
+    ip: str
+    address: str  # ip/prefix
+    mac: str
+    state: str  # creating | created | joined | deleting
+    host_ifname: str  # our end, on the bridge
+    peer_ifname: str  # the end Docker moves into the container (there: ethN)
+    sandbox: str = ""  # Docker's SandboxKey (the container's netns file)
+    docker_pid: int = 0  # dockerd's pid at Join: its mount namespace holds the sandbox
+    container_name: str = ""
+    created: float = 0.0
+    updated: float = 0.0
 
 
 @dataclass
@@ -152,6 +210,18 @@ class StateStore:
             rows = self._db.execute("SELECT * FROM pending_releases ORDER BY id").fetchall()
         return [PendingRelease(**dict(zip(r.keys(), r, strict=True))) for r in rows]
 
+    def pending_release(self, pid: int) -> PendingRelease | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM pending_releases WHERE id=?", (pid,)).fetchone()
+        return PendingRelease(**dict(zip(row.keys(), row, strict=True))) if row else None
+
+    def drop_releases(self, container_id: str, ifname: str) -> int:
+        """Forget queued releases of an owner that is being attached again."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM pending_releases WHERE container_id=? AND ifname=?",
+                             (container_id, ifname))
+            return int(cur.rowcount)
+
     def release_done(self, pid: int) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM pending_releases WHERE id=?", (pid,))
@@ -160,6 +230,91 @@ class StateStore:
         with self._tx() as db:
             db.execute("UPDATE pending_releases SET attempts=attempts+1, last_error=? WHERE id=?",
                        (error, pid))
+
+    # --- the Docker driver's records ------------------------------------------------
+
+    def docker_network(self, network_id: str) -> DockerNetwork | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM docker_networks WHERE network_id=?",
+                                   (network_id,)).fetchone()
+        return DockerNetwork(**dict(row)) if row else None
+
+    def docker_networks(self) -> list[DockerNetwork]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM docker_networks ORDER BY created").fetchall()
+        return [DockerNetwork(**dict(r)) for r in rows]
+
+    def put_docker_network(self, n: DockerNetwork) -> None:
+        n.created = n.created or time.time()
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO docker_networks (network_id, pool, cidr, gateway, "
+                       "created) VALUES (?, ?, ?, ?, ?)",
+                       (n.network_id, n.pool, n.cidr, n.gateway, n.created))
+
+    def delete_docker_network(self, network_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM docker_networks WHERE network_id=?", (network_id,))
+
+    def docker_address(self, pool: str, ip: str) -> DockerAddress | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM docker_addresses WHERE pool=? AND ip=?",
+                                   (pool, ip)).fetchone()
+        return DockerAddress(**dict(row)) if row else None
+
+    def docker_addresses(self) -> list[DockerAddress]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM docker_addresses ORDER BY created").fetchall()
+        return [DockerAddress(**dict(r)) for r in rows]
+
+    def put_docker_address(self, a: DockerAddress) -> None:
+        a.created = a.created or time.time()
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO docker_addresses (pool, ip, owner, mac, created) "
+                       "VALUES (?, ?, ?, ?, ?)", (a.pool, a.ip, a.owner, a.mac, a.created))
+
+    def delete_docker_address(self, pool: str, ip: str, owner: str | None = None) -> None:
+        """Forget an address (only while ``owner`` holds it, when given)."""
+        with self._tx() as db:
+            if owner is None:
+                db.execute("DELETE FROM docker_addresses WHERE pool=? AND ip=?", (pool, ip))
+            else:
+                db.execute("DELETE FROM docker_addresses WHERE pool=? AND ip=? AND owner=?",
+                           (pool, ip, owner))
+
+    def docker_endpoint(self, endpoint_id: str) -> DockerEndpoint | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM docker_endpoints WHERE endpoint_id=?",
+                                   (endpoint_id,)).fetchone()
+        return DockerEndpoint(**dict(row)) if row else None
+
+    def docker_endpoints(self, network_id: str | None = None) -> list[DockerEndpoint]:
+        with self._lock:
+            if network_id is None:
+                rows = self._db.execute(
+                    "SELECT * FROM docker_endpoints ORDER BY created").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM docker_endpoints WHERE network_id=? ORDER BY created",
+                    (network_id,)).fetchall()
+        return [DockerEndpoint(**dict(r)) for r in rows]
+
+    def put_docker_endpoint(self, e: DockerEndpoint) -> None:
+        now = time.time()
+        e.updated = now
+        e.created = e.created or now
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO docker_endpoints (endpoint_id, network_id, pool, ip, "
+                "address, mac, state, host_ifname, peer_ifname, sandbox, docker_pid, "
+                "container_name, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.endpoint_id, e.network_id, e.pool, e.ip, e.address, e.mac, e.state,
+                 e.host_ifname, e.peer_ifname, e.sandbox, e.docker_pid, e.container_name,
+                 e.created, e.updated))
+
+    def delete_docker_endpoint(self, endpoint_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM docker_endpoints WHERE endpoint_id=?", (endpoint_id,))
 
     def close(self) -> None:
         with self._lock:

@@ -289,3 +289,20 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     assert got is not None and got.result == {"a": 1}
     assert oct((tmp_path / "agent.db").stat().st_mode & 0o777) == "0o600"
     assert json.dumps(got.result)
+
+
+def test_retried_add_is_not_freed_by_a_queued_release(
+        parts: tuple[Agent, FakeIpam, FakeDataplane]) -> None:
+    agent, ipam, _dp = parts
+    ipam.down = True
+    assert agent.handle(request("ADD"))["error"]["code"] == 11
+    assert len(agent.state.pending()) == 1  # the failed ADD's release, queued
+    ipam.down = False
+    assert "result" in agent.handle(request("ADD"))
+    assert agent.state.pending() == []
+    agent.flush_releases()
+    assert ipam.allocated() == ["c1"]
+    # and a release queued while the owner is attached again is dropped, not sent
+    agent.state.queue_release("lab", "c1", "eth0", None, "test")
+    agent.flush_releases()
+    assert ipam.allocated() == ["c1"] and agent.state.pending() == []
