@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """netd-cni / netd-ipam: the CNI plugin, a thin shim in front of the netd host agent.
 
-This one file is the whole plugin. ``netd install-cni`` copies it into a CNI
+This one file is the whole plugin. ``netd install-cni`` installs it into a CNI
 bin directory twice, as ``netd-cni`` (main plugin) and ``netd-ipam`` (IPAM
-plugin), with a ``#!/path/to/python3 -IS`` first line; the file name it runs
-under decides the plugin kind. It answers VERSION itself and forwards every
+plugin): precompiled by the ``python3`` that runs it (``#!/path/to/python3
+-IS``), behind the native fast path when a C compiler builds one
+(:mod:`netd.cli.cni_native`: it forwards plain ADD/DEL/... requests itself and
+hands everything else to this code). The name it runs under decides the
+plugin kind. It answers VERSION itself and forwards every
 other command to the agent's unix socket (``agentSocket`` in the network
 config, default ``/run/netd/agent.sock``), one JSON request per connection::
 

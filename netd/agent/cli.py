@@ -8,11 +8,17 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from netd.agent.config import AgentConfig, load_config
 from netd.errors import NetdError
+
+if TYPE_CHECKING:
+    from netd.agent.docker import PluginServer
+    from netd.agent.state import StateStore
+    from netd.ipam.client import Client
 
 log = logging.getLogger("netd.agent")
 DEFAULT_CONFIG = "/etc/netd/agent.toml"
@@ -47,11 +53,11 @@ def agent_cli(ctx: click.Context, config_path: str, plan: bool, log_level: str) 
 
 def run(cfg: AgentConfig, plan_only: bool = False) -> int:
     """Wire the collaborators, take the host over, reconcile, serve."""
+    from netd.agent.ipam_http import AgentIpamClient
     from netd.agent.server import AgentServer
     from netd.agent.service import Agent
     from netd.agent.state import StateStore
     from netd.dataplane.l2driver import L2Driver, TakeoverFailed
-    from netd.ipam.client import Client
 
     driver = L2Driver(cfg.l2)
     if plan_only:
@@ -67,13 +73,15 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
     for line in changes:
         log.info("host: %s", line)
     token = cfg.token()
-    ipam = Client(cfg.ipam_url, token=token, actor=f"agent:{cfg.host}", timeout=cfg.ipam_timeout)
-    fast = Client(cfg.ipam_url, token=token, actor=f"agent:{cfg.host}",
-                  timeout=min(2.0, cfg.ipam_timeout))
+    ipam = AgentIpamClient(cfg.ipam_url, token=token, actor=f"agent:{cfg.host}",
+                           timeout=cfg.ipam_timeout)
+    fast = AgentIpamClient(cfg.ipam_url, token=token, actor=f"agent:{cfg.host}",
+                           timeout=min(2.0, cfg.ipam_timeout))
     state = StateStore(cfg.state_dir)
     agent = Agent(cfg, ipam, driver, state, release_ipam=fast)
     agent.reconcile()
     agent.flush_releases()
+    docker_server = _start_docker_plugin(cfg, ipam, fast, state) if cfg.docker_plugin else None
     server = AgentServer(cfg.socket, agent)
     stop = threading.Event()
 
@@ -90,6 +98,8 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
         log.info("signal %d: stopping", signum)
         stop.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
+        if docker_server is not None:
+            threading.Thread(target=docker_server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -98,8 +108,26 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
         server.serve_forever(poll_interval=0.5)
     finally:
         server.server_close()
+        if docker_server is not None:
+            docker_server.server_close()
         state.close()
     return 0
+
+
+def _start_docker_plugin(cfg: AgentConfig, ipam: Client, fast: Client,
+                         state: StateStore) -> PluginServer:
+    """Reconcile the Docker driver's records, then serve the plugin socket in a thread."""
+    from netd.agent.docker import PluginServer
+    from netd.agent.docker_api import DockerApi
+    from netd.agent.docker_driver import DockerDriver
+
+    driver = DockerDriver(cfg, ipam, state, release_ipam=fast, docker=DockerApi(cfg.docker_host))
+    driver.reconcile()
+    docker_server = PluginServer(cfg.docker_socket, driver)
+    threading.Thread(target=docker_server.serve_forever, kwargs={"poll_interval": 0.5},
+                     name="docker-plugin", daemon=True).start()
+    log.info("docker plugin 'netd' serving %s", cfg.docker_socket)
+    return docker_server
 
 
 @agent_cli.command("status")

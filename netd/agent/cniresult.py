@@ -16,6 +16,7 @@ a netns exists, code 3). See docs/AGENT.md for the contract and the CNI spec
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -655,3 +656,46 @@ def _iface_name(interfaces: Sequence[Mapping[str, Any]], index: Any) -> str:
     if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(interfaces):
         return str(interfaces[index].get("name", ""))
     return ""
+
+
+# --- what the plugin prints ----------------------------------------------------------
+
+
+def _json_line(doc: Mapping[str, Any]) -> str:
+    """Compact ASCII JSON and a newline: byte for byte what the plugin shim prints."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=True) + "\n"
+
+
+def request_version(config: Any) -> str:
+    """The ``cniVersion`` a plugin answers in: the config's, else the latest (as the shim)."""
+    version = config.get("cniVersion") if isinstance(config, Mapping) else None
+    return version if isinstance(version, str) and version else LATEST_VERSION
+
+
+def render_reply(answer: Mapping[str, Any], cni_version: str) -> tuple[int, str]:
+    """An agent answer -> (exit status, stdout) exactly as the plugin shim renders it.
+
+    For plugins that ask the agent to render (``"reply": "cni"``, the native
+    fast path of ``netd-cni``); ``netd.cni.shim.render_answer`` is the same
+    rule for the JSON answer line (a unit test holds the two together).
+    """
+    err = answer.get("error")
+    if isinstance(err, Mapping):
+        code = err.get("code")
+        if not isinstance(code, int) or isinstance(code, bool):
+            code = INTERNAL
+        msg = err.get("msg")
+        details = err.get("details")
+        return 1, _json_line({"cniVersion": cni_version, "code": code,
+                              "msg": msg if isinstance(msg, str) and msg else "netd agent error",
+                              "details": details if isinstance(details, str) else ""})
+    result = answer.get("result")
+    if isinstance(result, Mapping):
+        if not result:
+            return 0, ""
+        if "cniVersion" not in result:
+            result = {"cniVersion": cni_version, **result}
+        return 0, _json_line(result)
+    return 1, _json_line({"cniVersion": cni_version, "code": IO_FAILURE,
+                          "msg": "invalid answer from the netd agent",
+                          "details": "expected an object with 'result' or 'error'"})

@@ -1,5 +1,9 @@
 """The agent's unix socket: one JSON request per connection, one JSON answer.
 
+A request with ``"reply": "cni"`` (the native plugin) gets, instead of the JSON
+answer, the plugin's exit status on one line and then exactly what the plugin
+prints (:func:`netd.agent.cniresult.render_reply`).
+
 The socket is created 0600 (root only) and every peer's credentials are
 checked, so only root (or the agent's own user) can plumb containers.
 """
@@ -14,6 +18,8 @@ import socket
 import socketserver
 import struct
 from typing import Any, Protocol
+
+from netd.agent.cniresult import render_reply, request_version
 
 log = logging.getLogger("netd.agent.server")
 MAX_REQUEST = 4 << 20
@@ -38,12 +44,21 @@ class _Conn(socketserver.StreamRequestHandler):
         except ValueError as exc:
             self._answer({"error": {"code": 6, "msg": f"cannot decode request: {exc}"}})
             return
-        self._answer(self.server.target.handle(request))
+        answer = self.server.target.handle(request)
+        if request.get("reply") == "cni":
+            # the native plugin prints what it gets: the exit status, then stdout as is
+            status, out = render_reply(answer, request_version(request.get("config")))
+            self._write(f"{status}\n{out}".encode())
+        else:
+            self._answer(answer)
 
     def _answer(self, answer: dict[str, Any]) -> None:
+        self._write(json.dumps(answer).encode() + b"\n")
+
+    def _write(self, data: bytes) -> None:
         # the plugin may have gone away (runtime timeout); the record says what happened
         with contextlib.suppress(OSError):
-            self.wfile.write(json.dumps(answer).encode() + b"\n")
+            self.wfile.write(data)
 
 
 class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -11,14 +11,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from netd.agent import cniresult as cni
 from netd.agent.cniresult import CniError, CniRequest
 from netd.agent.config import AgentConfig
 from netd.agent.state import Attachment, StateStore
-from netd.dataplane.driver import Dataplane, Plumbing
+from netd.dataplane.driver import Dataplane, Plumbing, Prepared, PreparingDataplane
 from netd.dataplane.errors import AddressConflict, DataplaneError, NetnsNotFound
 from netd.dataplane.l2 import host_ifname_for
 from netd.errors import (
@@ -90,6 +91,9 @@ class Agent:
         self.clock = clock
         self._locks: dict[tuple[str, str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # the driver's prepare() of each ADD runs here, next to its IPAM call
+        self._background = ThreadPoolExecutor(max_workers=32,
+                                              thread_name_prefix="netd-prepare")
         self.started = clock()
         self.repaired: list[str] = []
 
@@ -224,14 +228,53 @@ class Agent:
 
     def _add_link(self, req: CniRequest, att: Attachment) -> dict[str, Any]:
         assert att.host_ifname is not None
-        alloc = self._allocate(req)
+        # the interface needs no address: the driver makes it while the IPAM allocates
+        preparing = self._prepare(req, att.host_ifname)
+        try:
+            alloc = self._allocate(req)
+        except BaseException:
+            self._discard(preparing)  # made or not, it is settled before the undo
+            raise
+        prepared = preparing.result() if preparing is not None else None
+        try:
+            return self._attach_allocated(req, att, alloc, prepared)
+        finally:
+            if prepared is not None:
+                prepared.close()  # attach consumed it; closing again is a no-op
+
+    def _prepare(self, req: CniRequest, host_ifname: str) -> Future[Prepared] | None:
+        prepare = getattr(self.dp, "prepare", None)
+        if prepare is None:
+            return None
+        future: Future[Prepared] = self._background.submit(
+            prepare, req.netns, req.ifname, host_ifname, req.container_id)
+        return future
+
+    @staticmethod
+    def _discard(preparing: Future[Prepared] | None) -> None:
+        if preparing is None:
+            return
+        try:
+            preparing.result().close()
+        except Exception as exc:  # the ADD fails anyway; the undo removes what is there
+            log.debug("preparing the interface failed too: %s", exc)
+
+    def _attach_allocated(self, req: CniRequest, att: Attachment, alloc: dict[str, Any],
+                          prepared: Prepared | None) -> dict[str, Any]:
+        assert att.host_ifname is not None
         for attempt in range(DAD_ATTEMPTS):
             att.ip, att.mac = alloc["ip"], alloc["mac"]
             p = self._plumbing(req, alloc, att.host_ifname)
             try:
-                self.dp.attach(p, self.cfg.l2.dad_timeout)
+                if prepared is not None:
+                    # mypy: only PreparingDataplane has prepare(), hence the prepared
+                    cast(PreparingDataplane, self.dp).attach(p, self.cfg.l2.dad_timeout,
+                                                             prepared)
+                else:
+                    self.dp.attach(p, self.cfg.l2.dad_timeout)
                 break
             except AddressConflict as exc:
+                prepared = None  # attach consumed it; the next attempt makes a new veth
                 # Someone on the wire already uses this address: never hand it out.
                 note = f"duplicate: answered ARP from {exc.mac} (seen by {self.cfg.host})"
                 log.warning("%s is in use on the wire by %s; reserving it", exc.ip, exc.mac)

@@ -1,7 +1,7 @@
 """Dataplane drivers: the kernel side of the host agent.
 
 - :mod:`netd.dataplane.netlink`: :class:`~netd.dataplane.netlink.Netlink`, the
-  pyroute2 wrapper everything uses (any network namespace, by name or path);
+  rtnetlink handle everything uses (any network namespace, by name or path);
 - :mod:`netd.dataplane.l2`: layer-2 mode (``br0`` over ``bond0``): takeover
   plan/apply/rollback, container attach/detach, ARP checks, FORWARD accept rule;
 - :mod:`netd.dataplane.arp`: raw ARP frames and sockets;

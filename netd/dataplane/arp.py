@@ -128,6 +128,11 @@ def _close_loop(q: queue.SimpleQueue[socket.socket]) -> None:
         q.get().close()
 
 
+def packet_socket() -> socket.socket:
+    """An unbound raw packet socket (protocol 0: receives nothing until bound) here."""
+    return socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+
+
 class ArpSocket:
     """A raw ARP socket on one interface, opened inside ``netns``.
 
@@ -135,13 +140,16 @@ class ArpSocket:
     read from the binding); ``listen=False`` only sends and needs ``mac``.
     The socket is made with protocol 0 and bound afterwards: that registers
     its receive hook once, without the grace period a re-bind costs.
+    ``sock`` hands over such a socket (see :func:`packet_socket`), already
+    made in ``netns``; the ArpSocket owns it from then on.
     Closing happens in the background (:func:`close_later`).
     """
 
     def __init__(self, ifname: str, netns: str | None = None, *, listen: bool = True,
-                 mac: str | None = None) -> None:
+                 mac: str | None = None, sock: socket.socket | None = None) -> None:
         self.ifname = ifname
-        self.sock = socket_in_netns(netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.sock = sock if sock is not None else socket_in_netns(
+            netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             if listen:
                 self.sock.bind((ifname, ETH_P_ARP))

@@ -26,6 +26,12 @@ class Plumbing:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+class Prepared(Protocol):
+    """What :meth:`PreparingDataplane.prepare` made: handed to ``attach``, then closed."""
+
+    def close(self) -> None: ...
+
+
 class Dataplane(Protocol):
     """What the agent asks of a dataplane driver. All calls are idempotent."""
 
@@ -42,7 +48,11 @@ class Dataplane(Protocol):
         """
 
     def remove(self, host_ifname: str, netns: str | None, ifname: str | None) -> None:
-        """Remove the interface; success when it is already gone."""
+        """Remove the interface; success when it is already gone.
+
+        May return as soon as the interface is gone from both namespaces, before
+        the kernel has finished freeing it.
+        """
 
     def check(self, p: Plumbing) -> list[str]:
         """Problems with an existing attachment (empty list when all is well)."""
@@ -54,3 +64,18 @@ class Dataplane(Protocol):
         """Host interfaces that carry netd's mark (for the orphan sweep)."""
 
     def netns_exists(self, netns: str) -> bool: ...
+
+
+class PreparingDataplane(Dataplane, Protocol):
+    """A driver that can make the interface before the address is known.
+
+    The agent then calls :meth:`prepare` while the IPAM allocates, and passes
+    its result to ``attach(p, dad_timeout, prepared)``; when the ADD fails
+    before that, it closes the result and removes the interface by name.
+    """
+
+    def prepare(self, netns: str, ifname: str, host_ifname: str,
+                container_id: str) -> Prepared: ...
+
+    def attach(self, p: Plumbing, dad_timeout: float,
+               prepared: Prepared | None = None) -> None: ...

@@ -31,10 +31,11 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -42,7 +43,9 @@ from netd.dataplane.arp import (
     ZERO_IP,
     ArpSocket,
     announce_frame,
+    close_later,
     conflict_mac,
+    packet_socket,
     probe_frame,
     request_frame,
 )
@@ -66,11 +69,14 @@ from netd.dataplane.model import (
 )
 from netd.dataplane.netlink import (
     HostArg,
+    LinkMonitor,
     Netlink,
     container_route,
     handle,
+    netlink_socket,
     open_netns,
     run_in_netns,
+    run_in_netns_fd,
 )
 
 log = logging.getLogger(__name__)
@@ -530,25 +536,41 @@ def dad_probe(netns: str | None, ifname: str, ip: str, timeout: float, *,
     """RFC 5227 duplicate address detection; the MAC of whoever holds ``ip``, or None.
 
     Sends ARP probes (sender IP 0.0.0.0) from ``ifname`` (up, without ``ip``)
-    every ``interval`` seconds and listens for ``timeout`` seconds for a reply
-    or a probe for the same address from another MAC.
+    every ``interval`` seconds (default: two probes when ``timeout`` is at most
+    0.1 s, else one every third of it, at least 50 ms apart) and listens for
+    ``timeout`` seconds for a reply or a probe for the same address from
+    another MAC.
     """
-    interval = interval if interval is not None else max(0.05, timeout / 3)
     with ArpSocket(ifname, netns) as sock:
-        deadline = time.monotonic() + timeout
-        next_send = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            if now >= next_send:
-                sock.send(probe_frame(sock.mac, ip))
-                next_send = now + interval
-            pkt = sock.receive(min(deadline, next_send))
-            if pkt is not None:
-                mac = conflict_mac(pkt, ip, sock.mac)
-                if mac is not None:
-                    return mac
+        return _dad(sock, ip, timeout, interval)
+
+
+def _dad(sock: ArpSocket, ip: str, timeout: float, interval: float | None = None,
+         meanwhile: Callable[[], None] | None = None) -> str | None:
+    """:func:`dad_probe` on a bound socket; ``meanwhile()`` runs after the first probe is out.
+
+    Answers arriving while ``meanwhile`` runs wait in the socket's buffer, so
+    the time it takes overlaps the probe's wait instead of adding to it.
+    """
+    if interval is None:  # short waits: two probes (one may be lost), else one every 1/3
+        interval = timeout / 2 if timeout <= 0.1 else max(0.05, timeout / 3)
+    deadline = time.monotonic() + timeout
+    sock.send(probe_frame(sock.mac, ip))
+    next_send = time.monotonic() + interval
+    if meanwhile is not None:
+        meanwhile()
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        if now >= next_send:
+            sock.send(probe_frame(sock.mac, ip))
+            next_send = now + interval
+        pkt = sock.receive(min(deadline, next_send))
+        if pkt is not None:
+            mac = conflict_mac(pkt, ip, sock.mac)
+            if mac is not None:
+                return mac
 
 
 def send_gratuitous_arp(netns: str | None, ifname: str, ip: str, *, mac: str | None = None,
@@ -639,6 +661,145 @@ def _interface(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interfac
     return ipaddress.ip_interface(address)
 
 
+class PendingAttach:
+    """A container's veth made before its address is known: :func:`prepare_attach`.
+
+    Holds what :func:`attach` goes on with: a netlink handle in the host's and
+    one in the container's namespace, a packet socket in the container's (for
+    the probe and the announcement), the namespace's descriptor. The container
+    end is down and has no address until :func:`attach`. :meth:`close` (also
+    done by :func:`attach`) releases the handles, never the veth.
+    """
+
+    def __init__(self, container_netns: str, container_ifname: str, host_ifname: str,
+                 bridge: str, container_id: str | None) -> None:
+        self.container_netns = container_netns
+        self.container_ifname = container_ifname
+        self.host_ifname = host_ifname
+        self.bridge = bridge
+        self.container_id = container_id
+        self.mtu = 0
+        self.mac: str | None = None  # the container end's, when known
+        self.index = 0  # the container end's
+        self.fd = -1
+        self.host: Netlink | None = None
+        self.own_host = False
+        self.ctr: Netlink | None = None
+        self.packet: socket.socket | None = None
+
+    def take_packet(self) -> socket.socket | None:
+        sock, self.packet = self.packet, None
+        return sock
+
+    def close(self) -> None:
+        packet = self.take_packet()
+        if packet is not None:
+            close_later(packet)
+        if self.ctr is not None:
+            self.ctr.close()
+            self.ctr = None
+        if self.host is not None and self.own_host:
+            self.host.close()
+        self.host = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PendingAttach:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prepare_attach(container_netns: str, container_ifname: str, host_ifname: str, bridge: str,
+                   *, host_netns: HostArg = None, container_id: str | None = None,
+                   mac: str | None = None, mtu: int | None = None) -> PendingAttach:
+    """The first half of :func:`attach`, which needs no address: the veth, down.
+
+    Enters the container's namespace once (one thread makes its netlink and
+    packet sockets), creates the pair (container end directly in its
+    namespace, down, with ``mac`` if given; host end on ``bridge``, up, its
+    alias naming the owner) and keeps the handles for :func:`attach`. The
+    agent runs this while the IPAM allocates the address. An existing pair of
+    the same owner is taken over (its MAC is set by :func:`attach`); a
+    foreign one raises :class:`LinkExists`. On failure nothing is left behind.
+    """
+    pending = PendingAttach(container_netns, container_ifname, host_ifname, bridge,
+                            container_id)
+    try:
+        pending.fd = open_netns(container_netns)  # NetnsNotFound before anything is made
+        nl_sock, pending.packet = run_in_netns_fd(
+            pending.fd, lambda: _container_sockets(True), container_netns)
+        pending.ctr = Netlink(container_netns, sock=nl_sock)
+        if isinstance(host_netns, Netlink):
+            pending.host = host_netns
+        else:
+            pending.host = Netlink(host_netns)
+            pending.own_host = True
+        _create_pair(pending, None if mac is None else normalize_mac(mac), mtu)
+    except BaseException:
+        pending.close()
+        raise
+    return pending
+
+
+def _create_pair(pending: PendingAttach, mac: str | None, mtu: int | None) -> None:
+    host, ctr = pending.host, pending.ctr
+    assert host is not None and ctr is not None
+    alias = (owner_alias(pending.container_id, pending.container_ifname)
+             if pending.container_id else None)
+    br = host.link_brief(pending.bridge)
+    if br is None:
+        raise LinkNotFound(f"bridge {pending.bridge} does not exist")
+    pending.mtu = mtu or br[0].mtu
+    try:
+        host.create_veth(pending.host_ifname, pending.container_ifname,
+                         peer_netns=pending.container_netns, peer_netns_fd=pending.fd,
+                         peer_mac=mac, mtu=pending.mtu, master=br[0].index, up=True)
+    except LinkExists:
+        existing = host.link(pending.host_ifname)
+        if existing is None:
+            raise  # the container already has an interface of that name
+        if alias is not None and existing.alias == alias and existing.master == pending.bridge:
+            peer = ctr.link(pending.container_ifname)
+            if peer is not None:  # ours, from an interrupted attempt: take it over
+                pending.mtu = existing.mtu
+                pending.mac = normalize_mac(peer.mac) if peer.mac else None
+                pending.index = peer.index
+                return
+        owner = parse_owner_alias(existing.alias)
+        raise LinkExists(f"host interface {pending.host_ifname} already exists"
+                         + (f" (owned by container {owner[0]} {owner[1]})" if owner else "")
+                         ) from None
+    pending.mac = mac
+    try:
+        if alias:
+            host.set_link(pending.host_ifname, alias=alias)
+        pending.index = ctr.index(pending.container_ifname)
+    except BaseException:
+        host.delete_link(pending.host_ifname)
+        raise
+
+
+def _finish_pair(pending: PendingAttach, mac: str, noarp: bool) -> tuple[int, int | None]:
+    """Container end: ``mac``, up (IFF_NOARP with ``noarp``); (host index, port state)."""
+    host, ctr = pending.host, pending.ctr
+    assert host is not None and ctr is not None
+    name = pending.container_ifname
+    if pending.mac == mac:
+        ctr.set_link(name, up=True, noarp=noarp)
+    else:
+        if pending.mac is not None:  # an up link may refuse a new MAC: down first
+            ctr.set_link(name, up=False)
+        ctr.set_link(name, mac=mac, up=True, noarp=noarp)
+        pending.mac = mac
+    got = host.link_brief(pending.host_ifname)
+    if got is None:
+        raise LinkNotFound(f"{pending.host_ifname} vanished while it was being made")
+    return got[0].index, got[2]
+
+
 def plumb(container_netns: str, container_ifname: str, host_ifname: str, bridge: str,
           mac: str, *, host_netns: HostArg = None, container_id: str | None = None,
           mtu: int | None = None) -> tuple[int, int]:
@@ -652,39 +813,17 @@ def plumb(container_netns: str, container_ifname: str, host_ifname: str, bridge:
     owner is accepted; a foreign one raises :class:`LinkExists`. On failure,
     nothing is left behind. Returns ``(host index, mtu)``.
     """
-    os.close(open_netns(container_netns))  # NetnsNotFound before anything is made
-    with handle(host_netns) as host, Netlink(container_netns) as ctr:
-        return _plumb(host, ctr, container_ifname, host_ifname, bridge, normalize_mac(mac),
-                      container_id, mtu)
-
-
-def _plumb(host: Netlink, ctr: Netlink, container_ifname: str, host_ifname: str, bridge: str,
-           mac: str, container_id: str | None, mtu: int | None) -> tuple[int, int]:
-    alias = owner_alias(container_id, container_ifname) if container_id else None
-    br = host.link(bridge)
-    if br is None:
-        raise LinkNotFound(f"bridge {bridge} does not exist")
-    mtu = mtu or br.mtu
-    existing = host.link(host_ifname)
-    if existing is not None:
-        if alias is not None and existing.alias == alias and existing.master == bridge:
-            peer = ctr.link(container_ifname)
-            if peer is not None and peer.mac == mac:
-                ctr.set_up(container_ifname)
-                return existing.index, existing.mtu
-        owner = parse_owner_alias(existing.alias)
-        raise LinkExists(f"host interface {host_ifname} already exists"
-                         + (f" (owned by container {owner[0]} {owner[1]})" if owner else ""))
-    host.create_veth(host_ifname, container_ifname, peer_netns=ctr.netns, peer_mac=mac,
-                     mtu=mtu, master=br.index, up=True)
-    try:
-        if alias:
-            host.set_alias(host_ifname, alias)
-        ctr.set_up(container_ifname)
-        return host.index(host_ifname), mtu
-    except BaseException:
-        host.delete_link(host_ifname)
-        raise
+    mac = normalize_mac(mac)
+    with prepare_attach(container_netns, container_ifname, host_ifname, bridge,
+                        host_netns=host_netns, container_id=container_id, mac=mac,
+                        mtu=mtu) as pending:
+        assert pending.host is not None
+        try:
+            index, _ = _finish_pair(pending, mac, noarp=False)
+        except BaseException:
+            pending.host.delete_link(host_ifname)
+            raise
+        return index, pending.mtu
 
 
 def wait_forwarding(host_ifname: str, timeout: float = 2.0, *,
@@ -692,7 +831,7 @@ def wait_forwarding(host_ifname: str, timeout: float = 2.0, *,
     """Wait until the bridge forwards on the port ``host_ifname``; False on timeout.
 
     A new port forwards only once the kernel's link watcher has seen its
-    carrier (usually within milliseconds, up to a second when links churn);
+    carrier (usually within a millisecond, up to a second when links churn);
     frames sent before that (a duplicate-detection probe, the gratuitous ARP)
     would be dropped.
     """
@@ -700,15 +839,22 @@ def wait_forwarding(host_ifname: str, timeout: float = 2.0, *,
         return _wait_forwarding(host, host_ifname, timeout)
 
 
-def _wait_forwarding(host: Netlink, host_ifname: str, timeout: float) -> bool:
+def _wait_forwarding(host: Netlink, host_ifname: str, timeout: float,
+                     state: int | None = None) -> bool:
+    """``state``: the port state already read (saves the first request)."""
     deadline = time.monotonic() + timeout
+    pause = 0.0002
     while True:
-        if host.bridge_port_state(host_ifname) == BR_STATE_FORWARDING:
+        if state is None:
+            state = host.bridge_port_state(host_ifname)
+        if state == BR_STATE_FORWARDING:
             return True
         if time.monotonic() >= deadline:
             log.warning("l2: bridge port %s is not forwarding after %g s", host_ifname, timeout)
             return False
-        time.sleep(0.005)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+        state = None
 
 
 def configure(container_netns: str, container_ifname: str, address: str,
@@ -725,104 +871,108 @@ def configure(container_netns: str, container_ifname: str, address: str,
     specs = _route_specs(routes, gateway)
     _check_gateways(iface, gateway, specs)
     with Netlink(container_netns) as ctr:
-        _configure(ctr, container_ifname, iface, gateway, specs, garp)
+        link = ctr.link(container_ifname)
+        if link is None:
+            raise LinkNotFound(f"{container_ifname} does not exist in {container_netns}")
+        _configure(ctr, container_ifname, link.index, iface, gateway, specs)
+        if garp and iface.version == 4 and link.mac:
+            send_gratuitous_arp(container_netns, container_ifname, str(iface.ip), mac=link.mac)
 
 
-def _configure(ctr: Netlink, ifname: str,
+def _configure(ctr: Netlink, ifname: str, index: int,
                iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, gateway: str | None,
-               specs: Sequence[tuple[str, str | None]], garp: bool) -> Link:
+               specs: Sequence[tuple[str, str | None]]) -> None:
+    """The address and the routes of interface ``index``: one request each."""
     broadcast = None
     if iface.version == 4 and iface.network.prefixlen < 31:
         broadcast = str(iface.network.broadcast_address)
-    ctr.add_address(ifname, Address(str(iface), broadcast=broadcast))
+    ctr.add_address(index, Address(str(iface), broadcast=broadcast))
     if gateway:
         default = "0.0.0.0/0" if iface.version == 4 else "::/0"
-        ctr.add_route(_container_route(default, gateway, ifname, iface))
+        ctr.add_route(_container_route(default, gateway, ifname, iface), oif=index)
     for dst, gw in specs:
-        ctr.add_route(_container_route(dst, gw, ifname, iface))
-    link = ctr.link(ifname)
-    if link is None:
-        raise LinkNotFound(f"{ifname} vanished from {ctr.netns}")
-    if garp and iface.version == 4 and link.mac:
-        send_gratuitous_arp(ctr.netns, ifname, str(iface.ip), mac=link.mac)
-    return link
+        ctr.add_route(_container_route(dst, gw, ifname, iface), oif=index)
+
+
+def _container_sockets(with_packet: bool) -> tuple[socket.socket, socket.socket | None]:
+    """A netlink socket and (``with_packet``) a packet socket, made in this thread's namespace."""
+    nl = netlink_socket()
+    try:
+        return nl, packet_socket() if with_packet else None
+    except BaseException:
+        nl.close()
+        raise
 
 
 def attach(container_netns: str, container_ifname: str, host_ifname: str, bridge: str,
            address: str, mac: str, gateway: str | None, routes: Sequence[RouteArg] = (), *,
            host_netns: HostArg = None, container_id: str | None = None,
            dad_timeout: float | None = None, garp: bool = True,
-           mtu: int | None = None, port_timeout: float = 2.0) -> Attachment:
+           mtu: int | None = None, port_timeout: float = 2.0,
+           pending: PendingAttach | None = None) -> Attachment:
     """Plug a container into ``bridge``: :func:`plumb`, duplicate detection, :func:`configure`.
 
     Before anything goes on the wire it waits (up to ``port_timeout``) for
     the bridge port to forward (:func:`wait_forwarding`). With
     ``dad_timeout``, the container end then probes the wire for the IPv4
-    address before configuring it (:func:`dad_probe`); when another machine
-    answers, :class:`AddressConflict` names its MAC. Any failure removes the
-    veth again: a failed attach leaves nothing behind.
+    address (:func:`dad_probe`) while the address and routes are configured
+    on it, IFF_NOARP meanwhile so the kernel claims nothing on the wire
+    before the probe has found the address free; when another machine
+    answers, :class:`AddressConflict` names its MAC. Then one gratuitous ARP.
+    Any failure removes the veth again: a failed attach leaves nothing behind.
+
+    ``pending``: the veth :func:`prepare_attach` made for these names (it is
+    closed here, whatever happens); without it the veth is made here, the
+    container's namespace entered once for both sockets (netlink, and the
+    packet socket that probes and announces).
     """
     iface = _interface(address)
     mac = normalize_mac(mac)
     specs = _route_specs(routes, gateway)
     _check_gateways(iface, gateway, specs)
-    os.close(open_netns(container_netns))  # NetnsNotFound before anything is made
-    with handle(host_netns) as host, Netlink(container_netns) as ctr:
-        host_index, mtu = _plumb(host, ctr, container_ifname, host_ifname, bridge, mac,
-                                 container_id, mtu)
+    probe = bool(dad_timeout) and iface.version == 4
+    announce = garp and iface.version == 4
+    if pending is None:
+        pending = prepare_attach(container_netns, container_ifname, host_ifname, bridge,
+                                 host_netns=host_netns, container_id=container_id, mac=mac,
+                                 mtu=mtu)
+    elif (pending.container_netns, pending.container_ifname, pending.host_ifname,
+          pending.bridge) != (container_netns, container_ifname, host_ifname, bridge):
+        pending.close()
+        raise ValueError("the pending attachment is for another interface")
+    arp: ArpSocket | None = None
+    with pending:
+        host, ctr = pending.host, pending.ctr
+        assert host is not None and ctr is not None
         try:
-            if (garp or dad_timeout) and iface.version == 4:
-                _wait_forwarding(host, host_ifname, port_timeout)
-            if dad_timeout and iface.version == 4:
-                link = _probe_while_configuring(ctr, container_ifname, iface, gateway, specs,
-                                                dad_timeout)
-                if garp and link.mac:
-                    send_gratuitous_arp(ctr.netns, container_ifname, str(iface.ip),
-                                        mac=link.mac)
+            host_index, state = _finish_pair(pending, mac, noarp=probe)
+            if probe or announce:
+                _wait_forwarding(host, host_ifname, port_timeout, state)
+            index = pending.index or ctr.index(container_ifname)
+            packet = pending.take_packet()
+            if packet is not None and (probe or announce):
+                arp = ArpSocket(container_ifname, listen=probe, mac=mac, sock=packet)
+            elif packet is not None:
+                close_later(packet)
+            if arp is not None and probe:
+                holder = _dad(arp, str(iface.ip), float(dad_timeout or 0), meanwhile=(
+                    lambda: _configure(ctr, container_ifname, index, iface, gateway, specs)))
+                if holder is not None:
+                    raise AddressConflict(str(iface.ip), holder)
+                ctr.set_link(container_ifname, noarp=False)
             else:
-                link = _configure(ctr, container_ifname, iface, gateway, specs, garp)
+                _configure(ctr, container_ifname, index, iface, gateway, specs)
+            if arp is not None and announce:
+                arp.send(announce_frame(mac, str(iface.ip)))
         except BaseException:
             host.delete_link(host_ifname)
             raise
+        finally:
+            if arp is not None:
+                arp.close()
     alias = owner_alias(container_id, container_ifname) if container_id else None
     return Attachment(container_netns, container_ifname, host_ifname, bridge, str(iface), mac,
-                      gateway, tuple(specs), link.index, host_index, mtu, alias)
-
-
-def _probe_while_configuring(ctr: Netlink, ifname: str,
-                             iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
-                             gateway: str | None, specs: Sequence[tuple[str, str | None]],
-                             dad_timeout: float) -> Link:
-    """Duplicate detection overlapped with addressing, so the probe's wait costs no extra time.
-
-    The link is NOARP meanwhile: the kernel neither answers ARP for the
-    address nor sends any, so nothing claims the address on the wire before
-    the probe has found it free. Raises :class:`AddressConflict`.
-    """
-    ip = str(iface.ip)
-    ctr.set_noarp(ifname, True)
-    result: dict[str, str | BaseException | None] = {}
-
-    def probe() -> None:
-        try:
-            result["holder"] = dad_probe(ctr.netns, ifname, ip, dad_timeout)
-        except BaseException as exc:
-            result["error"] = exc
-
-    worker = threading.Thread(target=probe, name=f"dad-{ip}", daemon=True)
-    worker.start()
-    try:
-        link = _configure(ctr, ifname, iface, gateway, specs, garp=False)
-    finally:
-        worker.join()
-    error = result.get("error")
-    if isinstance(error, BaseException):
-        raise error
-    holder = result.get("holder")
-    if isinstance(holder, str):
-        raise AddressConflict(ip, holder)
-    ctr.set_noarp(ifname, False)
-    return link
+                      gateway, tuple(specs), index, host_index, pending.mtu, alias)
 
 
 def check_attachment(att: Attachment, *, host_netns: HostArg = None) -> list[str]:
@@ -883,21 +1033,55 @@ def is_netd_host_link(link: Link) -> bool:
                                     or parse_owner_alias(link.alias) is not None)
 
 
-def detach(host_ifname: str, *, host_netns: HostArg = None) -> bool:
+def detach(host_ifname: str, *, host_netns: HostArg = None, timeout: float = 30.0) -> bool:
     """Remove a container's veth by its host end; False when it was already gone.
 
     Idempotent: deleting the host end removes the container end too, and when
     the container's namespace is gone the kernel has removed both already.
     Refuses to delete anything that is not a netd host end (:func:`is_netd_host_link`).
+
+    Returns as soon as the kernel reports the host end unregistered (both ends
+    are then gone from their namespaces, down, without addresses or routes).
+    The ``RTM_DELLINK`` request itself returns only after the kernel has also
+    freed the devices, an RCU barrier later (10-20 ms here, more on a busy
+    host); a thread waits for that in the background.
     """
     with handle(host_netns) as nl:
-        link = nl.link(host_ifname)
-        if link is None:
+        got = nl.link_brief(host_ifname)
+        if got is None:
             return False
+        link = got[0]
         if not is_netd_host_link(link):
             raise DataplaneError(f"refusing to delete {host_ifname}: not a netd container veth "
                                  f"(kind {link.kind}, alias {link.alias!r})")
-        return nl.delete_link(host_ifname)
+        return _delete_unregistered(nl.netns, link.index, host_ifname, timeout)
+
+
+def _delete_unregistered(netns: str | None, index: int, name: str, timeout: float) -> bool:
+    """Delete link ``index`` from a worker thread; return once it is unregistered."""
+    with LinkMonitor(netns) as monitor:  # subscribed before the request: no event missed
+        sock = run_in_netns(netns, netlink_socket)
+        outcome: dict[str, bool | BaseException] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                with Netlink(netns, sock=sock) as nl:
+                    outcome["deleted"] = nl.delete_link_index(index)
+            except BaseException as exc:  # handed to the caller
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"netd-del-{name}", daemon=True).start()
+        if monitor.wait_deleted(index, timeout, done.is_set):
+            return True
+    if not done.wait(max(0.0, timeout)):
+        raise DataplaneError(f"deleting {name} did not finish within {timeout:g} s")
+    error = outcome.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return bool(outcome.get("deleted"))
 
 
 def host_links(bridge: str | None = None, *, host_netns: HostArg = None) -> list[Link]:

@@ -51,10 +51,17 @@ class L2Driver:
         return [str(step) for step in result.plan]
 
     # containers
-    def attach(self, p: Plumbing, dad_timeout: float) -> None:
+    def prepare(self, netns: str, ifname: str, host_ifname: str,
+                container_id: str) -> l2.PendingAttach:
+        """The veth, before the address is known (the agent allocates meanwhile)."""
+        return l2.prepare_attach(netns, ifname, host_ifname, self.cfg.bridge,
+                                 container_id=container_id)
+
+    def attach(self, p: Plumbing, dad_timeout: float,
+               prepared: l2.PendingAttach | None = None) -> None:
         l2.attach(p.netns, p.ifname, p.host_ifname, self.cfg.bridge, p.address, p.mac,
                   p.gateway, _extra_routes(p), container_id=p.extra.get("container_id"),
-                  dad_timeout=dad_timeout or None, mtu=p.mtu)
+                  dad_timeout=dad_timeout or None, mtu=p.mtu, pending=prepared)
 
     def remove(self, host_ifname: str, netns: str | None, ifname: str | None) -> None:
         l2.detach(host_ifname)

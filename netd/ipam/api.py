@@ -296,6 +296,16 @@ class ReleaseIn(_In):
     force: bool = Field(False, description="release by ip without naming the owner")
 
 
+class UpdateIn(_In):
+    container_id: str = Field(min_length=1, max_length=model.MAX_ID,
+                              description="the current holder (refused when it is not)")
+    ifname: str | None = Field(None, max_length=15, description="the holder's interface")
+    new_container_id: str | None = Field(None, min_length=1, max_length=model.MAX_ID,
+                                         description="hand the address to this owner")
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="merged into the allocation's labels")
+
+
 class Released(BaseModel):
     released: list[Allocation]
     message: str
@@ -792,6 +802,14 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
              response_model_exclude_unset=True, tags=["addresses"], responses=_ERRORS)
     async def show(ip: str) -> dict[str, Any]:
         return ipam.show(ip)
+
+    @app.post("/v1/addresses/{ip}/update", response_model=Allocation, tags=["addresses"],
+              responses=_MUTATION_ERRORS)
+    async def update(ip: str, body: UpdateIn, actor: Actor = "api") -> dict[str, Any]:
+        a, p = ipam.update(ip, container_id=body.container_id, ifname=body.ifname,
+                           new_container_id=body.new_container_id, labels=body.labels,
+                           actor=actor)
+        return _alloc_out(a, p)
 
     @app.get("/v1/addresses/{ip}/history", response_model=EventList, tags=["addresses"],
              responses=_ERRORS)

@@ -241,6 +241,22 @@ class Client:
                 body[k] = v
         return self._request("POST", "/v1/release", body=body)
 
+    def update(
+        self,
+        ip: str,
+        container_id: str,
+        ifname: str | None = None,
+        new_container_id: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Hand ``ip`` from its holder ``container_id`` to ``new_container_id`` and/or merge
+        ``labels``; the Allocation afterwards."""
+        body: dict[str, Any] = {"container_id": container_id, "labels": labels or {}}
+        for k, v in (("ifname", ifname), ("new_container_id", new_container_id)):
+            if v is not None:
+                body[k] = v
+        return self._request("POST", f"/v1/addresses/{_seg(ip)}/update", body=body)
+
     def reserve(self, pool: str, range: str, note: str = "") -> dict[str, Any]:
         """Reserve an address, ``A-B`` range or CIDR inside a pool."""
         return self._request("POST", f"/v1/pools/{_seg(pool)}/reserve",

@@ -576,6 +576,57 @@ class IPAM:
                 self._release_one(tx, a, actor)
             return ReleaseResult(targets, f"released {len(targets)} address(es)")
 
+    def update(
+        self,
+        ip: str,
+        *,
+        container_id: str,
+        ifname: str | None = None,
+        new_container_id: str | None = None,
+        labels: dict[str, str] | None = None,
+        actor: str = "api",
+    ) -> tuple[Allocation, Pool]:
+        """Hand an allocation to a new owner and/or merge labels into it; the address stays.
+
+        The caller names the current holder (``container_id`` [+ ``ifname``]), like a
+        release by IP: an update naming another owner is refused, so a stale
+        caller never touches someone else's address. Used by the Docker driver,
+        which learns the endpoint and the container name only after the address
+        was requested.
+        """
+        check_text(container_id, "container id")
+        if ifname is not None:
+            check_ifname(ifname)
+        if new_container_id is not None:
+            check_text(new_container_id, "new container id")
+        merged_in = check_labels(labels or {})
+        addr = parse_ip(ip)
+        with self.store.write() as tx:
+            p = self._pool_for(tx, int(addr), addr.version, None)
+            a = tx.allocation(p.name, int(addr))
+            if a is None:
+                raise NotFound(f"{addr} is not allocated")
+            if a.container_id != container_id or (ifname is not None and a.ifname != ifname):
+                raise AddressInUse(f"{addr} is held by {a.container_id}/{a.ifname}, "
+                                   f"not {container_id}{'/' + ifname if ifname else ''}")
+            owner = new_container_id or a.container_id
+            if owner != a.container_id:
+                other = tx.allocation_of(p.name, owner, a.ifname)
+                if other is not None:
+                    raise AddressInUse(f"{owner}/{a.ifname} already holds "
+                                       f"{ip_str(p.version, other.ip)} in pool {p.name!r}")
+            merged = check_labels({**a.labels, **merged_in})
+            if owner == a.container_id and merged == a.labels:
+                return a, p
+            new = replace(a, container_id=owner, labels=merged)
+            tx.del_allocation(p.name, a.ip)
+            tx.put_allocation(new)
+            changes = [f"owner {a.container_id} -> {owner}"] if owner != a.container_id else []
+            changes += [f"{k}={v}" for k, v in sorted(merged_in.items())
+                        if a.labels.get(k) != v]
+            tx.add_event(self._event(p, new, "update", actor, "; ".join(changes)))
+            return new, p
+
     def _release_one(self, tx: Txn, a: Allocation, actor: str) -> None:
         pool = tx.get_pool(a.pool)
         assert pool is not None

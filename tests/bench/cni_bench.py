@@ -13,8 +13,10 @@ per-run prefix, removed at the end, also after a failure or Ctrl-C):
 1. ``netd lab up`` with one host (switch, gateway, IPAM server, host namespace
    with ``br0`` over ``bond0`` and ``netd agent``), ``netd-cni`` and
    ``netd-ipam`` installed by ``netd install-cni`` into a per-run bin
-   directory; the agent runs with its default settings (the report states the
-   duplicate-address-detection timeout it ran with).
+   directory (with its native fast path: the bench installs gcc when there is
+   no C compiler, as make targets install what they need; the report says
+   which plugin ran); the agent runs with its default settings (the report
+   states the duplicate-address-detection timeout it ran with).
 2. A "reference host" namespace for the reference plugins: ``bridge`` (bridge
    ``PREFIXbr``, created by its first ADD) with ``host-local`` IPAM (its own
    subnet, a per-run ``dataDir``), a default route via the subnet's gateway as
@@ -29,8 +31,14 @@ per-run prefix, removed at the end, also after a failure or Ctrl-C):
    concurrent, timed for information); ``--rounds`` rounds alternating which
    plugin goes first; the median wall time of each is compared.
 6. For information: the same sequential ADD/DEL with the agent restarted with
-   duplicate address detection off (``[l2] dad_timeout = 0``), and the exec
-   time of ``VERSION`` (interpreter or binary start-up alone) of each plugin.
+   duplicate address detection off (``[l2] dad_timeout = 0``), the Python
+   plugin alone (``install-cni --no-native``), and the exec time of
+   ``VERSION`` (interpreter or binary start-up alone) of each plugin.
+
+After each sequential command (untimed) the container's eth0 must be up (ADD)
+or gone (DEL); after the runs nothing may be left: no interface in a container
+namespace, no ``ndv*`` host end, no host-local lease, no attachment or queued
+release in the agent.
 
 Targets (issue 3): ADD p50 <= 1.5x the reference, DEL p50 <= 1.0x, 32
 concurrent ADDs no slower than the reference's.
@@ -54,13 +62,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from netd.agent.config import L2Config
+from netd.cli import cni_native
 from netd.dataplane.netlink import Netlink, create_netns, list_netns, remove_netns
 from netd.lab import (
     SUBNET,
@@ -74,6 +83,7 @@ from netd.lab import (
     stop_pids,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 REF_DIR = Path("/usr/lib/cni")
 REF_SUBNET = "198.18.64.0/24"
 REF_GATEWAY = "198.18.64.1"
@@ -181,9 +191,23 @@ class Slot:
     cid: str = ""
 
 
+def check_plumbing(netns: str, present: bool) -> None:
+    """After an ADD: eth0 is up in the container; after a DEL: it is gone (untimed)."""
+    with Netlink(netns) as nl:
+        link = nl.link(IFNAME)
+    if present and (link is None or not link.up):
+        raise BenchError(f"after ADD, {IFNAME} in {netns} is {'down' if link else 'missing'}")
+    if not present and link is not None:
+        raise BenchError(f"after DEL returned, {IFNAME} is still in {netns}")
+
+
 def sequential(plugins: Sequence[Plugin], slots: dict[str, list[Slot]], n: int,
                ) -> dict[str, dict[str, list[float]]]:
-    """N ADDs then N DELs of every plugin, interleaved; {plugin: {"ADD": [s], "DEL": [s]}}."""
+    """N ADDs then N DELs of every plugin, interleaved; {plugin: {"ADD": [s], "DEL": [s]}}.
+
+    After each command (untimed) the container's namespace is checked: eth0 up
+    after an ADD, gone once a DEL has returned.
+    """
     lat: dict[str, dict[str, list[float]]] = {p.name: {"ADD": [], "DEL": []} for p in plugins}
     for command in ("ADD", "DEL"):
         for i in range(n):
@@ -194,6 +218,7 @@ def sequential(plugins: Sequence[Plugin], slots: dict[str, list[Slot]], n: int,
                     slot.cid = new_cid()
                 dt, _ = p.run(command, slot.netns, slot.cid)
                 lat[p.name][command].append(dt)
+                check_plumbing(slot.netns, command == "ADD")
     return lat
 
 
@@ -347,6 +372,7 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
                            "routes": [{"dst": "0.0.0.0/0"}]}},
                  str(REF_DIR))
     plugins = [netd, ref]
+    res["netd_cni_native"] = Path(netd.binary).read_bytes()[:4] == b"\x7fELF"
     slots = {netd.name: [Slot(setup.slot_netns("n", i)) for i in range(slots_n)],
              ref.name: [Slot(setup.slot_netns("r", i)) for i in range(slots_n)]}
 
@@ -391,6 +417,32 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
         res["dad_off"] = {c: summarize(v) for c, v in off[netd.name].items()}
         restart_agent(setup, None)
 
+    if args.python_only:
+        log(f"for information: the Python plugin alone ({args.python_only} ADD+DEL) ...")
+        py_bin = setup.tmp / "bin-python"
+        proc = subprocess.run([setup.netd_bin, "install-cni", "--no-native", "--bin-dir",
+                               str(py_bin)], capture_output=True, text=True, timeout=120,
+                              check=False)
+        if proc.returncode != 0:
+            raise BenchError(f"netd install-cni --no-native: {proc.stderr.strip()}")
+        python_plugin = Plugin("netd-cni (python)", str(py_bin / "netd-cni"), host.netns,
+                               netd.config, str(py_bin))
+        res["python_plugin"] = {c: summarize(v) for c, v in sequential(
+            [python_plugin], {python_plugin.name: slots[netd.name]},
+            args.python_only)[python_plugin.name].items()}
+        plugins.append(python_plugin)
+
+    left = leftovers(setup, slots)
+    if left:
+        raise BenchError("left behind after the information runs: " + "; ".join(left[:10]))
+    res["notes"] = [
+        "netd-cni DEL returns once the kernel reports the veth unregistered (both ends gone, "
+        "checked after each DEL); the kernel frees the devices an RCU grace period later, in "
+        "the background. The reference returns after its RTM_DELLINK request, i.e. after it.",
+        "netd-cni ADD includes the duplicate-address probe wait (dad_timeout); the reference "
+        "probes nothing.",
+    ]
+
     log("exec time of VERSION ...")
     res["version_exec_ms"] = {p.name: round(p.version_exec_s(args.version_runs) * 1000, 2)
                               for p in plugins}
@@ -424,9 +476,11 @@ def report(res: dict[str, Any]) -> str:
     lines = [
         f"CNI benchmark  {res['env']['date']}  {res['env']['cpus']} CPUs  "
         f"load {res['env']['loadavg_start']} -> {res['env'].get('loadavg_end', '?')}",
-        f"netd-cni: L2 mode, 1 lab host, agent defaults: DAD (ARP probe) "
-        f"{res['dad_timeout_s'] * 1000:g} ms; each plugin exec'd as "
-        "'ip netns exec HOSTNS PLUGIN' with CNI_* env + stdin",
+        f"netd-cni ({'native fast path' if res.get('netd_cni_native') else 'Python plugin'}): "
+        f"L2 mode, 1 lab host, agent defaults: DAD (ARP probe) {res['dad_timeout_s'] * 1000:g}"
+        " ms",
+        "each plugin exec'd as 'ip netns exec HOSTNS PLUGIN' with CNI_* env + stdin; "
+        "eth0 checked after each (untimed)",
         "",
         f"sequential, n={res['params']['n']} each   p50 ms    p99 ms",
     ]
@@ -452,14 +506,21 @@ def report(res: dict[str, Any]) -> str:
         f"{TARGET_CONCURRENT_RATIO}x  "
         f"{mark(tg['concurrent_add_wall_ratio'], TARGET_CONCURRENT_RATIO)}",
     ]
+    lines += [f"note: {n}" for n in res.get("notes", [])]
     if "dad_off" in res:
         off = res["dad_off"]
         lines += ["", f"information: netd-cni with DAD off (dad_timeout = 0), n={off['ADD']['n']}:"
                       f" ADD p50 {off['ADD']['p50_ms']:.1f} ms, DEL p50 "
                       f"{off['DEL']['p50_ms']:.1f} ms"]
+    if "python_plugin" in res:
+        py = res["python_plugin"]
+        lines.append(f"information: the Python plugin alone (install-cni --no-native), "
+                     f"n={py['ADD']['n']}: ADD p50 {py['ADD']['p50_ms']:.1f} ms, DEL p50 "
+                     f"{py['DEL']['p50_ms']:.1f} ms")
     if "version_exec_ms" in res:
         v = res["version_exec_ms"]
-        lines.append("information: exec time of VERSION (start-up alone), median: "
+        lines.append("information: exec time of VERSION (start-up alone; the native netd-cni "
+                     "hands VERSION to its Python plugin), median: "
                      + ", ".join(f"{k} {x:.1f} ms" for k, x in v.items()))
     return "\n".join(lines)
 
@@ -475,12 +536,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--dad-off", type=int, default=40,
                     help="sequential ADD+DELs with DAD off, for information (0: skip)")
+    ap.add_argument("--python-only", type=int, default=30,
+                    help="sequential ADD+DELs of the Python plugin alone (install-cni "
+                         "--no-native), for information (0: skip)")
     ap.add_argument("--version-runs", type=int, default=20)
     ap.add_argument("--prefix", default=None, help="name prefix (default: ncb + 6 hex digits)")
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.warmup, args.dad_off, args.version_runs = 20, 1, 2, 10, 5
+        args.python_only = 10
     if os.geteuid() != 0:
         log("cni_bench needs root (network namespaces)")
         return 1
@@ -491,6 +556,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     main_pid = os.getpid()
+
+    if cni_native.find_cc() is None:
+        # like every make target: install what it needs (install-cni builds the
+        # plugin's native fast path with it; without, the report says "Python plugin")
+        log("no C compiler: installing gcc (scripts/install-deps gcc libc6-dev) ...")
+        subprocess.run([str(REPO / "scripts" / "install-deps"), "gcc", "libc6-dev"],
+                       check=False, timeout=900)
 
     def on_term(signum: int, frame: object) -> None:
         # pyroute2 forks helpers (netns creation) that inherit this handler and

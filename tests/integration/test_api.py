@@ -639,3 +639,27 @@ def test_token_never_logged(tmp_path: Path) -> None:
     assert "serving on" in log
     assert srv.token not in log
     assert "Authorization" not in log and "authorization" not in log
+
+
+def test_update_owner_and_labels(api: httpx.Client, anon: httpx.Client) -> None:
+    """``POST /v1/addresses/{ip}/update``: the Docker driver's hand-over and relabel."""
+    ok(api.post("/v1/pools", json={"name": "up", "cidr": "10.9.0.0/24"}), 201)
+    a = ok(api.post("/v1/allocate", json={"pool": "up", "container_id": "tmp",
+                                          "labels": {"a": "1"}}))
+    ip = a["ip"]
+    path = f"/v1/addresses/{ip}/update"
+    err(anon.post(path, json={"container_id": "tmp", "labels": {"b": "2"}}), 401, "unauthorized")
+    err(api.post(path, json={"container_id": "other"}), 409, "address_in_use")
+    err(api.post("/v1/addresses/10.9.0.99/update", json={"container_id": "tmp"}), 404,
+        "not_found")
+    err(api.post(path, json={"container_id": "tmp", "bogus": 1}), 422, "invalid_input")
+    b = ok(api.post(path, json={"container_id": "tmp", "new_container_id": "ep1",
+                                "labels": {"container_name": "web"}},
+                    headers={"X-Netd-Actor": "agent:h1"}))
+    assert (b["ip"], b["mac"], b["container_id"]) == (ip, a["mac"], "ep1")
+    assert b["labels"] == {"a": "1", "container_name": "web"}
+    event = next(e for e in ok(api.get(f"/v1/addresses/{ip}/history"))["events"]
+                 if e["action"] == "update")
+    assert (event["action"], event["actor"], event["container_id"]) == ("update", "agent:h1",
+                                                                       "ep1")
+    assert ok(api.get(f"/v1/addresses/{ip}"))["container_id"] == "ep1"

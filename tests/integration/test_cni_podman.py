@@ -830,8 +830,8 @@ def test_crash_safety_kill9_agent_during_200_add_del(lab: Lab) -> None:
 
     def killer() -> None:
         try:
-            # kill to kill ~1-3 s: up 0.3-1.8 s, down 0-0.5 s, ~0.6 s to start and answer
-            while not stop.wait(rng.uniform(0.3, 1.8)):
+            # kill to kill ~1-2 s: up 0.2-1.0 s, down 0-0.5 s, ~0.6 s to start and answer
+            while not stop.wait(rng.uniform(0.2, 1.0)):
                 lab.kill_agent(host)
                 count("kills")
                 time.sleep(rng.uniform(0.0, 0.5))
@@ -842,7 +842,9 @@ def test_crash_safety_kill9_agent_during_200_add_del(lab: Lab) -> None:
     try:
         for c in ctrs:
             c.path = add_netns(c.ns)
-        plan = [(rng.randrange(n_ctrs), rng.random(), rng.uniform(0, 0.12))
+        # ~0.15 s between a worker's ops: 200 ops over ~8-10 s, so that the agent
+        # is killed several times while they run, however fast each op is
+        plan = [(rng.randrange(n_ctrs), rng.random(), rng.uniform(0, 0.3))
                 for _ in range(n_ops)]
         kill_thread = threading.Thread(target=killer, name="agent-killer", daemon=True)
         kill_thread.start()

@@ -25,9 +25,21 @@ from dataclasses import dataclass
 import pytest
 
 from netd.dataplane import l2
-from netd.dataplane.errors import AddressConflict, DataplaneError, NetnsNotFound, TakeoverFailed
+from netd.dataplane.errors import (
+    AddressConflict,
+    DataplaneError,
+    LinkNotFound,
+    NetnsNotFound,
+    TakeoverFailed,
+)
 from netd.dataplane.model import RTPROT_NETD, Route
-from netd.dataplane.netlink import Netlink, create_netns, list_netns, remove_netns
+from netd.dataplane.netlink import (
+    LinkMonitor,
+    Netlink,
+    create_netns,
+    list_netns,
+    remove_netns,
+)
 from tests.conftest import require
 
 RUN_PREFIX = f"nd{secrets.token_hex(3)}-"
@@ -395,6 +407,80 @@ def test_plumb_and_configure_are_idempotent_and_check_finds_damage(lab: Lab) -> 
     l2.detach(a.host_ifname, host_netns=lab.host)
     assert l2.check_attachment(a, host_netns=lab.host) == [
         f"host interface {a.host_ifname} is missing", f"eth0 is missing in {c1}"]
+
+
+def test_prepared_attach_and_its_failures_leave_nothing(lab: Lab) -> None:
+    """The agent's ADD: the veth made while the IPAM allocates, finished when it answers."""
+    taken_over(lab)
+    c1, c2 = lab.container("c1"), lab.container("c2")
+    name = l2.host_ifname_for("c1-id")
+    pending = l2.prepare_attach(c1, "eth0", name, "br0", host_netns=lab.host,
+                                container_id="c1-id")
+    with Netlink(c1) as nl:
+        link = nl.link("eth0")
+        assert link is not None and not link.up and nl.addresses("eth0") == []
+    with Netlink(lab.host) as nl:
+        host_end = nl.link(name)
+        assert host_end is not None and host_end.alias == "netd:c1-id:eth0"
+        assert host_end.master == "br0"
+    a = l2.attach(c1, "eth0", name, "br0", "198.18.0.21/24", "02:00:c6:12:00:15", GW_IP,
+                  host_netns=lab.host, container_id="c1-id", dad_timeout=0.05,
+                  pending=pending)
+    assert pending.ctr is None and pending.fd == -1  # attach closed it
+    assert l2.check_attachment(a, host_netns=lab.host) == []
+    assert a.mac == "02:00:c6:12:00:15" and ping(c1, GW_IP)
+
+    # an interrupted attempt's pair is taken over, with the MAC of the new address
+    stale = l2.prepare_attach(c2, "eth0", l2.host_ifname_for("c2-id"), "br0",
+                              host_netns=lab.host, container_id="c2-id")
+    stale.close()
+    with l2.prepare_attach(c2, "eth0", l2.host_ifname_for("c2-id"), "br0",
+                           host_netns=lab.host, container_id="c2-id") as again:
+        b = l2.attach(c2, "eth0", again.host_ifname, "br0", "198.18.0.22/24",
+                      "02:00:c6:12:00:16", GW_IP, host_netns=lab.host, container_id="c2-id",
+                      pending=again)
+    assert l2.check_attachment(b, host_netns=lab.host) == [] and ping(c2, "198.18.0.21")
+
+    # someone else's interface of that name: refused, nothing touched
+    with pytest.raises(DataplaneError, match="owned by container c1-id"):
+        l2.prepare_attach(c2, "eth1", name, "br0", host_netns=lab.host, container_id="other")
+    # a duplicate address: the prepared veth is removed as well
+    c3 = lab.container("c3")
+    p3 = l2.prepare_attach(c3, "eth0", l2.host_ifname_for("c3-id"), "br0",
+                           host_netns=lab.host, container_id="c3-id")
+    with pytest.raises(AddressConflict):
+        l2.attach(c3, "eth0", p3.host_ifname, "br0", f"{GW_IP}/24", "02:00:c6:12:00:17",
+                  GW_IP, host_netns=lab.host, container_id="c3-id", dad_timeout=1,
+                  pending=p3)
+    with Netlink(lab.host) as nl:
+        assert nl.link(p3.host_ifname) is None
+    with Netlink(c3) as nl:
+        assert nl.link("eth0") is None
+    with pytest.raises(NetnsNotFound):
+        l2.prepare_attach(lab.tag + "gone", "eth0", l2.host_ifname_for("x"), "br0",
+                          host_netns=lab.host)
+    assert {link.name for link in l2.host_links(host_netns=lab.host)} == {
+        a.host_ifname, b.host_ifname}
+
+
+def test_netlink_errors_and_link_events(lab: Lab) -> None:
+    with Netlink(lab.host) as nl:
+        with pytest.raises(DataplaneError, match="creating veth"):
+            nl.create_veth("bond0", "x0")  # name taken
+        with pytest.raises(LinkNotFound):
+            nl.set_up("nosuch0")
+        assert nl.delete_link("nosuch0") is False
+        assert nl.link_brief("nosuch0") is None
+        nl.create_veth("ndvmon", "ndvmon-p")
+        index = nl.index("ndvmon")
+        with LinkMonitor(lab.host) as monitor:
+            assert nl.delete_link_index(index) is True
+            assert monitor.wait_deleted(index, 2)
+        assert nl.delete_link_index(index) is False
+        with LinkMonitor(lab.host) as monitor:  # nothing happens: times out quickly
+            started = time.monotonic()
+            assert monitor.wait_deleted(index, 0.05) is False
+            assert time.monotonic() - started < 1
 
 
 def test_concurrent_attaches(lab: Lab) -> None:

@@ -156,7 +156,8 @@ def test_up_builds_switch_gateway_ipam_and_hosts(lab: Lab) -> None:
         conflist = json.loads((CNI_CONF_DIR / f"{lab.prefix}-h{i}.conflist").read_text())
         assert conflist == {"cniVersion": "1.0.0", "name": f"{lab.prefix}-h{i}",
                             "plugins": [{"type": "netd-cni", "pool": "lab",
-                                         "agentSocket": conf["socket"]}]}
+                                         "agentSocket": conf["socket"],
+                                         "capabilities": {"ips": True, "mac": True}}]}
         assert host["conflist"] in manifest["conflists"]
         assert host["agent"] is None
 

@@ -306,3 +306,97 @@ def test_retried_add_is_not_freed_by_a_queued_release(
     agent.state.queue_release("lab", "c1", "eth0", None, "test")
     agent.flush_releases()
     assert ipam.allocated() == ["c1"] and agent.state.pending() == []
+
+
+# --- a driver that makes the interface while the IPAM allocates ---------------------------
+
+
+class FakePrepared:
+    def __init__(self, dp: PreparingFakeDataplane, host_ifname: str) -> None:
+        self.dp = dp
+        self.host_ifname = host_ifname
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class PreparingFakeDataplane(FakeDataplane):
+    """prepare() makes the link without an address; attach() finishes the prepared one."""
+
+    def __init__(self, state: StateStore) -> None:
+        super().__init__()
+        self.state = state
+        self.prepared: list[FakePrepared] = []
+        self.fail_prepare = False
+        self.seen_state: list[str | None] = []
+
+    def prepare(self, netns: str, ifname: str, host_ifname: str,
+                container_id: str) -> FakePrepared:
+        att = self.state.get("net1", container_id, ifname)
+        self.seen_state.append(att.state if att else None)  # recorded before anything exists
+        if self.fail_prepare:
+            raise DataplaneError("no veth today")
+        self.links[host_ifname] = Plumbing(netns, ifname, host_ifname, "", "")
+        prepared = FakePrepared(self, host_ifname)
+        self.prepared.append(prepared)
+        return prepared
+
+    def attach(self, p: Plumbing, dad_timeout: float,  # type: ignore[override]
+               prepared: FakePrepared | None = None) -> None:
+        if prepared is not None:
+            assert prepared.host_ifname == p.host_ifname and not prepared.closed
+            prepared.close()
+        try:
+            super().attach(p, dad_timeout)
+        except BaseException:
+            self.remove(p.host_ifname, None, None)
+            raise
+
+
+@pytest.fixture
+def preparing(tmp_path: Path) -> tuple[Agent, FakeIpam, PreparingFakeDataplane]:
+    cfg = AgentConfig(host="h1", state_dir=str(tmp_path), l2=L2Config(dad_timeout=0.01))
+    state = StateStore(str(tmp_path))
+    ipam, dp = FakeIpam(), PreparingFakeDataplane(state)
+    return Agent(cfg, ipam, dp, state), ipam, dp
+
+
+def test_prepared_add_records_first_and_closes_what_it_prepared(
+        preparing: tuple[Agent, FakeIpam, PreparingFakeDataplane]) -> None:
+    agent, ipam, dp = preparing
+    res = agent.handle(request("ADD"))["result"]
+    assert res["ips"][0]["address"] == "198.18.0.50/24"
+    assert dp.seen_state == ["adding"]
+    assert [p.closed >= 1 for p in dp.prepared] == [True]
+    assert ipam.allocated() == ["c1"] and set(dp.configured) == set(dp.links)
+    # a duplicate on the wire: the next attempt makes a new interface without a prepared one
+    dp.wire["198.18.0.51"] = "52:54:00:12:34:56"
+    res2 = agent.handle(request("ADD", cid="c2", netns="/run/netns/c2"))["result"]
+    assert res2["ips"][0]["address"] == "198.18.0.52/24"
+    assert all(p.closed >= 1 for p in dp.prepared)
+    assert agent.handle(request("DEL")) == agent.handle(request("DEL", cid="c2")) == {
+        "result": {}}
+    assert ipam.allocated() == [] and dp.links == {} and agent.state.all() == []
+
+
+@pytest.mark.parametrize("failure", ["ipam down", "pool exhausted", "prepare", "configure"])
+def test_prepared_add_that_fails_leaves_nothing(
+        preparing: tuple[Agent, FakeIpam, PreparingFakeDataplane], failure: str) -> None:
+    agent, ipam, dp = preparing
+    if failure == "ipam down":
+        ipam.down = True
+    elif failure == "pool exhausted":
+        ipam.ipam.reserve("lab", "198.18.0.50-198.18.0.254")
+    elif failure == "prepare":
+        dp.fail_prepare = True
+    else:
+        dp.fail_configure = True
+    err = agent.handle(request("ADD"))["error"]
+    assert err["code"] == {"ipam down": 11, "pool exhausted": 102, "prepare": 104,
+                           "configure": 104}[failure]
+    assert dp.links == {} and agent.state.all() == []
+    assert all(p.closed >= 1 for p in dp.prepared)
+    ipam.down = False
+    agent.flush_releases()
+    assert ipam.allocated() == []

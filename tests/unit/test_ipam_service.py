@@ -207,6 +207,39 @@ def test_ipv6_macs_are_random_locally_administered(ipam: IPAM) -> None:
     assert len(macs) == 20
 
 
+def test_update_hands_over_and_relabels_only_for_the_holder(ipam: IPAM) -> None:
+    ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/24"))
+    a, _ = ipam.allocate(AllocRequest(pool="p", container_id="tmp", labels={"k": "1"},
+                                      mac="02:00:00:00:00:01"))
+    addr = str(ipaddress.ip_address(a.ip))
+    other = alloc(ipam, "ep2")
+    before = snapshot(ipam)
+    for kwargs, err in [({"container_id": "someone"}, AddressInUse),
+                        ({"container_id": "tmp", "ifname": "net1"}, AddressInUse),
+                        ({"container_id": "tmp", "new_container_id": "ep2"}, AddressInUse),
+                        ({"container_id": "tmp", "labels": {"": "x"}}, InvalidInput)]:
+        with pytest.raises(err):
+            ipam.update(addr, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        ipam.update("10.0.0.200", container_id="tmp")
+    assert snapshot(ipam) == before
+    b, _ = ipam.update(addr, container_id="tmp", new_container_id="ep1",
+                       labels={"container_name": "web"})
+    assert (b.ip, b.mac, b.container_id) == (a.ip, a.mac, "ep1")
+    assert b.labels == {"k": "1", "container_name": "web"}
+    assert ipam.show(addr)["container_id"] == "ep1"
+    assert ipam.history(ip=addr, limit=1)[0].action == "update"
+    # idempotent: the same update again changes nothing and records nothing
+    n = len(ipam.history(limit=1000))
+    ipam.update(addr, container_id="ep1", labels={"container_name": "web"})
+    assert len(ipam.history(limit=1000)) == n
+    # the new owner releases it; the old one cannot
+    assert ipam.release(container_id="tmp").released == []
+    assert len(ipam.release(container_id="ep1").released) == 1
+    assert ipam.show(other)["container_id"] == "ep2"
+    assert ipam.get_pool("p")[1].allocated == 1
+
+
 # --- release and cooldown ------------------------------------------------------
 
 

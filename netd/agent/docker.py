@@ -1,0 +1,150 @@
+"""Docker's remote plugin protocol, served over HTTP on a unix socket.
+
+dockerd finds plugins by their socket in ``/run/docker/plugins``: the agent
+serves ``/run/docker/plugins/netd.sock`` (``docker_socket`` in agent.toml
+moves it; dockerd then needs a spec file naming it) when ``docker_plugin =
+true``, and Docker knows the driver and the IPAM driver as ``netd``::
+
+    docker network create -d netd --ipam-driver netd --ipam-opt pool=POOL NAME
+
+Every call is ``POST /<Interface>.<Method>`` with a JSON body (sometimes
+empty); the answer is JSON with status 200, or ``{"Err": "..."}`` with a
+non-200 status, which Docker shows to the user. Unknown calls get 404 (what
+dockerd expects for optional calls such as a capability query), malformed
+JSON 400. Requests are served concurrently, one thread per connection. The
+socket is 0600 and only root's (or the agent's own user's) connections are
+served. The meaning of the calls is in :mod:`netd.agent.docker_driver`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from netd.agent.docker_driver import PluginError
+
+log = logging.getLogger("netd.agent.docker")
+
+DEFAULT_SOCKET = "/run/docker/plugins/netd.sock"
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+MAX_BODY = 1 << 20
+
+
+class Driver(Protocol):
+    def call(self, method: str, request: dict[str, Any], peer_pid: int = 0) -> dict[str, Any]: ...
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PluginServer
+    protocol_version = "HTTP/1.1"  # keep-alive: dockerd reuses its connections
+
+    def address_string(self) -> str:  # AF_UNIX peers have no address
+        return "dockerd"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("docker plugin: " + format, *args)
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        with contextlib.suppress(OSError):  # dockerd may have given up waiting
+            self.send_response(status)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        pid, uid, _ = peer_credentials(self.connection)
+        if uid not in (0, os.getuid()):
+            self._answer(403, {"Err": "netd: permission denied: root only"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+            self._answer(400, {"Err": "netd: bad or missing Content-Length"})
+            return
+        raw = self.rfile.read(length) if length else b""
+        method = self.path.lstrip("/")
+        try:
+            request = json.loads(raw) if raw.strip() else {}
+            if not isinstance(request, dict):
+                raise ValueError("the request is not a JSON object")
+        except ValueError as exc:
+            self._answer(400, {"Err": f"netd: cannot decode {method} request: {exc}"})
+            return
+        log.debug("docker plugin: %s %s", method, raw[:2000])
+        try:
+            answer = self.server.driver.call(method, request, pid)
+        except PluginError as exc:
+            if exc.status != 404:
+                log.warning("docker plugin: %s refused: %s", method, exc.message)
+            self._answer(exc.status, {"Err": exc.message})
+            return
+        self._answer(200, answer)
+
+    def _not_allowed(self) -> None:
+        self._answer(405, {"Err": "netd: the plugin protocol uses POST"})
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = _not_allowed
+
+
+class PluginServer(ThreadingHTTPServer):
+    address_family = socket.AF_UNIX
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, path: str, driver: Driver) -> None:
+        self.path = path
+        self.driver = driver
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a dead agent
+            else:
+                raise RuntimeError(f"something already serves {path}")
+            finally:
+                probe.close()
+        old = os.umask(0o177)
+        try:
+            super().__init__(path, _Handler)  # type: ignore[arg-type]
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up a host name, which a unix socket has not
+        self.socket.bind(self.server_address)
+        self.server_name, self.server_port = "localhost", 0
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # dockerd dropping a kept-alive connection (it restarts) is no error of ours
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("docker plugin: connection closed by dockerd: %s", exc)
+            return
+        log.exception("docker plugin: error serving a connection")
+
+    def server_close(self) -> None:
+        super().server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

@@ -1,0 +1,354 @@
+"""A throw-away dockerd (Debian ``docker.io`` 20.10) inside a lab host namespace, for tests.
+
+``ensure_docker()`` installs the packages; :class:`TestDockerd` runs one
+dockerd with per-run names and removes every trace of it. What this machine
+(Debian 12, no systemd, cgroup v1, root filesystem mounted ``private``) needs,
+found by trying:
+
+* dockerd is started with ``nsenter --net=/run/netns/NS``, not ``ip netns
+  exec``: the latter mounts a fresh sysfs in a new mount namespace, where
+  dockerd finds no cgroup mounts ("Devices cgroup isn't mounted"). So dockerd
+  shares the root mount namespace and only the network namespace is the lab
+  host's: its iptables rules (``--iptables=true``: FORWARD policy DROP, as on
+  a real Docker host), its ip_forward and the veths it moves live there.
+* ``--bridge=none``: no docker0; every test container uses a netd network.
+* per-run ``--data-root /var/lib/PREFIX-docker``, ``--exec-root
+  /run/PREFIX-docker`` (its own supervised containerd lives under it),
+  ``--host unix:///run/PREFIX/docker.sock``, ``--pidfile``, and
+  ``--cgroup-parent PREFIX-docker``, so nothing is shared with another dockerd.
+* ``--live-restore`` by default: a dockerd restart leaves containers running
+  (and their addresses with them); ``live_restore=False`` shows Docker's
+  other behaviour (stop on shutdown, fresh endpoints on start).
+* ``--storage-driver overlay2`` (the data root is on ext4); dockerd
+  bind-mounts its data root onto itself and mounts layers and netns files
+  under its roots: :meth:`TestDockerd.cleanup` unmounts them before removing.
+* no registry: the test image is ``/bin/busybox`` (busybox-static) and its
+  applets, imported with ``docker import`` (:meth:`TestDockerd.import_busybox`).
+* busybox ``sleep`` as PID 1 ignores SIGTERM: tests run containers with
+  ``--stop-signal KILL`` (``docker import`` cannot set STOPSIGNAL), and dockerd
+  has ``--shutdown-timeout 2``, so stops and restarts take no 10 s.
+
+Docker finds the plugin ``netd`` at ``/run/docker/plugins/netd.sock`` (a
+path every dockerd on the machine shares, which is fine for tests; the lab's
+agent serves it).
+
+Command line: ``python -m tests.support.docker cleanup PREFIX``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("docker.io", "busybox-static", "iptables")
+DOCKERD = "/usr/sbin/dockerd"
+PLUGIN_SOCKET = Path("/run/docker/plugins/netd.sock")
+IMAGE = "netd-busybox:test"
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "ping", "ip", "sleep", "cat", "ls", "ifconfig", "arping", "route", "echo",
+           "hostname", "ps", "kill", "true", "false", "env", "id", "mkdir", "wget", "nc",
+           "grep", "awk", "sed", "timeout", "arp")
+PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{3,9}$")
+
+
+class DockerUnavailable(RuntimeError):
+    """dockerd cannot be installed or started here."""
+
+
+def missing_packages(packages: Sequence[str] = PACKAGES) -> list[str]:
+    missing = []
+    for pkg in packages:
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg],
+                              capture_output=True, text=True, check=False)
+        if "install ok installed" not in proc.stdout:
+            missing.append(pkg)
+    return missing
+
+
+def ensure_docker() -> None:
+    """Install Debian's docker.io (dockerd 20.10, containerd, runc) and busybox-static."""
+    if os.geteuid() != 0:
+        raise DockerUnavailable("dockerd needs root")
+    missing = missing_packages() if shutil.which("dpkg-query") else list(PACKAGES)
+    if missing:
+        proc = subprocess.run([str(REPO / "scripts" / "install-deps"), *missing],
+                              capture_output=True, text=True, check=False, timeout=900)
+        if proc.returncode != 0:
+            raise DockerUnavailable(f"cannot install {' '.join(missing)}: "
+                                    f"{(proc.stderr or proc.stdout).strip()}")
+    for path in (DOCKERD, str(BUSYBOX), "/usr/bin/nsenter"):
+        if not os.access(path, os.X_OK):
+            raise DockerUnavailable(f"{path} is missing")
+    try:
+        import docker  # noqa: F401
+    except ImportError as exc:
+        raise DockerUnavailable("the docker SDK is not installed: pip install -e '.[dev]'"
+                                ) from exc
+
+
+def _check_prefix(prefix: str) -> None:
+    if not PREFIX_RE.match(prefix):
+        raise ValueError(f"prefix {prefix!r}: 4-10 lowercase letters/digits, starting with a "
+                         "letter")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill(pids: Sequence[int], timeout: float = 10.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class TestDockerd:
+    """One dockerd in network namespace ``netns``, with every path named by ``prefix``."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, prefix: str, netns: str, log_dir: Path) -> None:
+        _check_prefix(prefix)
+        self.prefix = prefix
+        self.netns = netns
+        self.data_root = Path(f"/var/lib/{prefix}-docker")
+        self.exec_root = Path(f"/run/{prefix}-docker")
+        self.run_dir = Path(f"/run/{prefix}")
+        self.socket = self.run_dir / "docker.sock"
+        self.pidfile = self.run_dir / "docker.pid"
+        self.log = Path(log_dir) / "dockerd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._client: Any = None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    def argv(self, *, live_restore: bool = True) -> list[str]:
+        args = ["nsenter", f"--net=/run/netns/{self.netns}", DOCKERD,
+                "--host", self.host, "--data-root", str(self.data_root),
+                "--exec-root", str(self.exec_root), "--pidfile", str(self.pidfile),
+                "--bridge=none", "--iptables=true", "--ip6tables=false",
+                "--userland-proxy=false", "--storage-driver", "overlay2",
+                "--cgroup-parent", f"{self.prefix}-docker", "--shutdown-timeout", "2",
+                "--log-level", "info"]
+        if live_restore:
+            args.append("--live-restore")
+        return args
+
+    def start(self, *, live_restore: bool = True, timeout: float = 60.0) -> float:
+        """Start dockerd and wait until it answers; returns the seconds it took."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("dockerd already runs")
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv(live_restore=live_restore),
+                                         stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise DockerUnavailable(f"dockerd exited {self.proc.returncode}:\n"
+                                        f"{self.tail()}")
+            if self.socket.exists():
+                with contextlib.suppress(Exception):
+                    if self.client().ping():
+                        return time.monotonic() - start
+            time.sleep(0.1)
+        raise DockerUnavailable(f"dockerd did not answer within {timeout:.0f}s:\n{self.tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop dockerd (SIGTERM, then SIGKILL) and wait for it."""
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, *, live_restore: bool = True) -> float:
+        self.stop()
+        return self.start(live_restore=live_restore)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def client(self) -> Any:
+        """A docker SDK client for this dockerd (API version negotiated)."""
+        import docker
+
+        if self._client is None:
+            self._client = docker.DockerClient(base_url=self.host, version="auto", timeout=120)
+        return self._client
+
+    def new_client(self) -> Any:
+        """A separate client (one per thread for parallel runs)."""
+        import docker
+
+        return docker.DockerClient(base_url=self.host, version="auto", timeout=120)
+
+    def cli(self, *args: str, check: bool = False,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The docker.io CLI against this dockerd (what a user sees, errors included)."""
+        docker_bin = "/usr/bin/docker" if os.access("/usr/bin/docker", os.X_OK) else "docker"
+        proc = subprocess.run([docker_bin, "-H", self.host, *args], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}: "
+                                 f"{proc.stderr.strip()}")
+        return proc
+
+    def import_busybox(self, tag: str = IMAGE) -> str:
+        """Build the test image from busybox-static with ``docker import``; returns its tag."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "run", "root"):
+                info = tarfile.TarInfo(d)
+                info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+                tar.addfile(info)
+            tar.add(str(BUSYBOX.resolve()), arcname="bin/busybox")
+            for applet in APPLETS:
+                info = tarfile.TarInfo(f"bin/{applet}")
+                info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+                tar.addfile(info)
+            for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+                               ("etc/group", "root:x:0:\n")):
+                data = text.encode()
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        repo, tag_name = tag.split(":", 1)
+        self.client().api.import_image_from_data(buf.getvalue(), repository=repo,
+                                                 tag=tag_name, changes=['CMD ["sh"]'])
+        return tag
+
+    def cleanup(self) -> list[str]:
+        """Remove every trace: containers, dockerd and its children, mounts, directories."""
+        removed: list[str] = []
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                for c in self.client().containers.list(all=True):
+                    c.remove(force=True)
+                    removed.append(f"container {c.name}")
+        self.stop()
+        removed += cleanup_prefix(self.prefix)
+        return removed
+
+
+def _our_pids(prefix: str) -> list[int]:
+    """dockerd, containerd and shims of this run (by their per-run paths)."""
+    marks = (f"/run/{prefix}-docker", f"/run/{prefix}/docker", f"/var/lib/{prefix}-docker")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            cmd = _cmdline(int(entry.name))
+            if any(m in cmd for m in marks):
+                pids.append(int(entry.name))
+    return pids
+
+
+def _cgroup_pids(prefix: str) -> list[int]:
+    """Container processes left in this run's cgroup parent."""
+    pids: set[int] = set()
+    for root in Path("/sys/fs/cgroup").glob(f"*/{prefix}-docker"):
+        for procs in root.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in procs.read_text().split())
+    return sorted(pids)
+
+
+def _mounts_under(paths: Sequence[Path]) -> list[str]:
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split()[4].replace("\\040", " ")
+        if any(target == str(p) or target.startswith(f"{p}/") for p in paths):
+            out.append(target)
+    return sorted(set(out), key=len, reverse=True)
+
+
+def cleanup_prefix(prefix: str) -> list[str]:
+    """Remove what a run with ``prefix`` left: processes, cgroups, mounts, directories."""
+    _check_prefix(prefix)
+    removed: list[str] = []
+    pids = _our_pids(prefix)
+    if pids:
+        _kill(pids)
+        removed += [f"process {p}" for p in pids]
+    stray = _cgroup_pids(prefix)
+    if stray:
+        _kill(stray, timeout=5)
+        removed += [f"container process {p}" for p in stray]
+    for root in Path("/sys/fs/cgroup").glob(f"*/{prefix}-docker"):
+        subdirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(str(p)))
+        for d in [*subdirs, root]:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    roots = [Path(f"/var/lib/{prefix}-docker"), Path(f"/run/{prefix}-docker"),
+             Path(f"/run/{prefix}")]
+    for target in _mounts_under(roots):
+        proc = subprocess.run(["umount", "-l", target], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode == 0:
+            removed.append(f"mount {target}")
+    for root in roots:
+        if root.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(f"dir {root}")
+    return removed
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] != "cleanup":
+        print("usage: python -m tests.support.docker cleanup PREFIX", file=sys.stderr)
+        return 2
+    for line in cleanup_prefix(argv[1]):
+        print(f"removed {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
