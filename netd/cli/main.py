@@ -6,6 +6,7 @@ Operators' day-to-day commands live in ``netctl`` (:mod:`netd.cli.netctl`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import logging
 import os
@@ -15,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlparse, urlunparse
@@ -137,16 +139,14 @@ def ipam() -> None:
               metavar="SECONDS", help="Released addresses rest this long before re-use.")
 @click.option("--vlan-range", default="2-4094", show_default=True, metavar="LO-HI",
               help="VLANs that 'vlan: auto' pools are given from.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server processes sharing the listening socket and the database "
+                   "(SQLite serialises their writes).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               default="info", show_default=True)
 def serve(listen: str, store_url: str, token_file: Path | None, cooldown: float,
-          vlan_range: str, log_level: str) -> None:
+          vlan_range: str, workers: int, log_level: str) -> None:
     """Serve the IPAM HTTP API (see docs/API.md)."""
-    import uvicorn
-
-    from netd.ipam.api import create_app
-    from netd.ipam.metrics import Metrics
-    from netd.ipam.service import IPAM
     from netd.ipam.store import open_store
 
     host, port = parse_listen(listen)
@@ -158,7 +158,7 @@ def serve(listen: str, store_url: str, token_file: Path | None, cooldown: float,
 
     sock = bind_socket(host, port)
     try:
-        store = open_store(store_url)
+        open_store(store_url).close()  # creates the schema; each worker opens its own
     except (NetdError, OSError) as exc:
         sock.close()
         why = exc.message if isinstance(exc, NetdError) else str(exc)
@@ -166,8 +166,53 @@ def serve(listen: str, store_url: str, token_file: Path | None, cooldown: float,
     try:
         if token is None:
             log.warning("no --token-file: mutations are accepted without authentication")
-        ipam_service = IPAM(store, cooldown=cooldown, vlan_range=vlans)
-        app = create_app(ipam_service, token, Metrics())
+        log.info("netd ipam %s serving on http://%s:%d (store %s, %d worker%s)", __version__,
+                 f"[{host}]" if ":" in host else host, port, redact_url(store_url), workers,
+                 "" if workers == 1 else "s")
+        if workers == 1:
+            _serve_worker(sock, store_url, token, cooldown, vlans, level)
+        else:
+            sys.exit(_supervise(workers, lambda: _serve_worker(
+                sock, store_url, token, cooldown, vlans, level)))
+        log.info("netd ipam stopped")
+    finally:
+        sock.close()
+
+
+SHEBANG_MAX = 250  # the kernel reads at most 256 bytes of a '#!' line
+
+
+def _shebang(python: str) -> str:
+    """``#!PYTHON -IS``, checked (pure).
+
+    ``-I`` (isolated: no user site, no PYTHON* variables) and ``-S`` (no
+    site-packages) keep each exec fast and independent of the environment.
+    They go together as ``-IS``: Linux hands everything after the interpreter
+    on a '#!' line to it as ONE argument, and Python rejects ``"-I -S"``.
+    """
+    if not python.startswith("/"):
+        raise ValueError(f"python must be an absolute path, not {python!r}")
+    if any(c.isspace() for c in python):
+        raise ValueError(f"python path {python!r} contains whitespace; a '#!' line cannot hold it")
+    shebang = f"#!{python} -IS\n"
+    if len(shebang) > SHEBANG_MAX:
+        raise ValueError(f"python path {python!r} is too long for a '#!' line")
+    return shebang
+
+
+def _serve_worker(sock: socket.socket, store_url: str, token: str | None, cooldown: float,
+                  vlans: tuple[int, int], level: int) -> None:
+    """One server process: its own store connection, app and event loop."""
+    import uvicorn
+
+    from netd.ipam.api import create_app
+    from netd.ipam.metrics import Metrics
+    from netd.ipam.service import IPAM
+    from netd.ipam.store import open_store
+
+    store = open_store(store_url)
+    try:
+        app = create_app(IPAM(store, cooldown=cooldown, vlan_range=vlans), token, Metrics())
         have = importlib.util.find_spec
         config = uvicorn.Config(
             app,
@@ -192,34 +237,53 @@ def serve(listen: str, store_url: str, token_file: Path | None, cooldown: float,
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        log.info("netd ipam %s serving on http://%s:%d (store %s)", __version__,
-                 f"[{host}]" if ":" in host else host, port, redact_url(store_url))
         server.run(sockets=[sock])
-        log.info("netd ipam stopped")
     finally:
-        sock.close()
         store.close()
 
 
-SHEBANG_MAX = 250  # the kernel reads at most 256 bytes of a '#!' line
+def _supervise(workers: int, run: Callable[[], None]) -> int:
+    """Fork ``workers`` server processes on the bound socket; stop all when one dies.
 
-
-def _shebang(python: str) -> str:
-    """``#!PYTHON -IS``, checked (pure).
-
-    ``-I`` (isolated: no user site, no PYTHON* variables) and ``-S`` (no
-    site-packages) keep each exec fast and independent of the environment.
-    They go together as ``-IS``: Linux hands everything after the interpreter
-    on a '#!' line to it as ONE argument, and Python rejects ``"-I -S"``.
+    The kernel spreads accepted connections over the processes; SQLite's
+    write lock serialises their transactions on the shared database.
     """
-    if not python.startswith("/"):
-        raise ValueError(f"python must be an absolute path, not {python!r}")
-    if any(c.isspace() for c in python):
-        raise ValueError(f"python path {python!r} contains whitespace; a '#!' line cannot hold it")
-    shebang = f"#!{python} -IS\n"
-    if len(shebang) > SHEBANG_MAX:
-        raise ValueError(f"python path {python!r} is too long for a '#!' line")
-    return shebang
+    children: set[int] = set()
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run()
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            os._exit(code)
+        children.add(pid)
+    stopping = False
+
+    def _forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    status = 0
+    while children:
+        try:
+            pid, wstatus = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(wstatus)
+        if not stopping:
+            log.error("worker %d exited (%d); stopping the others", pid, code)
+            status = 1
+            _forward(signal.SIGTERM, None)
+    return status
 
 
 def plugin_script(shim_source: str, python: str) -> str:

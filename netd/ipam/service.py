@@ -371,21 +371,21 @@ class IPAM:
                         f"{ip_str(pool.version, existing.ip)} in pool {pool.name!r}")
                 return existing, pool
             ip, fixed = self._choose(tx, pool, req, handle)
-            if mac is not None:
-                if tx.mac_in_use(mac):
-                    raise MacInUse(f"MAC {mac} is already in use by another allocation")
-            else:
-                mac = mac_for_ipv4(ip) if pool.version == 4 else random_mac()
-                while tx.mac_in_use(mac):
-                    mac = random_mac()
-            now = self.clock()
             alloc = Allocation(
                 pool=pool.name, ip=ip, container_id=req.container_id, ifname=req.ifname,
-                mac=mac, host=req.host, netns=req.netns, handle=handle, fixed=fixed,
-                labels=labels, block=self._block_lo(pool, ip) if pool.mode == "bgp" else None,
-                created=now,
+                mac=mac or (mac_for_ipv4(ip) if pool.version == 4 else random_mac()),
+                host=req.host, netns=req.netns, handle=handle, fixed=fixed, labels=labels,
+                block=self._block_lo(pool, ip) if pool.mode == "bgp" else None,
+                created=self.clock(),
             )
-            tx.put_allocation(alloc)
+            while True:  # the store's unique index on MACs is the check
+                try:
+                    tx.put_allocation(alloc)
+                    break
+                except MacInUse:
+                    if mac is not None:  # the caller's choice: tell them
+                        raise
+                    alloc = replace(alloc, mac=random_mac())
             tx.add_counters(pool.name, -1 if fixed else 0, 1)
             tx.add_event(self._event(pool, alloc, "allocate", actor, "fixed" if fixed else ""))
             return alloc, pool
@@ -447,10 +447,11 @@ class IPAM:
         got = tx.first_free(pool, space)
         if got is None:
             return None
-        sp, lo, hi = got
-        tx.del_free(pool, lo)
+        _, lo, hi = got
         if lo < hi:
-            tx.put_free(pool, sp, lo + 1, hi)
+            tx.shrink_free(pool, lo, lo + 1)
+        else:
+            tx.del_free(pool, lo)
         return lo
 
     def _take_released(

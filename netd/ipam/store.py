@@ -13,6 +13,7 @@ key of a host block's first address in BGP pools.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -24,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from netd.errors import InvalidInput, Unavailable
+from netd.errors import InvalidInput, MacInUse, Unavailable
 from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
 
 
@@ -46,6 +47,7 @@ class Txn(Protocol):
     def free_overlapping(self, pool: str, lo: int, hi: int) -> list[tuple[str, int, int]]: ...
     def put_free(self, pool: str, space: str, lo: int, hi: int) -> None: ...
     def del_free(self, pool: str, lo: int) -> None: ...
+    def shrink_free(self, pool: str, lo: int, new_lo: int) -> None: ...
 
     # addresses that were handed out and came back
     def oldest_released(
@@ -66,8 +68,8 @@ class Txn(Protocol):
     def list_allocations(
         self, pool: str | None, host: str | None, after: int | None, limit: int
     ) -> list[Allocation]: ...
-    def mac_in_use(self, mac: str) -> bool: ...
-    def put_allocation(self, a: Allocation) -> None: ...
+    def put_allocation(self, a: Allocation) -> None:
+        """Insert; raises :class:`MacInUse` when a live allocation has that MAC."""
     def del_allocation(self, pool: str, ip: int) -> None: ...
     def hosts(self) -> list[dict[str, Any]]: ...
 
@@ -169,6 +171,12 @@ CREATE INDEX IF NOT EXISTS events_pool ON events (pool, id);
 """
 
 
+@functools.lru_cache(maxsize=4096)
+def _pool(doc: str) -> Pool:
+    """Decode a stored pool; cached by its exact text (pools are immutable values)."""
+    return Pool.from_dict(json.loads(doc))
+
+
 def _span(text: str) -> tuple[int, int] | None:
     """Address span of a range or pool event ("A-B" or a CIDR); None for one address."""
     try:
@@ -220,11 +228,10 @@ class SqliteTxn:
     # pools
     def get_pool(self, name: str) -> Pool | None:
         row = self._one("SELECT doc FROM pools WHERE name=?", name)
-        return Pool.from_dict(json.loads(row["doc"])) if row else None
+        return _pool(row["doc"]) if row else None
 
     def list_pools(self) -> list[Pool]:
-        return [Pool.from_dict(json.loads(r["doc"]))
-                for r in self._all("SELECT doc FROM pools ORDER BY name")]
+        return [_pool(r["doc"]) for r in self._all("SELECT doc FROM pools ORDER BY name")]
 
     def insert_pool(self, pool: Pool) -> None:
         self.db.execute("INSERT INTO pools (name, doc) VALUES (?, ?)",
@@ -283,6 +290,10 @@ class SqliteTxn:
 
     def del_free(self, pool: str, lo: int) -> None:
         self.db.execute("DELETE FROM free_ranges WHERE pool=? AND lo=?", (pool, key(lo)))
+
+    def shrink_free(self, pool: str, lo: int, new_lo: int) -> None:
+        self.db.execute("UPDATE free_ranges SET lo=? WHERE pool=? AND lo=?",
+                        (key(new_lo), pool, key(lo)))
 
     # released
     def oldest_released(
@@ -361,10 +372,15 @@ class SqliteTxn:
         args.append(limit)
         return [_alloc(r) for r in self._all(sql, *args)]
 
-    def mac_in_use(self, mac: str) -> bool:
-        return self._one("SELECT 1 FROM allocations WHERE mac=?", mac) is not None
-
     def put_allocation(self, a: Allocation) -> None:
+        try:
+            self._insert_allocation(a)
+        except sqlite3.IntegrityError as exc:
+            if "mac" in str(exc):
+                raise MacInUse(f"MAC {a.mac} is already in use by another allocation") from None
+            raise
+
+    def _insert_allocation(self, a: Allocation) -> None:
         self.db.execute(
             "INSERT INTO allocations (pool, ip, container_id, ifname, mac, host, netns, handle, "
             "fixed, labels, block, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

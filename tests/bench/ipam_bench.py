@@ -373,7 +373,7 @@ def server_addresses(ep: Endpoint) -> list[dict[str, Any]]:
 
 def bench_http(tmp: Path, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     (tmp / "http").mkdir()
-    server = start_server(tmp / "http")
+    server = start_server(tmp / "http", extra=["--workers", str(args.workers)])
     try:
         u = urlparse(server.url)
         assert u.hostname is not None and u.port is not None
@@ -1005,6 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="small counts and a 1M-row /8 fill: a smoke run, not the figures")
     ap.add_argument("--only", choices=["http", "inproc", "host-local"], action="append",
                     help="run only these parts (repeatable)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="server processes (netd ipam serve --workers); 2 on this 2-core box")
     ap.add_argument("--n16", type=int, default=5000)
     ap.add_argument("--n1", type=int, default=1000)
     ap.add_argument("--calib", type=int, default=800)
