@@ -36,7 +36,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -117,8 +117,7 @@ class DockerDriver:
 
     def __init__(self, cfg: AgentConfig, ipam: IpamApi, state: StateStore, *,
                  release_ipam: IpamApi | None = None, docker: DockerApi | None = None,
-                 links: Links | None = None, bridge: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 links: Links | None = None, bridge: str | None = None) -> None:
         self.cfg = cfg
         self.ipam = ipam
         self.release_ipam = release_ipam or ipam
@@ -126,7 +125,6 @@ class DockerDriver:
         self.docker = docker
         self.links = links or VethLinks()
         self.bridge = bridge or cfg.l2.bridge
-        self.clock = clock
         self.name_timeout = NAME_TIMEOUT
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -645,11 +643,9 @@ class DockerDriver:
             if ep.state in ("creating", "deleting"):
                 self._teardown(ep, f"interrupted {ep.state}")
                 done.append(f"undid interrupted {ep.state} of endpoint {ep.endpoint_id[:12]}")
-        known_nets = {n.network_id for n in self.state.docker_networks()}
-        for ep in self.state.docker_endpoints():
-            if ep.network_id not in known_nets:
-                known_nets.add(ep.network_id)  # asked about below
-        for nid in sorted(known_nets):
+        nets = {n.network_id for n in self.state.docker_networks()}
+        nets |= {ep.network_id for ep in self.state.docker_endpoints()}
+        for nid in sorted(nets):
             done += self._reconcile_network(nid)
         for rec in self.state.docker_addresses():
             if rec.owner.startswith(PENDING):

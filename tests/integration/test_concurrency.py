@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import signal as sig
 import re
 import subprocess
 import sys
@@ -135,3 +137,34 @@ def test_two_servers_one_store(tmp_path: Path) -> None:
             b.stop()
     finally:
         a.stop()
+
+
+@pytest.mark.real
+def test_two_worker_processes_share_socket_and_store(tmp_path: Path) -> None:
+    """`netd ipam serve --workers 2`: both serve, no duplicates, SIGTERM stops both."""
+    srv = start_server(tmp_path, extra=["--workers", "2"])
+    try:
+        children = [int(p) for p in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children")
+                    .read_text().split()]
+        assert len(children) == 2
+        headers = {"Authorization": f"Bearer {srv.token}"}
+        httpx.post(f"{srv.url}/v1/pools", json={"name": "w", "cidr": "10.77.0.0/20"},
+                   headers=headers).raise_for_status()
+
+        def alloc(i: int) -> str:
+            with httpx.Client(base_url=srv.url, headers=headers) as c:
+                r = c.post("/v1/allocate", json={"pool": "w", "container_id": f"c{i}"})
+                r.raise_for_status()
+                return str(r.json()["ip"])
+
+        with concurrent.futures.ThreadPoolExecutor(16) as ex:
+            ips = list(ex.map(alloc, range(400)))
+        assert len(set(ips)) == 400
+        assert httpx.get(f"{srv.url}/v1/pools/w").json()["allocated"] == 400
+        srv.proc.send_signal(sig.SIGTERM)
+        assert srv.proc.wait(20) == 0
+        for child in children:
+            assert not os.path.exists(f"/proc/{child}") or \
+                Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+    finally:
+        srv.stop()

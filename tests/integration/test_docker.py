@@ -253,6 +253,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
         except dk.DockerUnavailable as exc:
             require(False, f"cannot start dockerd: {exc}")
         print(f"\nlab {prefix} up, dockerd answering after {took:.1f}s")
+        # as on a Docker host with docker0: forwarding on, FORWARD policy DROP (in h1 only)
+        subprocess.run(["ip", "netns", "exec", the_lab.ns("h1"), "iptables", "-P", "FORWARD",
+                        "DROP"], check=True, timeout=30)
         dockerd.import_busybox()
         yield the_lab
     finally:
@@ -407,7 +410,11 @@ def test_ten_parallel_containers_get_pool_addresses(lab: DockerLab, net: str) ->
 
         wait_for("gratuitous ARP of every container", announced, 10, 0.1)
 
-        # they reach each other, the gateway and the other host over the switch
+        # they reach each other, the gateway and the other host over the switch, although
+        # h1's FORWARD policy is DROP (and bridged frames pass iptables)
+        rules = subprocess.run(["ip", "netns", "exec", lab.ns("h1"), "iptables", "-S",
+                                "FORWARD"], capture_output=True, text=True, check=True).stdout
+        assert "-P FORWARD DROP" in rules, rules
         def reach(i: int) -> list[str]:
             me, other = names[i], names[(i + 1) % 10]
             targets = [GATEWAY, eps[other]["IPAddress"], H2]

@@ -9,8 +9,10 @@ found by trying:
   exec``: the latter mounts a fresh sysfs in a new mount namespace, where
   dockerd finds no cgroup mounts ("Devices cgroup isn't mounted"). So dockerd
   shares the root mount namespace and only the network namespace is the lab
-  host's: its iptables rules (``--iptables=true``: FORWARD policy DROP, as on
-  a real Docker host), its ip_forward and the veths it moves live there.
+  host's: its iptables chains (``--iptables=true``, Docker's default), its
+  ip_forward and the veths it moves live there. With ``--bridge=none`` dockerd
+  leaves the FORWARD policy alone; tests set it to DROP in that namespace, as
+  a Docker host with docker0 has it.
 * ``--bridge=none``: no docker0; every test container uses a netd network.
 * per-run ``--data-root /var/lib/PREFIX-docker``, ``--exec-root
   /run/PREFIX-docker`` (its own supervised containerd lives under it),
