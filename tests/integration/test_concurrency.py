@@ -5,8 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal as sig
 import re
+import signal as sig
 import subprocess
 import sys
 import time
