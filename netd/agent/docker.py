@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from netd.agent.docker_driver import PluginError
+from netd.agent.server import root_only_socket
 
 log = logging.getLogger("netd.agent.docker")
 
@@ -113,23 +114,8 @@ class PluginServer(ThreadingHTTPServer):
     def __init__(self, path: str, driver: Driver) -> None:
         self.path = path
         self.driver = driver
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket of a dead agent
-            else:
-                raise RuntimeError(f"something already serves {path}")
-            finally:
-                probe.close()
-        old = os.umask(0o177)
-        try:
+        with root_only_socket(path):
             super().__init__(path, _Handler)  # type: ignore[arg-type]
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up a host name, which a unix socket has not

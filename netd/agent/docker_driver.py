@@ -46,6 +46,7 @@ from netd.agent.docker_link import VethLinks
 from netd.agent.state import DockerAddress, DockerEndpoint, DockerNetwork, StateStore
 from netd.dataplane.model import normalize_mac
 from netd.errors import AddressInUse, NetdError, PoolNotFound, Unavailable
+from netd.ipam.client import IpamApi
 
 log = logging.getLogger("netd.agent.docker")
 
@@ -69,25 +70,6 @@ class PluginError(Exception):
         super().__init__(message)
         self.message = message if message.startswith("netd: ") else f"netd: {message}"
         self.status = status
-
-
-class IpamApi(Protocol):
-    """The part of :class:`netd.ipam.client.Client` this driver uses."""
-
-    def list_pools(self) -> dict[str, Any]: ...
-    def get_pool(self, name: str) -> dict[str, Any]: ...
-    def allocate(self, pool: str, container_id: str, ifname: str = "eth0", host: str = "",
-                 netns: str = "", labels: dict[str, str] | None = None, ip: str | None = None,
-                 mac: str | None = None, handle: str | None = None) -> dict[str, Any]: ...
-    def release(self, pool: str | None = None, container_id: str | None = None,
-                ifname: str | None = None, ip: str | None = None,
-                force: bool = False) -> dict[str, Any]: ...
-    def update(self, ip: str, container_id: str, ifname: str | None = None,
-               new_container_id: str | None = None,
-               labels: dict[str, str] | None = None) -> dict[str, Any]: ...
-    def show(self, ip: str) -> dict[str, Any]: ...
-    def addresses(self, pool: str | None = None, host: str | None = None, limit: int = 1000,
-                  after: str | None = None) -> dict[str, Any]: ...
 
 
 class Links(Protocol):

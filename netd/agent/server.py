@@ -17,12 +17,39 @@ import os
 import socket
 import socketserver
 import struct
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from netd.agent.cniresult import render_reply, request_version
 
 log = logging.getLogger("netd.agent.server")
 MAX_REQUEST = 4 << 20
+
+
+@contextlib.contextmanager
+def root_only_socket(path: str) -> Iterator[None]:
+    """Bind a unix socket at ``path`` inside this block; it ends up mode 0600.
+
+    A stale socket of a dead process is removed; a live one is an error. The
+    umask makes the socket 0600 from the moment it exists (no chmod race).
+    """
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise RuntimeError(f"something already serves {path}")
+        finally:
+            probe.close()
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
 
 
 class Handler(Protocol):
@@ -68,24 +95,8 @@ class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, target: Handler) -> None:
         self.path = path
         self.target = target
-        parent = os.path.dirname(path) or "."
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket of a dead agent
-            else:
-                raise RuntimeError(f"another agent is already serving {path}")
-            finally:
-                probe.close()
-        old = os.umask(0o177)
-        try:
+        with root_only_socket(path):
             super().__init__(path, _Conn)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
 
     def peer_allowed(self, conn: socket.socket) -> bool:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

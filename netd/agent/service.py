@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from netd.agent import cniresult as cni
 from netd.agent.cniresult import CniError, CniRequest
@@ -32,27 +32,11 @@ from netd.errors import (
     Unauthorized,
     Unavailable,
 )
+from netd.ipam.client import IpamApi
 
 log = logging.getLogger("netd.agent")
 
 DAD_ATTEMPTS = 3
-
-
-class IpamApi(Protocol):
-    """The part of :class:`netd.ipam.client.Client` the agent uses."""
-
-    def health(self) -> dict[str, Any]: ...
-    def get_pool(self, name: str) -> dict[str, Any]: ...
-    def allocate(self, pool: str, container_id: str, ifname: str = "eth0", host: str = "",
-                 netns: str = "", labels: dict[str, str] | None = None, ip: str | None = None,
-                 mac: str | None = None, handle: str | None = None) -> dict[str, Any]: ...
-    def release(self, pool: str | None = None, container_id: str | None = None,
-                ifname: str | None = None, ip: str | None = None,
-                force: bool = False) -> dict[str, Any]: ...
-    def reserve(self, pool: str, range: str, note: str = "") -> dict[str, Any]: ...
-    def show(self, ip: str) -> dict[str, Any]: ...
-    def addresses(self, pool: str | None = None, host: str | None = None, limit: int = 1000,
-                  after: str | None = None) -> dict[str, Any]: ...
 
 
 def _cni_error(exc: NetdError) -> CniError:

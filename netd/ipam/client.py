@@ -9,7 +9,7 @@ raises :class:`netd.errors.Unavailable`.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -86,6 +86,27 @@ def _check_url(base_url: str) -> str:
 def _seg(value: str) -> str:
     """One URL path segment, escaped (pool names and addresses)."""
     return quote(value, safe=":")
+
+
+class IpamApi(Protocol):
+    """What the host agent and the Docker driver call on the IPAM (fakes implement this)."""
+
+    def health(self) -> dict[str, Any]: ...
+    def list_pools(self) -> dict[str, Any]: ...
+    def get_pool(self, name: str) -> dict[str, Any]: ...
+    def allocate(self, pool: str, container_id: str, ifname: str = "eth0", host: str = "",
+                 netns: str = "", labels: dict[str, str] | None = None, ip: str | None = None,
+                 mac: str | None = None, handle: str | None = None) -> dict[str, Any]: ...
+    def release(self, pool: str | None = None, container_id: str | None = None,
+                ifname: str | None = None, ip: str | None = None,
+                force: bool = False) -> dict[str, Any]: ...
+    def reserve(self, pool: str, range: str, note: str = "") -> dict[str, Any]: ...
+    def update(self, ip: str, container_id: str, ifname: str | None = None,
+               new_container_id: str | None = None,
+               labels: dict[str, str] | None = None) -> dict[str, Any]: ...
+    def show(self, ip: str) -> dict[str, Any]: ...
+    def addresses(self, pool: str | None = None, host: str | None = None, limit: int = 1000,
+                  after: str | None = None) -> dict[str, Any]: ...
 
 
 class Client:
