@@ -1005,8 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="small counts and a 1M-row /8 fill: a smoke run, not the figures")
     ap.add_argument("--only", choices=["http", "inproc", "host-local"], action="append",
                     help="run only these parts (repeatable)")
-    ap.add_argument("--workers", type=int, default=2,
-                    help="server processes (netd ipam serve --workers); 2 on this 2-core box")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="server processes (netd ipam serve --workers); on this 2-core box "
+                         "the load generator needs the other core, so 1")
     ap.add_argument("--n16", type=int, default=5000)
     ap.add_argument("--n1", type=int, default=1000)
     ap.add_argument("--calib", type=int, default=800)
