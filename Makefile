@@ -56,6 +56,7 @@ demo-down:
 bench: deps venv
 	$(BIN)/python -m tests.bench.ipam_bench
 	$(BIN)/python -m tests.bench.cni_bench
+	$(BIN)/python -m tests.bench.docker_bench
 
 clean: demo-down
 	rm -rf $(VENV) .demo .bench *.egg-info

@@ -15,7 +15,17 @@ through ``netctl``, writes one podman network per host (``PREFIX-hN``, type
 every host namespace. Everything it makes is recorded, as it is made, in the
 manifest ``DIR/lab.json``: ``netd lab down`` reads it and also sweeps by name
 (namespaces ``PREFIX-sw|gw|hN``, conflists ``PREFIX-hN.conflist``, every
-process living in a lab namespace), so it cleans up after a crash too.
+process living in a lab namespace, a dockerd of the prefix), so it cleans up
+after a crash too.
+
+Docker (docs/DOCKER.md): ``--docker`` starts a dockerd in h1's namespace
+(:mod:`netd.lab_docker`; socket ``unix:///run/PREFIX/docker.sock``) and h1's
+agent serves the plugin ``netd`` for it (``docker_plugin = true``,
+``docker_host`` = that socket). ``--docker-host URL`` only configures h1's
+agent that way, for a dockerd the caller starts in h1 (the tests do: they
+restart theirs). ``netd lab down`` removes the dockerd's containers (while the agent
+can still release their addresses), the dockerd, its mounts, cgroups and
+directories.
 
 The lab never touches the machine's own interfaces: every link, address and
 route lives in its namespaces; 198.18.0.0/24 only exists there.
@@ -47,6 +57,9 @@ from typing import Any, TypeVar
 
 import click
 
+from netd import lab_docker
+from netd.lab_docker import Dockerd, DockerdError
+
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "ndlab"
@@ -66,6 +79,7 @@ POOL = "lab"
 HOST_OFFSET = 10  # host N gets .(10+N): h1 -> .11
 MAX_HOSTS = 39  # .11 .. .49, all inside the reserved range
 MODES = ("l2",)
+DOCKER_ON = "h1"  # the host whose agent serves the Docker plugin (--docker, --docker-host)
 UPLINK = "bond0"
 HOST_BRIDGE = "br0"
 GW_LINK = "lan0"
@@ -116,6 +130,16 @@ class LabPlan:
     mode: str
     hosts: tuple[HostPlan, ...]
     cni_conf_dir: Path
+    # h1's agent serves the Docker plugin and asks this dockerd (None: no plugin)
+    docker_host: str | None = None
+    # ... and the lab starts that dockerd in h1 itself (--docker)
+    start_dockerd: bool = False
+
+    @property
+    def dockerd(self) -> Dockerd:
+        """The dockerd ``--docker`` runs in h1 (names only; nothing is started)."""
+        host = next(h for h in self.hosts if h.name == DOCKER_ON)
+        return Dockerd(self.prefix, host.netns, host.dir / "dockerd.log")
 
     @property
     def switch_ns(self) -> str:
@@ -167,9 +191,20 @@ def validate_prefix(prefix: str) -> str:
 
 
 def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
-             cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR) -> LabPlan:
-    """Every name, address and path of a lab (pure)."""
+             cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR, *, docker: bool = False,
+             docker_host: str | None = None) -> LabPlan:
+    """Every name, address and path of a lab (pure).
+
+    ``docker``: the lab starts a dockerd in h1 and h1's agent serves the plugin
+    for it; ``docker_host``: h1's agent serves the plugin for that dockerd.
+    """
     validate_prefix(prefix)
+    if docker and docker_host:
+        raise click.BadParameter("give --docker (the lab starts dockerd) or --docker-host "
+                                 "(you start it), not both", param_hint="--docker-host")
+    if docker_host is not None and not re.fullmatch(r"unix:///\S+", docker_host):
+        raise click.BadParameter(f"{docker_host!r}: unix:///PATH of dockerd's socket",
+                                 param_hint="--docker-host")
     if mode not in MODES:
         raise click.BadParameter(f"{mode!r}: only {', '.join(MODES)} for now",
                                  param_hint="--mode")
@@ -185,8 +220,11 @@ def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
             switch_port=f"{prefix}-{name}", dir=directory / name,
             network=f"{prefix}-{name}",
             conflist=cni_conf_dir / f"{prefix}-{name}.conflist"))
+    if docker:
+        docker_host = Dockerd(prefix, f"{prefix}-{DOCKER_ON}",
+                              directory / DOCKER_ON / "dockerd.log").host
     return LabPlan(prefix=prefix, dir=directory, mode=mode, hosts=tuple(plans),
-                   cni_conf_dir=cni_conf_dir)
+                   cni_conf_dir=cni_conf_dir, docker_host=docker_host, start_dockerd=docker)
 
 
 def _toml_str(value: str) -> str:
@@ -195,6 +233,9 @@ def _toml_str(value: str) -> str:
 
 def agent_config_text(plan: LabPlan, host: HostPlan) -> str:
     """The host's ``agent.toml`` (keys as in shared/DESIGN.md)."""
+    docker = []
+    if plan.docker_host and host.name == DOCKER_ON:  # top-level keys: before any table
+        docker = ["docker_plugin = true", f"docker_host = {_toml_str(plan.docker_host)}"]
     return "\n".join([
         f"# netd lab {plan.prefix}: agent of {host.name} (namespace {host.netns})",
         f"host = {_toml_str(host.name)}",
@@ -203,6 +244,7 @@ def agent_config_text(plan: LabPlan, host: HostPlan) -> str:
         f"token_file = {_toml_str(str(plan.token_file))}",
         f"socket = {_toml_str(str(host.socket))}",
         f"state_dir = {_toml_str(str(host.state_dir))}",
+        *docker,
         "",
         "[l2]",
         f"uplink = {_toml_str(UPLINK)}",
@@ -687,6 +729,23 @@ def _start_agent(plan: LabPlan, host: HostPlan, manifest: dict[str, Any], netd: 
     _wait(f"agent of {host.name}", host.socket.exists, timeout, failed)
 
 
+def _start_dockerd(plan: LabPlan, manifest: dict[str, Any],
+                   echo: Callable[[str], None]) -> None:
+    """dockerd in h1 (recorded before it starts), answering on its socket."""
+    dockerd = plan.dockerd
+    record = {**dockerd.record(), "argv": dockerd.argv()}
+    manifest["docker"]["dockerd"] = record
+    save_manifest(plan.dir, manifest)
+    try:
+        proc = dockerd.start()
+        record["pid"], record["started"] = proc.pid, _now()
+        save_manifest(plan.dir, manifest)
+        took = dockerd.wait(proc.pid)
+    except DockerdError as exc:
+        raise LabError(f"dockerd in {dockerd.netns}: {exc}") from None
+    echo(f"dockerd in {dockerd.netns} answering at {dockerd.host} after {took:.1f}s")
+
+
 def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
            cni_bin_dir: Path = DEFAULT_CNI_BIN_DIR, cooldown: float | None = None,
            agent_timeout: float = 30.0, keep_on_failure: bool = False,
@@ -696,6 +755,10 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
     netd, netctl = _bin("netd"), _bin("netctl")
     if agents and not agent_available(netd):
         raise LabError(f"'{netd} agent' is not available (yet): use --no-agents")
+    if plan.docker_host and not agents:
+        raise LabError("--docker and --docker-host need the agents (h1's serves the plugin)")
+    if plan.start_dockerd and not os.access(lab_docker.DOCKERD, os.X_OK):
+        raise LabError(f"{lab_docker.DOCKERD} is missing: install docker.io (make deps)")
     previous = load_manifest(plan.dir)
     if previous is not None and previous.get("prefix") not in (None, plan.prefix):
         raise LabError(f"{plan.dir} holds lab {previous.get('prefix')!r}; "
@@ -706,6 +769,9 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
         lab_down(plan.dir, plan.prefix, cni_conf_dir=plan.cni_conf_dir, echo=echo)
     if plan.dir.exists() and any(plan.dir.iterdir()):
         raise LabError(f"{plan.dir} is not empty and holds no lab manifest: use another --dir")
+    if plan.docker_host and lab_docker.plugin_served():
+        raise LabError(f"{lab_docker.PLUGIN_SOCKET} is already served (another lab's or "
+                       "host's agent): one Docker plugin 'netd' per machine")
     plan.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     started = time.monotonic()
     manifest: dict[str, Any] = {
@@ -714,7 +780,7 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
         "subnet": str(SUBNET), "gateway": GATEWAY, "pool": POOL,
         "switch": {"netns": plan.switch_ns, "bridge": plan.bridge},
         "ipam": None, "ipam_url": plan.ipam_url, "token_file": str(plan.token_file),
-        "namespaces": [], "conflists": [],
+        "namespaces": [], "conflists": [], "docker": None,
         "hosts": [{"name": h.name, "netns": h.netns, "address": h.address,
                    "uplink": UPLINK, "config": str(h.config), "socket": str(h.socket),
                    "network": h.network, "conflist": str(h.conflist), "agent": None}
@@ -736,9 +802,16 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
             manifest["conflists"].append(str(host.conflist))
             save_manifest(plan.dir, manifest)
             _atomic_write(host.conflist, json.dumps(conflist_doc(plan, host), indent=2) + "\n")
+        if plan.docker_host:
+            manifest["docker"] = {"on": DOCKER_ON, "docker_host": plan.docker_host,
+                                  "plugin_socket": str(lab_docker.PLUGIN_SOCKET),
+                                  "dockerd": None}
+            save_manifest(plan.dir, manifest)
         if agents:
             for host in plan.hosts:
                 _start_agent(plan, host, manifest, netd, agent_timeout)
+        if plan.start_dockerd:
+            _start_dockerd(plan, manifest, echo)
         manifest["state"] = "up"
         manifest["agents"] = agents
         manifest["up_seconds"] = round(time.monotonic() - started, 2)
@@ -795,6 +868,14 @@ def lab_down(directory: Path, prefix: str | None = None, *,
         if proc.returncode != 0:
             echo(f"warning: podman rm: {proc.stderr.strip()}")
         removed += [f"container {n}" for n in names]
+    # 1b. the lab's dockerd: its containers (through its API, while h1's agent serves
+    # the plugin), then dockerd, containerd, shims, mounts, cgroups, dirs (by name)
+    docker = (manifest or {}).get("docker") or {}
+    dockerd = docker.get("dockerd") or {}
+    if dockerd.get("socket") and lab_docker.ping(dockerd["socket"]):
+        removed += [f"docker container {n}"
+                    for n in lab_docker.remove_containers(dockerd["socket"])]
+    removed += [f"dockerd's {line}" for line in lab_docker.sweep(prefix)]
     # 2. processes: recorded ones, then anything else living in a lab namespace
     recorded = [(manifest or {}).get("ipam")]
     recorded += [h.get("agent") for h in (manifest or {}).get("hosts", [])]
@@ -811,6 +892,11 @@ def lab_down(directory: Path, prefix: str | None = None, *,
         if path.exists():
             path.unlink()
             removed.append(f"conflist {path}")
+    # a plugin socket h1's agent left behind (killed): dockerd would still try it
+    plugin = Path(docker.get("plugin_socket") or lab_docker.PLUGIN_SOCKET)
+    if docker and plugin.exists() and not lab_docker.plugin_served(plugin):
+        plugin.unlink(missing_ok=True)
+        removed.append(f"stale plugin socket {plugin}")
     _remove_dir_contents(directory, manifest)
     return removed
 
@@ -851,6 +937,7 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
                  "running": _recorded_process_alive(ipam) is not None, "healthy": healthy},
         "gateway": manifest.get("gateway"), "pool": manifest.get("pool"),
         "hosts": hosts, "containers": containers, "podman": podman_available(),
+        "docker": _docker_status(manifest.get("docker")),
     }
     if ping and containers:
         sources, targets, results = reachability(containers)
@@ -858,6 +945,20 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
             "sources": sources, "targets": targets,
             "results": [{"from": s, "to": t, "result": r} for (s, t), r in results.items()]}
     return status
+
+
+def _docker_status(docker: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not docker:
+        return None
+    dockerd = docker.get("dockerd") or {}
+    pid = dockerd.get("pid")
+    return {"on": docker.get("on"), "docker_host": docker.get("docker_host"),
+            "plugin_socket": docker.get("plugin_socket"),
+            "plugin_served": lab_docker.plugin_served(Path(docker.get("plugin_socket") or
+                                                           lab_docker.PLUGIN_SOCKET)),
+            "dockerd_started_by_lab": bool(dockerd), "dockerd_pid": pid,
+            "dockerd_answering": lab_docker.ping(lab_docker.socket_path(
+                str(docker.get("docker_host") or "")))}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -877,6 +978,14 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append([h["name"], h["netns"] if h["netns_present"] else f"{h['netns']} (GONE)",
                      h["address"], agent, "yes" if h["socket_present"] else "no", addrs or "-"])
     out.append(render_table(["HOST", "NETNS", "ADDRESS", "AGENT", "SOCKET", "ADDRESSES"], rows))
+    docker = status.get("docker")
+    if docker:
+        who = (f"dockerd pid {docker['dockerd_pid']} (the lab's)"
+               if docker["dockerd_started_by_lab"] else "dockerd (yours)")
+        out.append(f"docker: {who} {docker['docker_host']} "
+                   f"{'answering' if docker['dockerd_answering'] else 'NOT ANSWERING'}; "
+                   f"plugin netd by {docker['on']}'s agent "
+                   f"{'served' if docker['plugin_served'] else 'NOT SERVED'}")
     out.append("")
     if not status["podman"]:
         out.append("containers: podman is not installed")
@@ -930,12 +1039,19 @@ def lab_cli() -> None:
               help="Where the per-host podman network conflists go.")
 @click.option("--cooldown", type=click.FloatRange(min=0), default=None,
               help="IPAM: seconds a released address rests (server default when unset).")
+@click.option("--docker", is_flag=True,
+              help=f"Start a dockerd in {DOCKER_ON}'s namespace (Debian docker.io) and have "
+                   f"{DOCKER_ON}'s agent serve the Docker plugin 'netd' for it.")
+@click.option("--docker-host", default=None, metavar="unix:///PATH",
+              help=f"Have {DOCKER_ON}'s agent serve the Docker plugin 'netd' for a dockerd "
+                   "you start (in its namespace) with this socket.")
 @click.option("--keep-on-failure", is_flag=True, help="Leave a half-built lab for debugging.")
 def up_cmd(mode: str, hosts: int, prefix: str, directory: Path, agents: bool,
            install_cni: bool, cni_bin_dir: Path, cni_conf_dir: Path, cooldown: float | None,
-           keep_on_failure: bool) -> None:
+           docker: bool, docker_host: str | None, keep_on_failure: bool) -> None:
     """Build the lab (a previous one with the same prefix is removed first)."""
-    plan = plan_lab(prefix, hosts, directory, mode, cni_conf_dir)
+    plan = plan_lab(prefix, hosts, directory, mode, cni_conf_dir, docker=docker,
+                    docker_host=docker_host)
     manifest = lab_up(plan, agents=agents, install_cni=install_cni, cni_bin_dir=cni_bin_dir,
                       cooldown=cooldown, keep_on_failure=keep_on_failure)
     click.echo(f"lab {plan.prefix} up in {manifest['up_seconds']}s: IPAM {plan.ipam_url} "
@@ -945,6 +1061,12 @@ def up_cmd(mode: str, hosts: int, prefix: str, directory: Path, agents: bool,
                  else "no agent")
         click.echo(f"  {h.name}: netns {h.netns}, {UPLINK} {h.address}, {agent}, "
                    f"podman network {h.network}")
+    if plan.docker_host:
+        started = "the lab's dockerd" if plan.start_dockerd else "your dockerd"
+        click.echo(f"  docker: {DOCKER_ON}'s agent serves plugin netd for {started} at "
+                   f"{plan.docker_host}")
+        click.echo(f"try: docker -H {plan.docker_host} network create -d netd --ipam-driver "
+                   f"netd --ipam-opt pool={POOL} --subnet {SUBNET} NAME")
     click.echo(f"try: podman run -d --network {plan.hosts[0].network} --cap-add NET_RAW "
                f"--rootfs DIR sleep 300; netd lab status --dir {plan.dir}")
 

@@ -152,11 +152,17 @@ def status_cmd(config_path: str, socket_path: str | None, as_json: bool) -> None
         return
     click.echo(f"host {st['host']}  mode {st['mode']}  uptime {st['uptime']}s")
     click.echo(f"ipam {st['ipam_url']}  reachable={st['ipam_reachable']}  "
-               f"pending releases={st['pending_releases']}")
-    rows = [("NETWORK", "CONTAINER", "IFNAME", "IP", "MAC", "HOST IF", "STATE")]
-    rows += [(a["network"], a["container_id"][:12], a["ifname"], a["ip"] or "-",
+               f"pending releases={st['pending_releases']}"
+               + ("  docker plugin on" if st.get("docker_plugin") else ""))
+    rows = [("PLUGIN", "NETWORK", "CONTAINER", "IFNAME", "IP", "MAC", "HOST IF", "STATE")]
+    rows += [(a["plugin"], a["network"], a["container_id"][:12], a["ifname"], a["ip"] or "-",
               a["mac"] or "-", a["host_ifname"] or "-", a["state"])
              for a in st["attachments"]]
+    # Docker endpoints: network and endpoint ids (12 digits, as docker shows them); the
+    # container's name once dockerd has told it; Docker names the interface (ethN) itself
+    rows += [("docker", e["network_id"][:12], e["container_name"] or e["endpoint_id"][:12],
+              "-", e["ip"] or "-", e["mac"] or "-", e["host_ifname"] or "-", e["state"])
+             for e in st.get("docker_endpoints", [])]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -443,9 +443,22 @@ class Agent:
                 {"network": a.network, "container_id": a.container_id, "ifname": a.ifname,
                  "plugin": a.plugin, "state": a.state, "ip": a.ip, "mac": a.mac,
                  "host_ifname": a.host_ifname, "netns": a.netns} for a in atts],
+            "docker_plugin": self.cfg.docker_plugin,
+            "docker_endpoints": self._docker_endpoints(),
             "pending_releases": len(self.state.pending()),
             "repaired_at_start": self.repaired,
         }
+
+    def _docker_endpoints(self) -> list[dict[str, Any]]:
+        """The Docker driver's endpoints (its tables in the same state store), when kept."""
+        endpoints = getattr(self.state, "docker_endpoints", None)
+        if endpoints is None:
+            return []
+        return [
+            {"plugin": "docker", "network_id": e.network_id, "endpoint_id": e.endpoint_id,
+             "container_name": e.container_name, "pool": e.pool, "state": e.state,
+             "ip": e.ip or None, "mac": e.mac or None, "host_ifname": e.host_ifname,
+             "sandbox": e.sandbox} for e in endpoints()]
 
     def reconcile(self) -> list[str]:
         """Finish or undo what a crash interrupted; keep live attachments working.

@@ -5,7 +5,9 @@ at 198.18.0.2, hosts h1 and h2 whose ``bond0`` is on ``br0``. dockerd 20.10
 (Debian docker.io) runs in h1's network namespace (tests/support/docker.py
 says how and why), and h1's agent serves the plugin socket
 ``/run/docker/plugins/netd.sock`` (``docker_plugin = true``). Every container
-is a busybox-static image made with ``docker import``.
+is a busybox-static image made with ``docker import``. ``netd lab up
+--docker-host`` writes h1's agent config with the plugin on; the tests start
+(and restart) their own dockerd.
 
 The lab pool ``lab`` (198.18.0.0/24) is the hosts' own subnet, so Docker
 networks on it name ``--subnet 198.18.0.0/24``: libnetwork checks a pool it
@@ -222,12 +224,6 @@ def plugin_answers() -> bool:
         return False
 
 
-def docker_config(lab_config: Path, dockerd: dk.TestDockerd) -> str:
-    """The lab's agent.toml for h1 with the Docker plugin on (keys before any table)."""
-    return (f"docker_plugin = true\ndocker_host = \"{dockerd.host}\"\n"
-            f"{lab_config.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
     require(os.geteuid() == 0, "dockerd and the lab need root")
@@ -241,13 +237,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
     base = tmp_path_factory.mktemp("docker")
     prefix = f"nd{os.urandom(3).hex()}"
     dockerd = dk.TestDockerd(prefix, f"{prefix}-h1", base)
-    the_lab = DockerLab(prefix, base / "lab", dockerd, base / "h1-docker.toml")
+    the_lab = DockerLab(prefix, base / "lab", dockerd, base / "lab" / "h1" / "agent.toml")
     try:
+        # h1's agent serves the plugin for the dockerd started below
         the_lab.cli("up", "--mode", "l2", "--hosts", "2", "--prefix", prefix, "--dir",
-                    str(the_lab.dir), "--no-install-cni", "--cni-conf-dir", str(base / "cni"))
-        the_lab.config.write_text(docker_config(the_lab.dir / "h1" / "agent.toml", dockerd))
-        the_lab.kill_agent(15)
-        the_lab.start_agent()
+                    str(the_lab.dir), "--no-install-cni", "--cni-conf-dir", str(base / "cni"),
+                    "--docker-host", dockerd.host)
+        wait_for("the agent's docker plugin", plugin_answers, 30)
         try:
             took = dockerd.start()
         except dk.DockerUnavailable as exc:

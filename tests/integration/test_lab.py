@@ -372,3 +372,81 @@ def test_a_failed_up_removes_what_it_built(lab: Lab, monkeypatch: pytest.MonkeyP
     with pytest.raises(labmod.LabError, match="injected"):
         labmod.lab_up(plan, agents=False, echo=lambda _: None)
     assert_gone(lab)
+
+
+def test_lab_up_docker_runs_dockerd_in_h1_and_down_removes_it(lab: Lab,
+                                                              tmp_path: Path) -> None:
+    """``--docker``: dockerd in h1, h1's agent serves the plugin; ``down`` removes it all."""
+    from netd import lab_docker
+    from tests.support import docker as dk
+
+    try:
+        dk.ensure_docker()
+    except dk.DockerUnavailable as exc:
+        require(False, str(exc))
+    require(not lab_docker.plugin_served(), f"{lab_docker.PLUGIN_SOCKET} is already served")
+    out = lab.netd("up", "--mode", "l2", "--hosts", "1", "--prefix", lab.prefix, "--dir",
+                   str(lab.dir), "--no-install-cni", "--cni-conf-dir", str(tmp_path / "cni"),
+                   "--docker", timeout=300).stdout
+    host = f"unix:///run/{lab.prefix}/docker.sock"
+    assert f"answering at {host}" in out and "network create -d netd" in out, out
+    manifest = lab.manifest()
+    dockerd = manifest["docker"]["dockerd"]
+    assert manifest["docker"]["on"] == "h1" and manifest["docker"]["docker_host"] == host
+    assert process_alive(dockerd["pid"]) and dockerd["data_root"] == f"/var/lib/{lab.prefix}-docker"
+    config = tomllib.loads(Path(manifest["hosts"][0]["config"]).read_text())
+    assert config["docker_plugin"] is True and config["docker_host"] == host
+    # dockerd lives in h1's network namespace, not the machine's
+    assert os.stat(f"/proc/{dockerd['pid']}/ns/net").st_ino == os.stat(
+        f"/run/netns/{lab.ns('h1')}").st_ino
+    status = lab.status("--no-ping")
+    assert status["docker"]["dockerd_answering"] and status["docker"]["plugin_served"]
+    assert "docker: dockerd pid" in lab.netd("status", "--dir", str(lab.dir), "--no-ping").stdout
+
+    def docker(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["docker", "-H", host, *args], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    import docker as docker_sdk
+
+    client = docker_sdk.DockerClient(base_url=host, version="auto", timeout=120)
+    try:
+        dk.import_busybox(client)
+    finally:
+        client.close()
+    docker("network", "create", "-d", "netd", "--ipam-driver", "netd", "--ipam-opt",
+           "pool=lab", "--subnet", "198.18.0.0/24", "dnet")
+    name = f"{lab.prefix}-c1"
+    docker("run", "-d", "--name", name, "--network", "dnet", "--stop-signal", "KILL",
+           dk.IMAGE, "sleep", "600")
+    ip = docker("inspect", "-f", "{{.NetworkSettings.Networks.dnet.IPAddress}}",
+                name).stdout.strip()
+    assert ip.startswith("198.18.0."), ip
+
+    # netd agent status lists the endpoint (plugin docker), with the container's name
+    agent = [bin_path("netd"), "agent", "--config", manifest["hosts"][0]["config"], "status"]
+    deadline = time.monotonic() + 30
+    while True:
+        st = json.loads(subprocess.run([*agent, "--json"], capture_output=True, text=True,
+                                       check=True, timeout=30).stdout)
+        eps = st["docker_endpoints"]
+        if (eps and eps[0]["container_name"] == name) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert st["docker_plugin"] is True and st["attachments"] == []
+    assert [(e["plugin"], e["ip"], e["container_name"], e["state"]) for e in eps] == [
+        ("docker", ip, name, "joined")]
+    table = subprocess.run(agent, capture_output=True, text=True, check=True,
+                           timeout=30).stdout
+    row = next(line for line in table.splitlines() if line.startswith("docker "))
+    assert name in row and ip in row and "joined" in row, table
+
+    # down with the container still running: container, dockerd and its traces go
+    out = lab.down().stdout
+    assert f"removed docker container {name}" in out and "removed dockerd's" in out, out
+    assert lab_docker.leftovers(lab.prefix) == []
+    assert not process_alive(dockerd["pid"])
+    assert not lab_docker.plugin_served()
+    assert_gone(lab)

@@ -1,7 +1,10 @@
 """A throw-away dockerd (Debian ``docker.io`` 20.10) inside a lab host namespace, for tests.
 
 ``ensure_docker()`` installs the packages; :class:`TestDockerd` runs one
-dockerd with per-run names and removes every trace of it. What this machine
+dockerd with per-run names and removes every trace of it. Its command line,
+its per-run paths and the removal by name are :mod:`netd.lab_docker`'s (which
+``netd lab up --docker`` uses too); the lab's h1 agent is configured for it
+with ``netd lab up --docker-host``. What this machine
 (Debian 12, no systemd, cgroup v1, root filesystem mounted ``private``) needs,
 found by trying:
 
@@ -44,7 +47,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -53,10 +55,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from netd import lab_docker
+
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("docker.io", "busybox-static", "iptables")
-DOCKERD = "/usr/sbin/dockerd"
-PLUGIN_SOCKET = Path("/run/docker/plugins/netd.sock")
+DOCKERD = lab_docker.DOCKERD
+PLUGIN_SOCKET = lab_docker.PLUGIN_SOCKET
 IMAGE = "netd-busybox:test"
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "ping", "ip", "sleep", "cat", "ls", "ifconfig", "arping", "route", "echo",
@@ -106,35 +110,6 @@ def _check_prefix(prefix: str) -> None:
                          "letter")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def _kill(pids: Sequence[int], timeout: float = 10.0) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 class TestDockerd:
     """One dockerd in network namespace ``netns``, with every path named by ``prefix``."""
 
@@ -142,44 +117,34 @@ class TestDockerd:
 
     def __init__(self, prefix: str, netns: str, log_dir: Path) -> None:
         _check_prefix(prefix)
+        self.spec = lab_docker.Dockerd(prefix, netns, Path(log_dir) / "dockerd.log")
         self.prefix = prefix
         self.netns = netns
-        self.data_root = Path(f"/var/lib/{prefix}-docker")
-        self.exec_root = Path(f"/run/{prefix}-docker")
-        self.run_dir = Path(f"/run/{prefix}")
-        self.socket = self.run_dir / "docker.sock"
-        self.pidfile = self.run_dir / "docker.pid"
-        self.log = Path(log_dir) / "dockerd.log"
+        self.data_root = self.spec.data_root
+        self.exec_root = self.spec.exec_root
+        self.run_dir = self.spec.run_dir
+        self.socket = self.spec.socket
+        self.pidfile = self.spec.pidfile
+        self.log = self.spec.log
         self.proc: subprocess.Popen[bytes] | None = None
         self._client: Any = None
 
     @property
     def host(self) -> str:
-        return f"unix://{self.socket}"
+        return self.spec.host
 
     def argv(self, *, live_restore: bool = True) -> list[str]:
-        args = ["nsenter", f"--net=/run/netns/{self.netns}", DOCKERD,
-                "--host", self.host, "--data-root", str(self.data_root),
-                "--exec-root", str(self.exec_root), "--pidfile", str(self.pidfile),
-                "--bridge=none", "--iptables=true", "--ip6tables=false",
-                "--userland-proxy=false", "--storage-driver", "overlay2",
-                "--cgroup-parent", f"{self.prefix}-docker", "--shutdown-timeout", "2",
-                "--log-level", "info"]
-        if live_restore:
-            args.append("--live-restore")
-        return args
+        return self.spec.argv(live_restore=live_restore)
 
     def start(self, *, live_restore: bool = True, timeout: float = 60.0) -> float:
         """Start dockerd and wait until it answers; returns the seconds it took."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("dockerd already runs")
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv(live_restore=live_restore),
-                                         stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.proc = self.spec.start(live_restore=live_restore)
+        except lab_docker.DockerdError as exc:
+            raise DockerUnavailable(str(exc)) from exc
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
                 raise DockerUnavailable(f"dockerd exited {self.proc.returncode}:\n"
@@ -246,27 +211,7 @@ class TestDockerd:
 
     def import_busybox(self, tag: str = IMAGE) -> str:
         """Build the test image from busybox-static with ``docker import``; returns its tag."""
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "run", "root"):
-                info = tarfile.TarInfo(d)
-                info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-                tar.addfile(info)
-            tar.add(str(BUSYBOX.resolve()), arcname="bin/busybox")
-            for applet in APPLETS:
-                info = tarfile.TarInfo(f"bin/{applet}")
-                info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-                tar.addfile(info)
-            for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
-                               ("etc/group", "root:x:0:\n")):
-                data = text.encode()
-                info = tarfile.TarInfo(name)
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
-        repo, tag_name = tag.split(":", 1)
-        self.client().api.import_image_from_data(buf.getvalue(), repository=repo,
-                                                 tag=tag_name, changes=['CMD ["sh"]'])
-        return tag
+        return import_busybox(self.client(), tag)
 
     def cleanup(self) -> list[str]:
         """Remove every trace: containers, dockerd and its children, mounts, directories."""
@@ -281,66 +226,40 @@ class TestDockerd:
         return removed
 
 
-def _our_pids(prefix: str) -> list[int]:
-    """dockerd, containerd and shims of this run (by their per-run paths)."""
-    marks = (f"/run/{prefix}-docker", f"/run/{prefix}/docker", f"/var/lib/{prefix}-docker")
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            cmd = _cmdline(int(entry.name))
-            if any(m in cmd for m in marks):
-                pids.append(int(entry.name))
-    return pids
+def busybox_tar() -> bytes:
+    """A root filesystem of busybox-static and its applets, as ``docker import`` takes it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "run", "root"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(str(BUSYBOX.resolve()), arcname="bin/busybox")
+        for applet in APPLETS:
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+        for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+                           ("etc/group", "root:x:0:\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
-def _cgroup_pids(prefix: str) -> list[int]:
-    """Container processes left in this run's cgroup parent."""
-    pids: set[int] = set()
-    for root in Path("/sys/fs/cgroup").glob(f"*/{prefix}-docker"):
-        for procs in root.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError, ValueError):
-                pids.update(int(p) for p in procs.read_text().split())
-    return sorted(pids)
-
-
-def _mounts_under(paths: Sequence[Path]) -> list[str]:
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        target = line.split()[4].replace("\\040", " ")
-        if any(target == str(p) or target.startswith(f"{p}/") for p in paths):
-            out.append(target)
-    return sorted(set(out), key=len, reverse=True)
+def import_busybox(client: Any, tag: str = IMAGE) -> str:
+    """``docker import`` of :func:`busybox_tar` through a docker SDK client; returns the tag."""
+    repo, tag_name = tag.split(":", 1)
+    client.api.import_image_from_data(busybox_tar(), repository=repo, tag=tag_name,
+                                      changes=['CMD ["sh"]'])
+    return tag
 
 
 def cleanup_prefix(prefix: str) -> list[str]:
     """Remove what a run with ``prefix`` left: processes, cgroups, mounts, directories."""
     _check_prefix(prefix)
-    removed: list[str] = []
-    pids = _our_pids(prefix)
-    if pids:
-        _kill(pids)
-        removed += [f"process {p}" for p in pids]
-    stray = _cgroup_pids(prefix)
-    if stray:
-        _kill(stray, timeout=5)
-        removed += [f"container process {p}" for p in stray]
-    for root in Path("/sys/fs/cgroup").glob(f"*/{prefix}-docker"):
-        subdirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(str(p)))
-        for d in [*subdirs, root]:
-            with contextlib.suppress(OSError):
-                d.rmdir()
-    roots = [Path(f"/var/lib/{prefix}-docker"), Path(f"/run/{prefix}-docker"),
-             Path(f"/run/{prefix}")]
-    for target in _mounts_under(roots):
-        proc = subprocess.run(["umount", "-l", target], capture_output=True, text=True,
-                              check=False)
-        if proc.returncode == 0:
-            removed.append(f"mount {target}")
-    for root in roots:
-        if root.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            removed.append(f"dir {root}")
-    return removed
+    return lab_docker.sweep(prefix)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from netd.agent.config import AgentConfig, L2Config
 from netd.agent.service import Agent
-from netd.agent.state import Attachment, StateStore
+from netd.agent.state import Attachment, DockerEndpoint, StateStore
 from netd.dataplane.driver import Plumbing
 from netd.dataplane.errors import AddressConflict, DataplaneError
 from netd.errors import PoolExhausted, Unavailable
@@ -258,6 +258,25 @@ def test_status_reports_exhaustion_and_unreachable_ipam(
     assert agent.handle(st)["error"]["code"] == 50
     ipam.down = True
     assert agent.handle(st)["error"]["code"] == 50
+
+
+def test_agent_status_lists_docker_endpoints(
+        parts: tuple[Agent, FakeIpam, FakeDataplane]) -> None:
+    agent, _ipam, _dp = parts
+    assert agent.handle({"command": "AGENT_STATUS"})["result"]["docker_endpoints"] == []
+    agent.handle(request("ADD"))
+    agent.state.put_docker_endpoint(DockerEndpoint(
+        "e" * 64, "n" * 64, "lab", "198.18.0.60", "198.18.0.60/24", "02:42:c6:12:00:3c",
+        "joined", "nddeeeeeeeeeeee", "ndpeeeeeeeeeeee", sandbox="/var/run/docker/netns/x",
+        container_name="web1"))
+    st = agent.handle({"command": "AGENT_STATUS"})["result"]
+    assert [a["plugin"] for a in st["attachments"]] == ["netd-cni"]
+    assert st["docker_endpoints"] == [{
+        "plugin": "docker", "network_id": "n" * 64, "endpoint_id": "e" * 64,
+        "container_name": "web1", "pool": "lab", "state": "joined", "ip": "198.18.0.60",
+        "mac": "02:42:c6:12:00:3c", "host_ifname": "nddeeeeeeeeeeee",
+        "sandbox": "/var/run/docker/netns/x"}]
+    assert st["docker_plugin"] is False
 
 
 def test_ipam_plugin_add_del_and_old_versions(
