@@ -52,10 +52,8 @@ import ipaddress
 import json
 import math
 import os
-import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -82,6 +80,7 @@ from netd.lab import (
     start_process,
     stop_pids,
 )
+from tests.bench.common import BenchError, log, quiet_sigterm, run_and_report
 
 REPO = Path(__file__).resolve().parents[2]
 REF_DIR = Path("/usr/lib/cni")
@@ -95,12 +94,6 @@ TARGET_DEL_RATIO = 1.0
 TARGET_CONCURRENT_RATIO = 1.0
 
 
-class BenchError(Exception):
-    """The measurement is not trustworthy (an error answer, something left behind)."""
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- figures ---------------------------------------------------------------------
@@ -555,8 +548,6 @@ def main(argv: list[str] | None = None) -> int:
                 "containernetworking-plugins")
             return 1
 
-    main_pid = os.getpid()
-
     if cni_native.find_cc() is None:
         # like every make target: install what it needs (install-cni builds the
         # plugin's native fast path with it; without, the report says "Python plugin")
@@ -564,48 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(REPO / "scripts" / "install-deps"), "gcc", "libc6-dev"],
                        check=False, timeout=900)
 
-    def on_term(signum: int, frame: object) -> None:
-        # pyroute2 forks helpers (netns creation) that inherit this handler and
-        # get SIGTERM when done: they must die quietly, not unwind into teardown
-        if os.getpid() != main_pid:
-            os._exit(128 + signum)
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+    quiet_sigterm()
     prefix = args.prefix or f"ncb{secrets.token_hex(3)}"
     setup = Setup(prefix, Path(tempfile.mkdtemp(prefix="netd-cni-bench-")))
-    res: dict[str, Any] = {
-        "env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                "python": platform.python_version(), "platform": platform.platform(),
-                "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())},
-        "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "prefix": prefix,
-    }
-    started = time.monotonic()
-    code = 0
-    try:
-        run(args, setup, res)
-        res["targets"] = targets(res)
-    except BenchError as exc:
-        res["error"] = str(exc)
-        log(f"MEASUREMENT NOT TRUSTWORTHY: {exc}")
-        code = 1
-    finally:
-        log("tearing down ...")
-        problems = setup.teardown()
-        if problems:
-            res["teardown_problems"] = problems
-            log("teardown problems: " + "; ".join(problems))
-            code = 1
-    res["env"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    res["elapsed_s"] = round(time.monotonic() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    if "targets" in res:
-        print(report(res))
-    print(f"(JSON: {out}; {res['elapsed_s']} s)")
-    return code
+    return run_and_report(args, setup, prefix, run, targets, report)
 
 
 if __name__ == "__main__":

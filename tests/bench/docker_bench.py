@@ -47,10 +47,8 @@ import ipaddress
 import json
 import math
 import os
-import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +61,7 @@ from typing import Any
 
 from netd import lab_docker
 from netd.lab import POOL, SUBNET, LabPlan, in_netns, lab_down, lab_up, list_netns, plan_lab
+from tests.bench.common import BenchError, log, quiet_sigterm, run_and_report
 from tests.support import docker as dk
 
 DOCKER_CLI = "/usr/bin/docker"
@@ -71,12 +70,6 @@ TARGET_RATIO = 1.3
 NETD, BRIDGE = "netd", "bridge"
 
 
-class BenchError(Exception):
-    """The measurement is not trustworthy (a failed command, a wrong address, leftovers)."""
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- figures ---------------------------------------------------------------------
@@ -389,50 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{lab_docker.PLUGIN_SOCKET} is already served (a lab or test with the Docker "
             "plugin runs): one at a time")
         return 1
-    main_pid = os.getpid()
 
-    def on_term(signum: int, frame: object) -> None:
-        # pyroute2 forks helpers that inherit this handler: they must die quietly
-        if os.getpid() != main_pid:
-            os._exit(128 + signum)
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+    quiet_sigterm()
     prefix = args.prefix or f"ndb{secrets.token_hex(3)}"
     setup = Setup(prefix, Path(tempfile.mkdtemp(prefix="netd-docker-bench-")),
                   f"198.19.{secrets.randbelow(256)}.0/24")
-    res: dict[str, Any] = {
-        "env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                "python": platform.python_version(), "platform": platform.platform(),
-                "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())},
-        "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "prefix": prefix,
-    }
-    started = time.monotonic()
-    code = 0
-    try:
-        run(args, setup, res)
-        res["targets"] = targets(res)
-    except BenchError as exc:
-        res["error"] = str(exc)
-        log(f"MEASUREMENT NOT TRUSTWORTHY: {exc}")
-        code = 1
-    finally:
-        log("tearing down ...")
-        problems = setup.teardown()
-        if problems:
-            res["teardown_problems"] = problems
-            log("teardown problems: " + "; ".join(problems))
-            code = 1
-    res["env"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    res["elapsed_s"] = round(time.monotonic() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    if "targets" in res:
-        print(report(res))
-    print(f"(JSON: {out}; {res['elapsed_s']} s)")
-    return code
+    return run_and_report(args, setup, prefix, run, targets, report)
 
 
 if __name__ == "__main__":

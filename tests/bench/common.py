@@ -1,0 +1,86 @@
+"""What the lab benchmarks share: a fork-safe SIGTERM, and run -> tear down -> report.
+
+A benchmark module supplies a ``Setup`` (with ``teardown() -> list[str]`` of
+problems), ``run(args, setup, res)`` that fills ``res``, ``targets(res)`` and
+``report(res)``; :func:`run_and_report` does the rest the same way for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class BenchError(Exception):
+    """The measurement cannot be trusted (errors, counts that do not add up)."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Setup(Protocol):
+    def teardown(self) -> list[str]: ...
+
+
+def quiet_sigterm() -> None:
+    """SIGTERM unwinds into teardown; forked helpers (pyroute2) that inherit it just exit."""
+    main_pid = os.getpid()
+
+    def on_term(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def run_and_report(args: argparse.Namespace, setup: Any, prefix: str,
+                   run: Callable[[argparse.Namespace, Any, dict[str, Any]], None],
+                   targets: Callable[[dict[str, Any]], dict[str, Any]],
+                   report: Callable[[dict[str, Any]], str]) -> int:
+    """Run, always tear down, write the JSON (``args.out``), print the report.
+
+    Exit code 1 only when the measurement is not trustworthy or teardown left
+    something behind; missed targets are markers in the report, not failures.
+    """
+    res: dict[str, Any] = {
+        "env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
+                "python": platform.python_version(), "platform": platform.platform(),
+                "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())},
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "prefix": prefix,
+    }
+    started = time.monotonic()
+    code = 0
+    try:
+        run(args, setup, res)
+        res["targets"] = targets(res)
+    except BenchError as exc:
+        res["error"] = str(exc)
+        log(f"MEASUREMENT NOT TRUSTWORTHY: {exc}")
+        code = 1
+    finally:
+        log("tearing down ...")
+        problems = setup.teardown()
+        if problems:
+            res["teardown_problems"] = problems
+            log("teardown problems: " + "; ".join(problems))
+            code = 1
+    res["env"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    res["elapsed_s"] = round(time.monotonic() - started, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    if "targets" in res:
+        print(report(res))
+    print(f"(JSON: {out}; {res['elapsed_s']} s)")
+    return code
