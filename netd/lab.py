@@ -45,7 +45,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -58,6 +57,7 @@ from typing import Any, TypeVar
 import click
 
 from netd import lab_docker
+from netd.files import atomic_write
 from netd.lab_docker import Dockerd, DockerdError
 
 T = TypeVar("T")
@@ -294,19 +294,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_manifest(directory: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads((directory / MANIFEST).read_text())
@@ -318,7 +305,7 @@ def load_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def save_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    _atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n",
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n",
                   0o600)
 
 
@@ -677,7 +664,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float,
 def _start_ipam(plan: LabPlan, manifest: dict[str, Any], netd: str,
                 cooldown: float | None) -> None:
     token = secrets.token_hex(24)
-    _atomic_write(plan.token_file, token + "\n", 0o600)
+    atomic_write(plan.token_file, token + "\n", 0o600)
     argv = [netd, "ipam", "serve", "--listen", f"{IPAM_ADDRESS}:{IPAM_PORT}",
             "--store", f"sqlite:///{plan.db}", "--token-file", str(plan.token_file)]
     if cooldown is not None:
@@ -798,10 +785,10 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
                 raise LabError(f"netd install-cni failed: {proc.stderr.strip()}")
         for host in plan.hosts:
             host.state_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(host.config, agent_config_text(plan, host))
+            atomic_write(host.config, agent_config_text(plan, host))
             manifest["conflists"].append(str(host.conflist))
             save_manifest(plan.dir, manifest)
-            _atomic_write(host.conflist, json.dumps(conflist_doc(plan, host), indent=2) + "\n")
+            atomic_write(host.conflist, json.dumps(conflist_doc(plan, host), indent=2) + "\n")
         if plan.docker_host:
             manifest["docker"] = {"on": DOCKER_ON, "docker_host": plan.docker_host,
                                   "plugin_socket": str(lab_docker.PLUGIN_SOCKET),

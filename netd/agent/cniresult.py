@@ -480,6 +480,12 @@ def build_result(*, ifname: str, mac: str, sandbox: str, address: str,
     ips = [_ipconfig(address, gateway, index)]
     ips += [_ipconfig(a, gw, index) for a, gw in extra_ips]
     result: dict[str, Any] = {"cniVersion": LATEST_VERSION, "interfaces": interfaces, "ips": ips}
+    return _with_routes_and_dns(result, routes, dns)
+
+
+def _with_routes_and_dns(result: dict[str, Any], routes: Iterable[RouteSpec],
+                         dns: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Add ``routes`` and ``dns`` to a result, only when there are any (as the spec shows)."""
     route_list = _routes(routes)
     if route_list:
         result["routes"] = route_list
@@ -496,13 +502,7 @@ def build_ipam_result(*, address: str, gateway: str | None = None,
     ips = [_ipconfig(address, gateway, None)]
     ips += [_ipconfig(a, gw, None) for a, gw in extra_ips]
     result: dict[str, Any] = {"cniVersion": LATEST_VERSION, "ips": ips}
-    route_list = _routes(routes)
-    if route_list:
-        result["routes"] = route_list
-    dns_doc = _dns(dns)
-    if dns_doc:
-        result["dns"] = dns_doc
-    return result
+    return _with_routes_and_dns(result, routes, dns)
 
 
 def ip_version(address: str) -> str:

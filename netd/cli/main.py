@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -27,6 +26,7 @@ from netd import __version__
 from netd.agent.cli import agent_cli
 from netd.cli import cni_native
 from netd.errors import NetdError
+from netd.files import atomic_write
 from netd.lab import lab_cli
 
 DEFAULT_LISTEN = "127.0.0.1:9650"
@@ -405,27 +405,6 @@ def _shim_source() -> str:
         raise click.ClickException(f"cannot read the plugin source {spec.origin}: {exc}") from None
 
 
-def _install_file(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` atomically with mode 0755; False if already so."""
-    try:
-        if path.read_bytes() == data and stat.S_IMODE(path.stat().st_mode) == 0o755:
-            return False
-    except OSError:
-        pass
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)  # noqa: S103 - a plugin every runtime must execute
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
-
-
 @cli.command("install-cni")
 @click.option("--bin-dir", default=DEFAULT_CNI_BIN, show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -471,7 +450,7 @@ def install_cni(bin_dir: Path, python: str | None, native: bool) -> None:
         bin_dir.mkdir(parents=True, exist_ok=True)
         for name in CNI_PLUGINS:
             path = bin_dir / name
-            changed = _install_file(path, files[name])
+            changed = atomic_write(path, files[name], 0o755)
             state = "installed" if changed else "up to date"
             click.echo(f"{state} {path} ({kind})")
     except OSError as exc:

@@ -45,11 +45,12 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from netd.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("podman", "runc", "containernetworking-plugins", "busybox-static")
@@ -125,26 +126,6 @@ def dropin_text() -> str:
         f"cni_plugin_dirs = [{dirs}]\n"
         f'network_config_dir = "{CNI_CONF_DIR}"\n'
     )
-
-
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> bool:
-    """Write ``text`` to ``path`` unless it already holds it; True when written."""
-    try:
-        if path.read_text() == text:
-            return False
-    except (FileNotFoundError, UnicodeDecodeError):
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
 
 
 def missing_packages(packages: Sequence[str] = PACKAGES) -> list[str]:
