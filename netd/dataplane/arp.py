@@ -1,21 +1,31 @@
 """ARP over a raw AF_PACKET socket: probes, duplicate detection, announcements.
 
 Frame building and parsing are pure (unit-tested); :class:`ArpSocket` sends and
-receives on one interface of one network namespace.
+receives on one interface of one network namespace; the exchanges every mode
+uses are built on it: :func:`probe` / :func:`dad_probe` (RFC 5227 duplicate
+address detection), :func:`send_gratuitous_arp`, :func:`arp_resolve` and
+:func:`gateway_answers_arp` (the takeovers' check that the host still reaches
+its gateway).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import queue
 import select
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from netd.dataplane.netlink import socket_in_netns
+from netd.dataplane.model import AF_INET
+from netd.dataplane.netlink import Netlink
+from netd.dataplane.netns import socket_in_netns
+
+log = logging.getLogger(__name__)
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
@@ -193,3 +203,105 @@ class ArpSocket:
             pkt = parse_arp(frame)
             if pkt is not None:
                 return pkt
+
+
+# --------------------------------------------------------------------------- exchanges
+
+
+def arp_resolve(ifname: str, ip: str, timeout: float, *, netns: str | None = None,
+                source_ip: str | None = None, interval: float = 1.0) -> str | None:
+    """ARP for ``ip`` on ``ifname`` (raw socket, bypassing the neighbour cache); its MAC or None.
+
+    The request's sender is ``source_ip``, by default the interface's address in
+    ``ip``'s subnet (0.0.0.0 when it has none). Any ARP packet from ``ip``
+    counts as an answer. Repeats the request every ``interval`` seconds.
+    """
+    if source_ip is None:
+        source_ip = _source_for(ifname, ip, netns)
+    with ArpSocket(ifname, netns) as sock:
+        deadline = time.monotonic() + timeout
+        next_send = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            if now >= next_send:
+                sock.send(request_frame(sock.mac, source_ip, ip))
+                next_send = now + interval
+            pkt = sock.receive(min(deadline, next_send))
+            if pkt is not None and pkt.sender_ip == ip and pkt.sender_mac != sock.mac:
+                return pkt.sender_mac
+
+
+def _source_for(ifname: str, ip: str, netns: str | None) -> str:
+    target = ipaddress.ip_address(ip)
+    with Netlink(netns) as nl:
+        for addr in nl.addresses(ifname, family=AF_INET):
+            if target in addr.interface.network:
+                return addr.ip
+    return ZERO_IP
+
+
+def gateway_answers_arp(ifname: str, gw_ip: str, timeout: float, *,
+                        netns: str | None = None) -> bool:
+    """True when ``gw_ip`` answers an ARP request sent on ``ifname`` within ``timeout`` s."""
+    mac = arp_resolve(ifname, gw_ip, timeout, netns=netns, interval=min(1.0, timeout / 3))
+    if mac is None:
+        log.warning("arp: gateway %s did not answer ARP on %s within %g s", gw_ip, ifname, timeout)
+    return mac is not None
+
+
+def dad_probe(netns: str | None, ifname: str, ip: str, timeout: float, *,
+              interval: float | None = None) -> str | None:
+    """RFC 5227 duplicate address detection; the MAC of whoever holds ``ip``, or None.
+
+    Sends ARP probes (sender IP 0.0.0.0) from ``ifname`` (up, without ``ip``)
+    every ``interval`` seconds (default: two probes when ``timeout`` is at most
+    0.1 s, else one every third of it, at least 50 ms apart) and listens for
+    ``timeout`` seconds for a reply or a probe for the same address from
+    another MAC.
+    """
+    with ArpSocket(ifname, netns) as sock:
+        return probe(sock, ip, timeout, interval)
+
+
+def probe(sock: ArpSocket, ip: str, timeout: float, interval: float | None = None,
+          meanwhile: Callable[[], None] | None = None) -> str | None:
+    """:func:`dad_probe` on a bound socket; ``meanwhile()`` runs after the first probe is out.
+
+    Answers arriving while ``meanwhile`` runs wait in the socket's buffer, so
+    the time it takes overlaps the probe's wait instead of adding to it.
+    """
+    if interval is None:  # short waits: two probes (one may be lost), else one every 1/3
+        interval = timeout / 2 if timeout <= 0.1 else max(0.05, timeout / 3)
+    deadline = time.monotonic() + timeout
+    sock.send(probe_frame(sock.mac, ip))
+    next_send = time.monotonic() + interval
+    if meanwhile is not None:
+        meanwhile()
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        if now >= next_send:
+            sock.send(probe_frame(sock.mac, ip))
+            next_send = now + interval
+        pkt = sock.receive(min(deadline, next_send))
+        if pkt is not None:
+            mac = conflict_mac(pkt, ip, sock.mac)
+            if mac is not None:
+                return mac
+
+
+def send_gratuitous_arp(netns: str | None, ifname: str, ip: str, *, mac: str | None = None,
+                        count: int = 1, interval: float = 0.0) -> None:
+    """Announce ``ip`` from ``ifname`` (RFC 5227 announcement) so neighbours learn its MAC.
+
+    With ``mac`` (the interface's), a send-only socket is used: no receive
+    hook to register.
+    """
+    with ArpSocket(ifname, netns, listen=mac is None, mac=mac) as sock:
+        for n in range(count):
+            if n and interval:
+                time.sleep(interval)
+            sock.send(announce_frame(sock.mac, ip))

@@ -1,8 +1,8 @@
-"""Layer-2 "bridge over bond0" dataplane.
+"""Layer-2 "bridge over bond0": the takeover of the host's uplink by ``br0``.
 
 The host's uplink (``bond0``) is enslaved to a Linux bridge (``br0``) that takes
-over the uplink's MAC, addresses and routes; containers get a veth whose host
-end is a port of ``br0``, so they sit in the hosts' own subnet.
+over the uplink's MAC, addresses and routes; containers are ports of ``br0``
+(:mod:`netd.dataplane.l2driver`), so they sit in the hosts' own subnet.
 
 Takeover is split so it can be shown before it is made and undone when it cuts
 the host off:
@@ -12,12 +12,8 @@ the host off:
   host is already taken over), printable for ``netd agent --plan``;
 * :func:`apply_takeover` makes the plan; :func:`rollback` restores a snapshot;
 * :func:`takeover` does all of it and rolls back when the default gateway does
-  not answer ARP on the bridge in time (:func:`gateway_answers_arp`).
-
-Containers: :func:`attach` / :func:`detach`, named by :func:`host_ifname_for`,
-with ARP duplicate detection (:func:`dad_probe`) and a gratuitous ARP.
-Their ``host_netns`` is the host's namespace (None: this process's) or an open
-:class:`~netd.dataplane.netlink.Netlink` handle to reuse (one per thread).
+  not answer ARP on the bridge in time
+  (:func:`~netd.dataplane.arp.gateway_answers_arp`).
 
 :func:`ensure_bridge_forwarding` makes the bridge work on hosts where dockerd
 set the iptables FORWARD policy to DROP and br_netfilter hands bridged frames
@@ -26,38 +22,15 @@ to iptables.
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import logging
-import os
 import shutil
-import socket
 import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import NoReturn
 
-from netd.dataplane.arp import (
-    ZERO_IP,
-    ArpSocket,
-    announce_frame,
-    close_later,
-    conflict_mac,
-    packet_socket,
-    probe_frame,
-    request_frame,
-)
-from netd.dataplane.errors import (
-    AddressConflict,
-    DataplaneError,
-    LinkExists,
-    LinkNotFound,
-    NetnsNotFound,
-    PlanError,
-    TakeoverFailed,
-)
+from netd.dataplane.arp import gateway_answers_arp
+from netd.dataplane.errors import DataplaneError, LinkNotFound, PlanError, TakeoverFailed
 from netd.dataplane.model import (
     AF_INET,
     RTPROT_KERNEL,
@@ -67,29 +40,13 @@ from netd.dataplane.model import (
     Route,
     normalize_mac,
 )
-from netd.dataplane.netlink import (
-    HostArg,
-    LinkMonitor,
-    Netlink,
-    container_route,
-    handle,
-    netlink_socket,
-    open_netns,
-    run_in_netns,
-    run_in_netns_fd,
-)
+from netd.dataplane.netlink import Netlink
+from netd.dataplane.netns import run_in_netns
 
 log = logging.getLogger(__name__)
 
-#: Host ends of container veths: ``ndv`` + 12 hex digits of a hash (15 characters).
-HOST_IFNAME_PREFIX = "ndv"
-#: ifalias of a host end: ``netd:<container id>:<container ifname>``, the owner record.
-ALIAS_PREFIX = "netd:"
 #: The comment on netd's iptables rules.
 RULE_COMMENT = "netd: accept frames bridged on {bridge}"
-
-IFNAMSIZ = 15
-BR_STATE_FORWARDING = 3
 
 
 # --------------------------------------------------------------------------- state
@@ -485,612 +442,6 @@ def _restore(before: L2State, netns: str | None, why: str) -> NoReturn:
     raise TakeoverFailed(f"{why}; the previous configuration was restored")
 
 
-# --------------------------------------------------------------------------- ARP
-
-
-def arp_resolve(ifname: str, ip: str, timeout: float, *, netns: str | None = None,
-                source_ip: str | None = None, interval: float = 1.0) -> str | None:
-    """ARP for ``ip`` on ``ifname`` (raw socket, bypassing the neighbour cache); its MAC or None.
-
-    The request's sender is ``source_ip``, by default the interface's address in
-    ``ip``'s subnet (0.0.0.0 when it has none). Any ARP packet from ``ip``
-    counts as an answer. Repeats the request every ``interval`` seconds.
-    """
-    if source_ip is None:
-        source_ip = _source_for(ifname, ip, netns)
-    with ArpSocket(ifname, netns) as sock:
-        deadline = time.monotonic() + timeout
-        next_send = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            if now >= next_send:
-                sock.send(request_frame(sock.mac, source_ip, ip))
-                next_send = now + interval
-            pkt = sock.receive(min(deadline, next_send))
-            if pkt is not None and pkt.sender_ip == ip and pkt.sender_mac != sock.mac:
-                return pkt.sender_mac
-
-
-def _source_for(ifname: str, ip: str, netns: str | None) -> str:
-    target = ipaddress.ip_address(ip)
-    with Netlink(netns) as nl:
-        for addr in nl.addresses(ifname, family=AF_INET):
-            if target in addr.interface.network:
-                return addr.ip
-    return ZERO_IP
-
-
-def gateway_answers_arp(ifname: str, gw_ip: str, timeout: float, *,
-                        netns: str | None = None) -> bool:
-    """True when ``gw_ip`` answers an ARP request sent on ``ifname`` within ``timeout`` s."""
-    mac = arp_resolve(ifname, gw_ip, timeout, netns=netns, interval=min(1.0, timeout / 3))
-    if mac is None:
-        log.warning("l2: gateway %s did not answer ARP on %s within %g s", gw_ip, ifname, timeout)
-    return mac is not None
-
-
-def dad_probe(netns: str | None, ifname: str, ip: str, timeout: float, *,
-              interval: float | None = None) -> str | None:
-    """RFC 5227 duplicate address detection; the MAC of whoever holds ``ip``, or None.
-
-    Sends ARP probes (sender IP 0.0.0.0) from ``ifname`` (up, without ``ip``)
-    every ``interval`` seconds (default: two probes when ``timeout`` is at most
-    0.1 s, else one every third of it, at least 50 ms apart) and listens for
-    ``timeout`` seconds for a reply or a probe for the same address from
-    another MAC.
-    """
-    with ArpSocket(ifname, netns) as sock:
-        return _dad(sock, ip, timeout, interval)
-
-
-def _dad(sock: ArpSocket, ip: str, timeout: float, interval: float | None = None,
-         meanwhile: Callable[[], None] | None = None) -> str | None:
-    """:func:`dad_probe` on a bound socket; ``meanwhile()`` runs after the first probe is out.
-
-    Answers arriving while ``meanwhile`` runs wait in the socket's buffer, so
-    the time it takes overlaps the probe's wait instead of adding to it.
-    """
-    if interval is None:  # short waits: two probes (one may be lost), else one every 1/3
-        interval = timeout / 2 if timeout <= 0.1 else max(0.05, timeout / 3)
-    deadline = time.monotonic() + timeout
-    sock.send(probe_frame(sock.mac, ip))
-    next_send = time.monotonic() + interval
-    if meanwhile is not None:
-        meanwhile()
-    while True:
-        now = time.monotonic()
-        if now >= deadline:
-            return None
-        if now >= next_send:
-            sock.send(probe_frame(sock.mac, ip))
-            next_send = now + interval
-        pkt = sock.receive(min(deadline, next_send))
-        if pkt is not None:
-            mac = conflict_mac(pkt, ip, sock.mac)
-            if mac is not None:
-                return mac
-
-
-def send_gratuitous_arp(netns: str | None, ifname: str, ip: str, *, mac: str | None = None,
-                        count: int = 1, interval: float = 0.0) -> None:
-    """Announce ``ip`` from ``ifname`` (RFC 5227 announcement) so neighbours learn its MAC.
-
-    With ``mac`` (the interface's), a send-only socket is used: no receive
-    hook to register.
-    """
-    with ArpSocket(ifname, netns, listen=mac is None, mac=mac) as sock:
-        for n in range(count):
-            if n and interval:
-                time.sleep(interval)
-            sock.send(announce_frame(sock.mac, ip))
-
-
-# --------------------------------------------------------------------------- containers
-
-
-def host_ifname_for(container_id: str, container_ifname: str = "eth0", *, salt: int = 0) -> str:
-    """The host end's name: ``ndv`` + 12 hex digits of sha256(container id, ifname[, salt]).
-
-    Deterministic (a restarted agent finds it again), 15 characters (IFNAMSIZ),
-    48 bits of hash: a collision needs millions of containers on one host. The
-    owner is also written in the link's alias; on the unlikely clash
-    :func:`attach` raises :class:`LinkExists` and the caller retries with ``salt=1``.
-    """
-    if not container_id:
-        raise ValueError("container id is empty")
-    key = f"{container_id}\0{container_ifname}" + (f"\0{salt}" if salt else "")
-    name = HOST_IFNAME_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
-    assert len(name) <= IFNAMSIZ
-    return name
-
-
-def owner_alias(container_id: str, container_ifname: str) -> str:
-    return f"{ALIAS_PREFIX}{container_id}:{container_ifname}"
-
-
-def parse_owner_alias(alias: str | None) -> tuple[str, str] | None:
-    """``(container id, container ifname)`` from a host end's alias, or None when not ours."""
-    if not alias or not alias.startswith(ALIAS_PREFIX):
-        return None
-    cid, sep, ifname = alias[len(ALIAS_PREFIX):].rpartition(":")
-    return (cid, ifname) if sep and cid else None
-
-
-@dataclass(frozen=True)
-class Attachment:
-    """What :func:`attach` plumbed (the agent records it under ``state_dir``)."""
-
-    container_netns: str
-    container_ifname: str
-    host_ifname: str
-    bridge: str
-    address: str
-    mac: str
-    gateway: str | None
-    routes: tuple[tuple[str, str | None], ...] = ()
-    container_index: int = 0
-    host_index: int = 0
-    mtu: int = 1500
-    alias: str | None = field(default=None, compare=False)
-
-
-RouteArg = str | tuple[str, str | None]
-
-
-def _route_specs(routes: Iterable[RouteArg], gateway: str | None) -> list[tuple[str, str | None]]:
-    """CNI semantics: a route without a gateway goes via the interface's gateway."""
-    out: list[tuple[str, str | None]] = []
-    for item in routes:
-        dst, gw = (item, None) if isinstance(item, str) else item
-        out.append((str(ipaddress.ip_network(dst, strict=False)), gw or gateway))
-    return out
-
-
-def _check_gateways(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
-                    gateway: str | None, specs: Iterable[tuple[str, str | None]]) -> None:
-    for gw in {gateway, *(g for _, g in specs)} - {None}:
-        if ipaddress.ip_address(str(gw)).version != iface.version:
-            raise ValueError(f"gateway {gw} is not of the address family of {iface}")
-
-
-def _interface(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
-    if "/" not in address:
-        raise ValueError(f"address needs a prefix length: {address!r}")
-    return ipaddress.ip_interface(address)
-
-
-class PendingAttach:
-    """A container's veth made before its address is known: :func:`prepare_attach`.
-
-    Holds what :func:`attach` goes on with: a netlink handle in the host's and
-    one in the container's namespace, a packet socket in the container's (for
-    the probe and the announcement), the namespace's descriptor. The container
-    end is down and has no address until :func:`attach`. :meth:`close` (also
-    done by :func:`attach`) releases the handles, never the veth.
-    """
-
-    def __init__(self, container_netns: str, container_ifname: str, host_ifname: str,
-                 bridge: str, container_id: str | None) -> None:
-        self.container_netns = container_netns
-        self.container_ifname = container_ifname
-        self.host_ifname = host_ifname
-        self.bridge = bridge
-        self.container_id = container_id
-        self.mtu = 0
-        self.mac: str | None = None  # the container end's, when known
-        self.index = 0  # the container end's
-        self.fd = -1
-        self.host: Netlink | None = None
-        self.own_host = False
-        self.ctr: Netlink | None = None
-        self.packet: socket.socket | None = None
-
-    def take_packet(self) -> socket.socket | None:
-        sock, self.packet = self.packet, None
-        return sock
-
-    def close(self) -> None:
-        packet = self.take_packet()
-        if packet is not None:
-            close_later(packet)
-        if self.ctr is not None:
-            self.ctr.close()
-            self.ctr = None
-        if self.host is not None and self.own_host:
-            self.host.close()
-        self.host = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> PendingAttach:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def prepare_attach(container_netns: str, container_ifname: str, host_ifname: str, bridge: str,
-                   *, host_netns: HostArg = None, container_id: str | None = None,
-                   mac: str | None = None, mtu: int | None = None) -> PendingAttach:
-    """The first half of :func:`attach`, which needs no address: the veth, down.
-
-    Enters the container's namespace once (one thread makes its netlink and
-    packet sockets), creates the pair (container end directly in its
-    namespace, down, with ``mac`` if given; host end on ``bridge``, up, its
-    alias naming the owner) and keeps the handles for :func:`attach`. The
-    agent runs this while the IPAM allocates the address. An existing pair of
-    the same owner is taken over (its MAC is set by :func:`attach`); a
-    foreign one raises :class:`LinkExists`. On failure nothing is left behind.
-    """
-    pending = PendingAttach(container_netns, container_ifname, host_ifname, bridge,
-                            container_id)
-    try:
-        pending.fd = open_netns(container_netns)  # NetnsNotFound before anything is made
-        nl_sock, pending.packet = run_in_netns_fd(
-            pending.fd, lambda: _container_sockets(True), container_netns)
-        pending.ctr = Netlink(container_netns, sock=nl_sock)
-        if isinstance(host_netns, Netlink):
-            pending.host = host_netns
-        else:
-            pending.host = Netlink(host_netns)
-            pending.own_host = True
-        _create_pair(pending, None if mac is None else normalize_mac(mac), mtu)
-    except BaseException:
-        pending.close()
-        raise
-    return pending
-
-
-def _create_pair(pending: PendingAttach, mac: str | None, mtu: int | None) -> None:
-    host, ctr = pending.host, pending.ctr
-    assert host is not None and ctr is not None
-    alias = (owner_alias(pending.container_id, pending.container_ifname)
-             if pending.container_id else None)
-    br = host.link_brief(pending.bridge)
-    if br is None:
-        raise LinkNotFound(f"bridge {pending.bridge} does not exist")
-    pending.mtu = mtu or br[0].mtu
-    try:
-        host.create_veth(pending.host_ifname, pending.container_ifname,
-                         peer_netns=pending.container_netns, peer_netns_fd=pending.fd,
-                         peer_mac=mac, mtu=pending.mtu, master=br[0].index, up=True)
-    except LinkExists:
-        existing = host.link(pending.host_ifname)
-        if existing is None:
-            raise  # the container already has an interface of that name
-        if alias is not None and existing.alias == alias and existing.master == pending.bridge:
-            peer = ctr.link(pending.container_ifname)
-            if peer is not None:  # ours, from an interrupted attempt: take it over
-                pending.mtu = existing.mtu
-                pending.mac = normalize_mac(peer.mac) if peer.mac else None
-                pending.index = peer.index
-                return
-        owner = parse_owner_alias(existing.alias)
-        raise LinkExists(f"host interface {pending.host_ifname} already exists"
-                         + (f" (owned by container {owner[0]} {owner[1]})" if owner else "")
-                         ) from None
-    pending.mac = mac
-    try:
-        if alias:
-            host.set_link(pending.host_ifname, alias=alias)
-        pending.index = ctr.index(pending.container_ifname)
-    except BaseException:
-        host.delete_link(pending.host_ifname)
-        raise
-
-
-def _finish_pair(pending: PendingAttach, mac: str, noarp: bool) -> tuple[int, int | None]:
-    """Container end: ``mac``, up (IFF_NOARP with ``noarp``); (host index, port state)."""
-    host, ctr = pending.host, pending.ctr
-    assert host is not None and ctr is not None
-    name = pending.container_ifname
-    if pending.mac == mac:
-        ctr.set_link(name, up=True, noarp=noarp)
-    else:
-        if pending.mac is not None:  # an up link may refuse a new MAC: down first
-            ctr.set_link(name, up=False)
-        ctr.set_link(name, mac=mac, up=True, noarp=noarp)
-        pending.mac = mac
-    got = host.link_brief(pending.host_ifname)
-    if got is None:
-        raise LinkNotFound(f"{pending.host_ifname} vanished while it was being made")
-    return got[0].index, got[2]
-
-
-def plumb(container_netns: str, container_ifname: str, host_ifname: str, bridge: str,
-          mac: str, *, host_netns: HostArg = None, container_id: str | None = None,
-          mtu: int | None = None) -> tuple[int, int]:
-    """Create the veth: container end (``mac``, up, no address) directly in ``container_netns``.
-
-    One netlink message creates the pair with the container end already in
-    ``container_netns`` (a name or a path such as ``/proc/PID/ns/net``) and the
-    host end enslaved to ``bridge`` and up, both with the bridge's MTU (a
-    smaller port MTU would lower the bridge's). The host end's alias records
-    the owner (``container_id``). Idempotent: an existing pair of the same
-    owner is accepted; a foreign one raises :class:`LinkExists`. On failure,
-    nothing is left behind. Returns ``(host index, mtu)``.
-    """
-    mac = normalize_mac(mac)
-    with prepare_attach(container_netns, container_ifname, host_ifname, bridge,
-                        host_netns=host_netns, container_id=container_id, mac=mac,
-                        mtu=mtu) as pending:
-        assert pending.host is not None
-        try:
-            index, _ = _finish_pair(pending, mac, noarp=False)
-        except BaseException:
-            pending.host.delete_link(host_ifname)
-            raise
-        return index, pending.mtu
-
-
-def wait_forwarding(host_ifname: str, timeout: float = 2.0, *,
-                    host_netns: HostArg = None) -> bool:
-    """Wait until the bridge forwards on the port ``host_ifname``; False on timeout.
-
-    A new port forwards only once the kernel's link watcher has seen its
-    carrier (usually within a millisecond, up to a second when links churn);
-    frames sent before that (a duplicate-detection probe, the gratuitous ARP)
-    would be dropped.
-    """
-    with handle(host_netns) as host:
-        return _wait_forwarding(host, host_ifname, timeout)
-
-
-def _wait_forwarding(host: Netlink, host_ifname: str, timeout: float,
-                     state: int | None = None) -> bool:
-    """``state``: the port state already read (saves the first request)."""
-    deadline = time.monotonic() + timeout
-    pause = 0.0002
-    while True:
-        if state is None:
-            state = host.bridge_port_state(host_ifname)
-        if state == BR_STATE_FORWARDING:
-            return True
-        if time.monotonic() >= deadline:
-            log.warning("l2: bridge port %s is not forwarding after %g s", host_ifname, timeout)
-            return False
-        time.sleep(pause)
-        pause = min(pause * 2, 0.005)
-        state = None
-
-
-def configure(container_netns: str, container_ifname: str, address: str,
-              gateway: str | None, routes: Sequence[RouteArg] = (), *,
-              garp: bool = True) -> None:
-    """Address the container end, add its routes (``proto netd``), announce it; idempotent.
-
-    ``address`` is ``ip/prefix``; the default route goes via ``gateway``;
-    ``routes`` are ``"dst"`` (via the gateway, as CNI means it) or
-    ``("dst", gw)``. A gateway outside the subnet is used ``onlink``. Then one
-    gratuitous ARP so switches and neighbours learn the MAC at once.
-    """
-    iface = _interface(address)
-    specs = _route_specs(routes, gateway)
-    _check_gateways(iface, gateway, specs)
-    with Netlink(container_netns) as ctr:
-        link = ctr.link(container_ifname)
-        if link is None:
-            raise LinkNotFound(f"{container_ifname} does not exist in {container_netns}")
-        _configure(ctr, container_ifname, link.index, iface, gateway, specs)
-        if garp and iface.version == 4 and link.mac:
-            send_gratuitous_arp(container_netns, container_ifname, str(iface.ip), mac=link.mac)
-
-
-def _configure(ctr: Netlink, ifname: str, index: int,
-               iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, gateway: str | None,
-               specs: Sequence[tuple[str, str | None]]) -> None:
-    """The address and the routes of interface ``index``: one request each."""
-    broadcast = None
-    if iface.version == 4 and iface.network.prefixlen < 31:
-        broadcast = str(iface.network.broadcast_address)
-    ctr.add_address(index, Address(str(iface), broadcast=broadcast))
-    if gateway:
-        default = "0.0.0.0/0" if iface.version == 4 else "::/0"
-        ctr.add_route(_container_route(default, gateway, ifname, iface), oif=index)
-    for dst, gw in specs:
-        ctr.add_route(_container_route(dst, gw, ifname, iface), oif=index)
-
-
-def _container_sockets(with_packet: bool) -> tuple[socket.socket, socket.socket | None]:
-    """A netlink socket and (``with_packet``) a packet socket, made in this thread's namespace."""
-    nl = netlink_socket()
-    try:
-        return nl, packet_socket() if with_packet else None
-    except BaseException:
-        nl.close()
-        raise
-
-
-def attach(container_netns: str, container_ifname: str, host_ifname: str, bridge: str,
-           address: str, mac: str, gateway: str | None, routes: Sequence[RouteArg] = (), *,
-           host_netns: HostArg = None, container_id: str | None = None,
-           dad_timeout: float | None = None, garp: bool = True,
-           mtu: int | None = None, port_timeout: float = 2.0,
-           pending: PendingAttach | None = None) -> Attachment:
-    """Plug a container into ``bridge``: :func:`plumb`, duplicate detection, :func:`configure`.
-
-    Before anything goes on the wire it waits (up to ``port_timeout``) for
-    the bridge port to forward (:func:`wait_forwarding`). With
-    ``dad_timeout``, the container end then probes the wire for the IPv4
-    address (:func:`dad_probe`) while the address and routes are configured
-    on it, IFF_NOARP meanwhile so the kernel claims nothing on the wire
-    before the probe has found the address free; when another machine
-    answers, :class:`AddressConflict` names its MAC. Then one gratuitous ARP.
-    Any failure removes the veth again: a failed attach leaves nothing behind.
-
-    ``pending``: the veth :func:`prepare_attach` made for these names (it is
-    closed here, whatever happens); without it the veth is made here, the
-    container's namespace entered once for both sockets (netlink, and the
-    packet socket that probes and announces).
-    """
-    iface = _interface(address)
-    mac = normalize_mac(mac)
-    specs = _route_specs(routes, gateway)
-    _check_gateways(iface, gateway, specs)
-    probe = bool(dad_timeout) and iface.version == 4
-    announce = garp and iface.version == 4
-    if pending is None:
-        pending = prepare_attach(container_netns, container_ifname, host_ifname, bridge,
-                                 host_netns=host_netns, container_id=container_id, mac=mac,
-                                 mtu=mtu)
-    elif (pending.container_netns, pending.container_ifname, pending.host_ifname,
-          pending.bridge) != (container_netns, container_ifname, host_ifname, bridge):
-        pending.close()
-        raise ValueError("the pending attachment is for another interface")
-    arp: ArpSocket | None = None
-    with pending:
-        host, ctr = pending.host, pending.ctr
-        assert host is not None and ctr is not None
-        try:
-            host_index, state = _finish_pair(pending, mac, noarp=probe)
-            if probe or announce:
-                _wait_forwarding(host, host_ifname, port_timeout, state)
-            index = pending.index or ctr.index(container_ifname)
-            packet = pending.take_packet()
-            if packet is not None and (probe or announce):
-                arp = ArpSocket(container_ifname, listen=probe, mac=mac, sock=packet)
-            elif packet is not None:
-                close_later(packet)
-            if arp is not None and probe:
-                holder = _dad(arp, str(iface.ip), float(dad_timeout or 0), meanwhile=(
-                    lambda: _configure(ctr, container_ifname, index, iface, gateway, specs)))
-                if holder is not None:
-                    raise AddressConflict(str(iface.ip), holder)
-                ctr.set_link(container_ifname, noarp=False)
-            else:
-                _configure(ctr, container_ifname, index, iface, gateway, specs)
-            if arp is not None and announce:
-                arp.send(announce_frame(mac, str(iface.ip)))
-        except BaseException:
-            host.delete_link(host_ifname)
-            raise
-        finally:
-            if arp is not None:
-                arp.close()
-    alias = owner_alias(container_id, container_ifname) if container_id else None
-    return Attachment(container_netns, container_ifname, host_ifname, bridge, str(iface), mac,
-                      gateway, tuple(specs), index, host_index, pending.mtu, alias)
-
-
-def check_attachment(att: Attachment, *, host_netns: HostArg = None) -> list[str]:
-    """What is missing or wrong in an attachment (CNI CHECK); empty when all is in place."""
-    problems: list[str] = []
-    with handle(host_netns) as host:
-        end = host.link(att.host_ifname)
-        if end is None:
-            problems.append(f"host interface {att.host_ifname} is missing")
-        else:
-            if end.master != att.bridge:
-                problems.append(f"{att.host_ifname} is not on {att.bridge} "
-                                f"(master {end.master})")
-            if not end.up:
-                problems.append(f"{att.host_ifname} is down")
-    try:
-        ctr = Netlink(att.container_netns)
-    except NetnsNotFound:
-        return [*problems, f"network namespace {att.container_netns} is gone"]
-    with ctr:
-        link = ctr.link(att.container_ifname)
-        if link is None:
-            return [*problems, f"{att.container_ifname} is missing in {att.container_netns}"]
-        if normalize_mac(link.mac or "00:00:00:00:00:00") != normalize_mac(att.mac):
-            problems.append(f"{att.container_ifname} has MAC {link.mac}, expected {att.mac}")
-        if not link.up:
-            problems.append(f"{att.container_ifname} is down")
-        iface = _interface(att.address)
-        have = {a.cidr for a in ctr.addresses(att.container_ifname)}
-        if str(iface) not in have:
-            problems.append(f"{att.container_ifname} lacks address {iface} "
-                            f"(has {', '.join(sorted(have)) or 'none'})")
-        routes = ctr.routes(att.container_ifname)
-        wanted = list(att.routes)
-        if att.gateway:
-            wanted.insert(0, ("0.0.0.0/0" if iface.version == 4 else "::/0", att.gateway))
-        for dst, gw in wanted:
-            net = ipaddress.ip_network(dst, strict=False)
-            if not any(r.network == net and r.gateway == gw for r in routes):
-                shown = "default" if net.prefixlen == 0 else str(net)
-                problems.append(f"route {shown} via {gw} dev {att.container_ifname} is missing")
-    return problems
-
-
-def _container_route(dst: str, gw: str | None, ifname: str,
-                     iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> Route:
-    route = container_route(dst, gw, ifname)
-    if gw and ipaddress.ip_address(gw) not in iface.network:
-        # a gateway outside the subnet is reached on the link directly
-        route = Route(route.dst, gw, ifname, route.metric, route.proto, route.scope,
-                      route.table, onlink=True)
-    return route
-
-
-def is_netd_host_link(link: Link) -> bool:
-    """A host end netd made: a veth with netd's name prefix or owner alias."""
-    return link.kind == "veth" and (link.name.startswith(HOST_IFNAME_PREFIX)
-                                    or parse_owner_alias(link.alias) is not None)
-
-
-def detach(host_ifname: str, *, host_netns: HostArg = None, timeout: float = 30.0) -> bool:
-    """Remove a container's veth by its host end; False when it was already gone.
-
-    Idempotent: deleting the host end removes the container end too, and when
-    the container's namespace is gone the kernel has removed both already.
-    Refuses to delete anything that is not a netd host end (:func:`is_netd_host_link`).
-
-    Returns as soon as the kernel reports the host end unregistered (both ends
-    are then gone from their namespaces, down, without addresses or routes).
-    The ``RTM_DELLINK`` request itself returns only after the kernel has also
-    freed the devices, an RCU barrier later (10-20 ms here, more on a busy
-    host); a thread waits for that in the background.
-    """
-    with handle(host_netns) as nl:
-        got = nl.link_brief(host_ifname)
-        if got is None:
-            return False
-        link = got[0]
-        if not is_netd_host_link(link):
-            raise DataplaneError(f"refusing to delete {host_ifname}: not a netd container veth "
-                                 f"(kind {link.kind}, alias {link.alias!r})")
-        return _delete_unregistered(nl.netns, link.index, host_ifname, timeout)
-
-
-def _delete_unregistered(netns: str | None, index: int, name: str, timeout: float) -> bool:
-    """Delete link ``index`` from a worker thread; return once it is unregistered."""
-    with LinkMonitor(netns) as monitor:  # subscribed before the request: no event missed
-        sock = run_in_netns(netns, netlink_socket)
-        outcome: dict[str, bool | BaseException] = {}
-        done = threading.Event()
-
-        def work() -> None:
-            try:
-                with Netlink(netns, sock=sock) as nl:
-                    outcome["deleted"] = nl.delete_link_index(index)
-            except BaseException as exc:  # handed to the caller
-                outcome["error"] = exc
-            finally:
-                done.set()
-
-        threading.Thread(target=work, name=f"netd-del-{name}", daemon=True).start()
-        if monitor.wait_deleted(index, timeout, done.is_set):
-            return True
-    if not done.wait(max(0.0, timeout)):
-        raise DataplaneError(f"deleting {name} did not finish within {timeout:g} s")
-    error = outcome.get("error")
-    if isinstance(error, BaseException):
-        raise error
-    return bool(outcome.get("deleted"))
-
-
-def host_links(bridge: str | None = None, *, host_netns: HostArg = None) -> list[Link]:
-    """The host ends netd made (optionally only those on ``bridge``), for reconciliation."""
-    with handle(host_netns) as nl:
-        return [link for link in nl.links() if is_netd_host_link(link)
-                and (bridge is None or link.master == bridge)]
-
-
 # --------------------------------------------------------------------------- iptables
 
 
@@ -1148,7 +499,6 @@ def remove_bridge_forwarding(bridge: str, *, netns: str | None = None) -> bool:
 
 __all__ = [
     "AddAddress",
-    "Attachment",
     "CreateBridge",
     "DelAddress",
     "DelRoute",
@@ -1163,24 +513,12 @@ __all__ = [
     "TakeoverResult",
     "apply_plan",
     "apply_takeover",
-    "arp_resolve",
-    "attach",
-    "check_attachment",
-    "configure",
-    "dad_probe",
     "default_gateway",
-    "detach",
     "ensure_bridge_forwarding",
-    "gateway_answers_arp",
-    "host_ifname_for",
-    "host_links",
     "plan_rollback",
     "plan_takeover",
-    "plumb",
     "read_state",
     "remove_bridge_forwarding",
     "rollback",
-    "send_gratuitous_arp",
     "takeover",
-    "wait_forwarding",
 ]

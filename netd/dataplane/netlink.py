@@ -2,14 +2,9 @@
 
 A handle works in one network namespace: the caller's own (``netns=None``), a
 named one (``/run/netns/NAME``) or any namespace file (``/proc/PID/ns/net``, a
-CNI ``CNI_NETNS`` path). Opening a handle never creates a namespace.
-
-Namespaces are entered the way Go CNI plugins do it: a short-lived thread calls
-``setns(2)`` (network namespaces are per thread), creates the socket and ends.
-The socket stays in that namespace. This costs about a millisecond and, unlike
-pyroute2's own ``IPRoute(netns=...)``, forks nothing, so it is safe in a
-threaded daemon. :func:`run_in_netns` runs any callable that way (packet
-sockets, iptables).
+CNI ``CNI_NETNS`` path). Opening a handle never creates a namespace; its socket
+is made inside the namespace by :func:`netd.dataplane.netns.run_in_netns`
+(a short-lived thread, no fork, unlike pyroute2's ``IPRoute(netns=...)``).
 
 The handle talks to the kernel itself, synchronously, over a plain
 ``AF_NETLINK`` socket: one ``send`` of the request and the ``recv`` of its
@@ -20,8 +15,8 @@ requests (links, addresses, routes) are encoded here (``_nla`` and friends:
 the handful of attributes netd sends); answers about links, read on every
 ADD and DEL, are parsed here too (:func:`parse_link`), acknowledgements are
 never decoded, and address and route dumps are decoded by pyroute2's message
-classes (``ifaddrmsg``, ``rtmsg``). pyroute2 also creates and removes named
-namespaces.
+classes (``ifaddrmsg``, ``rtmsg``). tests/unit/test_netlink_codec.py checks
+every message built or parsed here against pyroute2's codecs.
 
 Requests address links by name wherever the kernel allows it (``RTM_SETLINK``,
 ``RTM_GETLINK`` and ``RTM_DELLINK`` with ``IFLA_IFNAME``), so changing a link
@@ -33,7 +28,6 @@ code call it through an executor.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import itertools
@@ -44,123 +38,29 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
-from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from netd.dataplane.errors import DataplaneError, LinkExists, LinkNotFound, NetnsNotFound
+from netd.dataplane.errors import DataplaneError, LinkExists, LinkNotFound
 from netd.dataplane.model import (
     AF_INET,
     AF_INET6,
-    RT_SCOPE_LINK,
-    RT_SCOPE_UNIVERSE,
     RT_TABLE_LOCAL,
     RT_TABLE_MAIN,
-    RTN_UNICAST,
     RTNH_F_ONLINK,
-    RTPROT_NETD,
     Address,
     Link,
     Route,
     normalize_mac,
 )
+from netd.dataplane.netns import open_netns, run_in_netns
 
-T = TypeVar("T")
-
-NETNS_RUN_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
 IFF_UP = 0x1
 IFF_NOARP = 0x80
 NETLINK_ROUTE = 0
-
-_libc: ctypes.CDLL | None = None
-
-
-def _setns(fd: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def netns_path(netns: str) -> str:
-    """A namespace name (``/run/netns/NAME``) or a path (anything with a ``/``) -> its file."""
-    return netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
-
-
-def open_netns(netns: str) -> int:
-    """An O_RDONLY fd on the namespace file; :class:`NetnsNotFound` when it is gone."""
-    path = netns_path(netns)
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise NetnsNotFound(f"network namespace {netns!r} does not exist ({path})") from exc
-
-
-def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run ``fn()`` inside the namespace (in a throw-away thread) and return its result.
-
-    Sockets ``fn`` creates stay in that namespace; processes it starts with
-    :mod:`subprocess` start there too. ``netns=None`` runs ``fn`` right here.
-    """
-    if netns is None:
-        return fn()
-    fd = open_netns(netns)
-    try:
-        return run_in_netns_fd(fd, fn, netns)
-    finally:
-        os.close(fd)
-
-
-def run_in_netns_fd(fd: int, fn: Callable[[], T], name: str = "") -> T:
-    """:func:`run_in_netns` for a namespace given by an open descriptor (not closed here)."""
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            _setns(fd)
-            result.append(fn())
-        except BaseException as exc:  # handed to the caller's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name=f"netns:{name or fd}", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
-
-
-def socket_in_netns(netns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
-    return run_in_netns(netns, lambda: socket.socket(family, type_, proto))
-
-
-def create_netns(name: str) -> None:
-    """Create a named namespace (``/run/netns/NAME``) with its loopback up (labs and tests)."""
-    pr_netns.create(name)
-    with Netlink(name) as nl:
-        nl.set_up("lo")
-
-
-def remove_netns(name: str) -> bool:
-    """Remove a named namespace; False when it was already gone."""
-    if name not in pr_netns.listnetns():
-        return False
-    try:
-        pr_netns.remove(name)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def list_netns(prefix: str = "") -> list[str]:
-    return sorted(n for n in pr_netns.listnetns() if n.startswith(prefix))
 
 
 def _cidr(ip: str, prefixlen: int) -> str:
@@ -901,12 +801,3 @@ def handle(target: HostArg) -> Iterator[Netlink]:
         return
     with Netlink(target) as nl:
         yield nl
-
-
-def container_route(dst: str, gateway: str | None, ifname: str,
-                    metric: int | None = None) -> Route:
-    """A route netd installs in a container (marked with :data:`RTPROT_NETD`)."""
-    scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK
-    return Route(dst=str(ipaddress.ip_network(dst, strict=False)), gateway=gateway,
-                 ifname=ifname, metric=metric, proto=RTPROT_NETD, scope=scope,
-                 type=RTN_UNICAST)
