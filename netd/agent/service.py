@@ -1,8 +1,15 @@
-"""The host agent: request -> IPAM -> dataplane driver -> result.
+"""The host agent's endpoint pipeline: request -> IPAM -> dataplane driver -> record.
 
-:class:`Agent` serves the CNI commands forwarded by the plugin shims and keeps
-its own record of what it plumbed (:mod:`netd.agent.state`), so that a crash at
-any moment is repaired by :meth:`Agent.reconcile` on the next start.
+:class:`Agent` is what every integration drives (the CNI plugins through
+:mod:`netd.cni.handler`, Docker through :mod:`netd.cni.docker_driver`): the
+same owner locks, the same record written before anything is made, the same
+duplicate-address handling, the same release-or-queue and the same
+reconciliation, whatever the mode (its driver) and whoever asked.
+
+It keeps its own record of what it plumbed (:mod:`netd.agent.state`), so that
+a crash at any moment is repaired by :meth:`Agent.reconcile` on the next
+start; that record is a cache of what the kernel's marks and the IPAM know,
+and a lost one is rebuilt from them (adoption), never taken as "nothing here".
 """
 
 from __future__ import annotations
@@ -10,316 +17,307 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any
 
-from netd.agent import cniresult as cni
-from netd.agent.cniresult import CniError, CniRequest
 from netd.agent.config import AgentConfig
+from netd.agent.errors import DuplicateAddress, InterfaceInUse, NotAttached
+from netd.agent.locks import Owner, OwnerLocks
 from netd.agent.state import Attachment, StateStore
-from netd.dataplane.driver import Dataplane, Plumbing, Prepared, PreparingDataplane
-from netd.dataplane.errors import AddressConflict, DataplaneError, NetnsNotFound
-from netd.dataplane.l2 import host_ifname_for
-from netd.errors import (
-    AddressInUse,
-    InvalidInput,
-    MacInUse,
-    NetdError,
-    PoolExhausted,
-    PoolNotFound,
-    Unauthorized,
-    Unavailable,
-)
+from netd.dataplane.driver import Addressing, Driver, Endpoint, Owned, Prepared
+from netd.dataplane.errors import AddressConflict, NetnsNotFound
+from netd.dataplane.netns import netns_exists
+from netd.dataplane.veth import host_ifname_for, peer_ifname_for
+from netd.errors import AddressInUse, NetdError, PoolNotFound, Unavailable
 from netd.ipam.client import IpamApi
 
 log = logging.getLogger("netd.agent")
 
 DAD_ATTEMPTS = 3
+PLUGIN_LABEL = "netd.plugin"
+NETWORK_LABEL = "netd.network"
 
 
-def _cni_error(exc: NetdError) -> CniError:
-    """Map a netd error to the CNI error code a runtime sees (docs/AGENT.md)."""
-    if isinstance(exc, NetnsNotFound):
-        return CniError(cni.UNKNOWN_CONTAINER, exc.message)
-    if isinstance(exc, DataplaneError):
-        return CniError(cni.DATAPLANE_FAILURE, exc.message)
-    if isinstance(exc, Unavailable):
-        return CniError(cni.TRY_AGAIN_LATER, "try again later: IPAM unreachable", exc.message)
-    if isinstance(exc, PoolNotFound):
-        return CniError(cni.POOL_NOT_FOUND, exc.message)
-    if isinstance(exc, PoolExhausted):
-        return CniError(cni.POOL_EXHAUSTED, exc.message)
-    if isinstance(exc, AddressInUse | MacInUse):
-        return CniError(cni.ADDRESS_IN_USE, exc.message)
-    if isinstance(exc, Unauthorized):
-        return CniError(cni.IPAM_REFUSED, "the IPAM refused the agent's token", exc.message)
-    if isinstance(exc, InvalidInput):
-        return CniError(cni.IPAM_REFUSED, exc.message)
-    return CniError(cni.IPAM_REFUSED, exc.message)
+@dataclass(frozen=True)
+class EndpointRequest:
+    """One ADD, whoever asked: the owner, where it lives, and what the IPAM is asked for.
+
+    ``netns`` None hands the container end over to a runtime that moves it
+    (Docker). ``plumb`` False asks for an address only (the ``netd-ipam``
+    plugin). ``adopt_from`` takes over the address another (provisional)
+    owner holds instead of allocating one (Docker's ``RequestAddress``).
+    ``extra`` is the integration's own data, kept with the record.
+    """
+
+    network: str
+    container_id: str
+    ifname: str
+    pool: str
+    plugin: str
+    netns: str | None
+    plumb: bool = True
+    labels: Mapping[str, str] = field(default_factory=dict)
+    handle: str | None = None
+    ip: str | None = None
+    mac: str | None = None
+    adopt_from: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def owner(self) -> Owner:
+        return (self.container_id, self.ifname)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.network, self.container_id, self.ifname)
+
+
+def addressing_of(alloc: Mapping[str, Any]) -> Addressing:
+    """The IPAM's allocation document -> what a driver is asked to configure."""
+    routes = tuple((str(r["dst"]), r.get("gw")) for r in alloc.get("routes") or [])
+    return Addressing(str(alloc["address"]), str(alloc["mac"]), alloc.get("gateway"), routes,
+                      alloc.get("vlan"))
+
+
+class _Recorded(Collection[str]):
+    """The host interfaces the agent has records of, read afresh at each question.
+
+    The sweep asks about each candidate under the candidate's owner lock, so
+    an ADD that records its interface meanwhile is seen.
+    """
+
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.state.by_host_ifname(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([a.host_ifname for a in self.state.all() if a.host_ifname])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
 
 
 class Agent:
     """One host's agent. Receives its collaborators; starts nothing by itself."""
 
-    def __init__(self, cfg: AgentConfig, ipam: IpamApi, dataplane: Dataplane,
-                 state: StateStore, *, release_ipam: IpamApi | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: AgentConfig, ipam: IpamApi, driver: Driver, state: StateStore, *,
+                 release_ipam: IpamApi | None = None, clock: Callable[[], float] = time.time,
+                 netns_exists: Callable[[str], bool] = netns_exists) -> None:
         self.cfg = cfg
+        self.netns_exists = netns_exists
         self.ipam = ipam
         # DEL must never hang on the network: a client with a short timeout
         self.release_ipam = release_ipam or ipam
-        self.dp = dataplane
+        self.driver = driver
         self.state = state
         self.clock = clock
-        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self.locks = OwnerLocks()
         # the driver's prepare() of each ADD runs here, next to its IPAM call
         self._background = ThreadPoolExecutor(max_workers=32,
                                               thread_name_prefix="netd-prepare")
+        self._reconciling = threading.Lock()
         self.started = clock()
         self.repaired: list[str] = []
+        self.failed: dict[tuple[str, str, str], str] = {}  # records reconcile left, and why
+        self.reconciled = False  # the first full pass (with the sweep) is done
 
-    # --- entry point --------------------------------------------------------
+    def close(self) -> None:
+        self._background.shutdown(wait=False)
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Serve one socket request; always answers, never raises."""
-        command = request.get("command")
-        version = cni.DEFAULT_VERSION
-        try:
-            if command == "AGENT_STATUS":
-                return {"result": self.status()}
-            config = request.get("config")
-            if isinstance(config, dict) and isinstance(config.get("cniVersion"), str):
-                version = config["cniVersion"]
-            req = cni.parse_request(str(request.get("plugin", "netd-cni")), str(command),
-                                    request.get("env") or {}, config)
-            version = req.cni_version
-            handler = {
-                "ADD": self.add, "DEL": self.delete, "CHECK": self.check,
-                "GC": self.gc, "STATUS": self.cni_status,
-            }[req.command]
-            result = handler(req)
-            return {"result": cni.convert(result, req.cni_version) if result else {}}
-        except CniError as exc:
-            return {"error": exc.to_dict(version)}
-        except NetdError as exc:
-            return {"error": _cni_error(exc).to_dict(version)}
-        except Exception as exc:
-            log.exception("internal error serving %s", command)
-            return {"error": CniError(cni.INTERNAL, f"netd agent internal error: {exc}")
-                    .to_dict(version)}
+    # --- ADD ----------------------------------------------------------------------------
 
-    @contextmanager
-    def _locked(self, key: tuple[str, str, str]) -> Iterator[None]:
-        """Serialise work on one owner: (network, container id, ifname).
+    def add(self, req: EndpointRequest) -> Attachment:
+        """Attach (idempotently) and return the ready record.
 
-        The lock is per (container id, ifname), whatever the network: that is
-        the owner in the IPAM, and queued releases name no network.
+        An owner attached on another network is refused (:class:`InterfaceInUse`):
+        one (container id, ifname) is one interface and one IPAM owner. A
+        failed ADD leaves nothing: no interface, no allocation (its release is
+        queued when the IPAM is unreachable).
         """
-        key = ("", key[1], key[2])
-        with self._locks_guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            yield
-        with self._locks_guard:
-            if not lock.locked():
-                self._locks.pop(key, None)
-
-    # --- ADD ----------------------------------------------------------------
-
-    def add(self, req: CniRequest) -> dict[str, Any]:
-        key = (req.network, req.container_id, req.ifname)
-        with self._locked(key):
-            # A release queued by an earlier failed attempt of this owner must
-            # not free what this ADD is about to get (the IPAM answers an
-            # owner's retry with the address it already holds).
-            if self.state.drop_releases(req.container_id, req.ifname):
-                log.info("ADD %s/%s: dropped its queued release", req.container_id, req.ifname)
-            existing = self.state.get(*key)
+        with self.locks.hold(req.owner):
+            others = [a for a in self.state.of_owner(*req.owner) if a.network != req.network]
+            if others:
+                o = others[0]
+                raise InterfaceInUse(
+                    f"container {req.container_id[:12]} already has {req.ifname} on network "
+                    f"{o.network!r}" + (f" (host interface {o.host_ifname})"
+                                        if o.host_ifname else "")
+                    + f"; give this network's interface another name than {req.ifname}")
+            existing = self.state.get(*req.key)
             if existing is not None:
-                if existing.state == "ready" and existing.netns == req.netns:
-                    return existing.result
+                if (existing.state == "ready" and existing.netns == req.netns
+                        and existing.pool == req.pool):
+                    return existing
                 self._undo(existing, "replaced by a new ADD")
-            if not self.dp.netns_exists(req.netns):
-                raise CniError(cni.UNKNOWN_CONTAINER,
-                               f"network namespace {req.netns} does not exist")
-            ipam_only = req.plugin == "netd-ipam"
+            if req.netns is not None and not self.netns_exists(req.netns):
+                raise NetnsNotFound(f"network namespace {req.netns} does not exist")
+            # A release queued by an earlier failed attempt of this owner must not
+            # free what this ADD is about to get (the IPAM answers an owner's retry
+            # with the address it already holds).
+            if self.state.drop_releases(*req.owner):
+                log.info("ADD %s/%s: dropped its queued release", *req.owner)
             att = Attachment(
                 network=req.network, container_id=req.container_id, ifname=req.ifname,
                 plugin=req.plugin, state="adding", netns=req.netns, pool=req.pool,
-                host_ifname=None if ipam_only else host_ifname_for(req.container_id, req.ifname),
-            )
+                host_ifname=host_ifname_for(*req.owner) if req.plumb else None,
+                peer_ifname=(peer_ifname_for(*req.owner) if req.plumb and req.netns is None
+                             else None),
+                mode=self.driver.mode if req.plumb else "", extra=dict(req.extra))
             self.state.put(att)  # before anything exists, so a crash can be undone
             try:
-                result = self._add_ipam(req, att) if ipam_only else self._add_link(req, att)
+                self._add(req, att)
             except BaseException as exc:
-                log.warning("ADD %s/%s failed, undoing: %s", req.container_id, req.ifname, exc)
+                log.warning("ADD %s/%s failed, undoing: %s", req.container_id[:12], req.ifname,
+                            exc)
                 # IPAM unreachable: queue the release at once instead of waiting for
-                # another timeout, so that the ADD fails fast with 11
+                # another timeout, so that the ADD fails fast
                 self._undo(att, "failed ADD", ipam_down=isinstance(exc, Unavailable))
                 raise
             att.state = "ready"
-            att.result = result
             self.state.put(att)
-            return result
+            return att
 
-    def _allocate(self, req: CniRequest) -> dict[str, Any]:
-        labels = {"netd.network": req.network}
-        handle = req.args.get("NETD_HANDLE")
-        pod_ns, pod = req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")
-        if pod_ns and pod:  # kubelet: the pod's namespace/name is its stable identity
-            labels["k8s.pod"] = f"{pod_ns}/{pod}"
-            handle = handle or f"{pod_ns}/{pod}"
-        elif pod:  # podman passes only K8S_POD_NAME: the container's name
-            labels["container.name"] = pod
-            handle = handle or pod
-        # a fixed address: CNI_ARGS IP=/MAC= or the "ips"/"mac" runtime capabilities
-        rc = req.runtime_config
-        ips = rc.get("ips") if isinstance(rc.get("ips"), list) else []
-        ip = req.args.get("IP") or (str(ips[0]).split("/")[0] if ips else None)
-        mac = req.args.get("MAC") or (rc.get("mac") if isinstance(rc.get("mac"), str) else None)
-        return self.ipam.allocate(req.pool, req.container_id, req.ifname, host=self.cfg.host,
-                                  netns=req.netns, labels=labels, ip=ip or None,
-                                  mac=mac or None, handle=handle)
-
-    def _add_ipam(self, req: CniRequest, att: Attachment) -> dict[str, Any]:
-        alloc = self._allocate(req)
-        att.ip, att.mac = alloc["ip"], alloc["mac"]
-        return cni.build_ipam_result(
-            address=alloc["address"], gateway=alloc.get("gateway"),
-            routes=self._routes(alloc), dns=alloc.get("dns") or {})
-
-    @staticmethod
-    def _routes(alloc: dict[str, Any]) -> list[tuple[str, str | None]]:
-        default = "0.0.0.0/0" if ":" not in alloc["ip"] else "::/0"
-        routes: list[tuple[str, str | None]] = []
-        if alloc.get("gateway"):
-            routes.append((default, alloc["gateway"]))
-        routes += [(r["dst"], r.get("gw") or alloc.get("gateway")) for r in
-                   alloc.get("routes") or []]
-        return routes
-
-    def _plumbing(self, req: CniRequest | Attachment, alloc: dict[str, Any],
-                  host_ifname: str) -> Plumbing:
-        return Plumbing(
-            netns=req.netns, ifname=req.ifname, host_ifname=host_ifname, mac=alloc["mac"],
-            address=alloc["address"], gateway=alloc.get("gateway"),
-            routes=tuple(self._routes(alloc)), vlan=alloc.get("vlan"),
-            extra={"container_id": req.container_id},
-        )
-
-    def _add_link(self, req: CniRequest, att: Attachment) -> dict[str, Any]:
-        assert att.host_ifname is not None
+    def _add(self, req: EndpointRequest, att: Attachment) -> None:
+        ep = att.endpoint()
         # the interface needs no address: the driver makes it while the IPAM allocates
-        preparing = self._prepare(req, att.host_ifname)
+        preparing = self._background.submit(self.driver.prepare, ep) if ep else None
         try:
-            alloc = self._allocate(req)
+            alloc = self._address(req)
         except BaseException:
             self._discard(preparing)  # made or not, it is settled before the undo
             raise
-        prepared = preparing.result() if preparing is not None else None
-        try:
-            return self._attach_allocated(req, att, alloc, prepared)
-        finally:
-            if prepared is not None:
-                prepared.close()  # attach consumed it; closing again is a no-op
-
-    def _prepare(self, req: CniRequest, host_ifname: str) -> Future[Prepared] | None:
-        prepare = getattr(self.dp, "prepare", None)
-        if prepare is None:
-            return None
-        future: Future[Prepared] = self._background.submit(
-            prepare, req.netns, req.ifname, host_ifname, req.container_id)
-        return future
-
-    @staticmethod
-    def _discard(preparing: Future[Prepared] | None) -> None:
-        if preparing is None:
+        self._take(att, alloc)
+        addressing = addressing_of(alloc)
+        if ep is None:  # the address alone
+            att.address, att.gateway = addressing.address, addressing.gateway
+            att.routes, att.vlan = list(addressing.all_routes()), addressing.vlan
             return
-        try:
-            preparing.result().close()
-        except Exception as exc:  # the ADD fails anyway; the undo removes what is there
-            log.debug("preparing the interface failed too: %s", exc)
-
-    def _attach_allocated(self, req: CniRequest, att: Attachment, alloc: dict[str, Any],
-                          prepared: Prepared | None) -> dict[str, Any]:
-        assert att.host_ifname is not None
+        prepared: Prepared | None = preparing.result() if preparing is not None else None
         for attempt in range(DAD_ATTEMPTS):
-            att.ip, att.mac = alloc["ip"], alloc["mac"]
-            p = self._plumbing(req, alloc, att.host_ifname)
             try:
-                if prepared is not None:
-                    # mypy: only PreparingDataplane has prepare(), hence the prepared
-                    cast(PreparingDataplane, self.dp).attach(p, self.cfg.l2.dad_timeout,
-                                                             prepared)
-                else:
-                    self.dp.attach(p, self.cfg.l2.dad_timeout)
+                attached = self.driver.attach(ep, addressing, prepared)
                 break
             except AddressConflict as exc:
                 prepared = None  # attach consumed it; the next attempt makes a new veth
-                # Someone on the wire already uses this address: never hand it out.
-                note = f"duplicate: answered ARP from {exc.mac} (seen by {self.cfg.host})"
-                log.warning("%s is in use on the wire by %s; reserving it", exc.ip, exc.mac)
-                self.ipam.release(pool=req.pool, container_id=req.container_id,
-                                  ifname=req.ifname)
-                try:
-                    self.ipam.reserve(req.pool, exc.ip, note=note)
-                except NetdError as err:
-                    log.warning("could not reserve duplicate %s: %s", exc.ip, err)
+                note = self._duplicate(req, exc)
+                if req.ip or req.adopt_from:
+                    raise DuplicateAddress(f"{exc.ip} is already used on the wire by "
+                                           f"{exc.mac}; it is now reserved ({note})") from None
                 if attempt == DAD_ATTEMPTS - 1:
-                    raise CniError(cni.ADDRESS_IN_USE,
-                                   f"{DAD_ATTEMPTS} addresses in a row were already in use on "
-                                   "the wire", note) from None
-                alloc = self._allocate(req)
-        return cni.build_result(
-            ifname=req.ifname, mac=alloc["mac"], sandbox=req.netns,
-            host_ifname=att.host_ifname, address=alloc["address"],
-            gateway=alloc.get("gateway"), routes=self._routes(alloc),
-            dns=alloc.get("dns") or {})
+                    raise DuplicateAddress(f"{DAD_ATTEMPTS} addresses in a row were already "
+                                           f"in use on the wire (last: {note})") from None
+                alloc = self._address(req)
+                self._take(att, alloc)
+                addressing = addressing_of(alloc)
+        att.record(attached)
 
-    # --- DEL ------------------------------------------------------------------
+    @staticmethod
+    def _take(att: Attachment, alloc: Mapping[str, Any]) -> None:
+        att.ip, att.mac = str(alloc["ip"]), str(alloc["mac"])
+        att.dns = dict(alloc.get("dns") or {})
 
-    def delete(self, req: CniRequest) -> dict[str, Any]:
-        key = (req.network, req.container_id, req.ifname)
-        with self._locked(key):
-            att = self.state.get(*key)
-            if att is None:
-                att = Attachment(
-                    network=req.network, container_id=req.container_id, ifname=req.ifname,
-                    plugin=req.plugin, state="deleting", netns=req.netns or "", pool=req.pool,
-                    host_ifname=None if req.plugin == "netd-ipam"
-                    else host_ifname_for(req.container_id, req.ifname),
-                )
-            self._undo(att, "DEL")
-        return {}
+    def _address(self, req: EndpointRequest) -> dict[str, Any]:
+        """Allocate for the owner, or take over what ``adopt_from`` holds."""
+        if req.adopt_from and req.ip:
+            try:
+                return self.ipam.update(req.ip, req.adopt_from, ifname=req.ifname,
+                                        new_container_id=req.container_id,
+                                        labels=dict(req.labels))
+            except AddressInUse:
+                # a retry: the owner took it over already
+                return self.ipam.update(req.ip, req.container_id, ifname=req.ifname,
+                                        labels=dict(req.labels))
+        return self.ipam.allocate(req.pool, req.container_id, req.ifname, host=self.cfg.host,
+                                  netns=req.netns or "", labels=dict(req.labels), ip=req.ip,
+                                  mac=req.mac, handle=req.handle)
+
+    def _duplicate(self, req: EndpointRequest, exc: AddressConflict) -> str:
+        """Someone on the wire uses this address: give it back and reserve it, noting who."""
+        note = f"duplicate: answered ARP from {exc.mac} (seen by {self.cfg.host})"
+        log.warning("%s is in use on the wire by %s; reserving it", exc.ip, exc.mac)
+        self.ipam.release(pool=req.pool, container_id=req.container_id, ifname=req.ifname)
+        try:
+            self.ipam.reserve(req.pool, exc.ip, note=note)
+        except NetdError as err:
+            log.warning("could not reserve duplicate %s: %s", exc.ip, err)
+        return note
+
+    @staticmethod
+    def _discard(preparing: Future[Prepared | None] | None) -> None:
+        if preparing is None:
+            return
+        try:
+            made = preparing.result()
+            if made is not None:
+                made.close()
+        except Exception as exc:  # the ADD fails anyway; the undo removes what is there
+            log.debug("preparing the interface failed too: %s", exc)
+
+    # --- DEL ------------------------------------------------------------------------------
+
+    def delete(self, network: str, container_id: str, ifname: str, *, pool: str = "",
+               plugin: str = "netd-cni", netns: str | None = None) -> None:
+        """Remove the endpoint and release its address; success when nothing is there.
+
+        Without a record of this network the agent touches only what provably
+        is this owner's: nothing when the owner is attached on another network
+        (that attachment is not this DEL's), else an interface carrying this
+        owner's mark in the driver's scope, and the owner's address in ``pool``.
+        """
+        with self.locks.hold((container_id, ifname)):
+            att = self.state.get(network, container_id, ifname)
+            if att is not None:
+                self._undo(att, "DEL")
+                return
+            others = self.state.of_owner(container_id, ifname)
+            if others:
+                log.info("DEL %s/%s on %s: attached on network %s, not this one; nothing to do",
+                         container_id[:12], ifname, network, others[0].network)
+                return
+            if plugin != "netd-ipam":
+                ep = Endpoint(container_id, ifname, netns, host_ifname_for(container_id, ifname))
+                self.driver.detach(ep, owner_only=True)
+            if pool:
+                self._release(pool, container_id, ifname, None, "DEL")
 
     def _undo(self, att: Attachment, why: str, *, ipam_down: bool = False) -> None:
         """Remove an attachment's plumbing and release its address (queued if need be)."""
         if att.state != "deleting":
             att.state = "deleting"
             self.state.put(att)
-        if att.host_ifname:
-            self.dp.remove(att.host_ifname, att.netns or None, att.ifname)
+        ep = att.endpoint()
+        if ep is not None:
+            self.driver.detach(ep)
         self._release(att.pool, att.container_id, att.ifname, att.ip, why, queue=ipam_down)
         self.state.delete(*att.key)
 
+    def release(self, pool: str, container_id: str, ifname: str, ip: str | None,
+                why: str) -> None:
+        """Release an address the agent holds outside an attachment (Docker's provisional
+        holds), under the owner's lock; queued when the IPAM is unreachable."""
+        with self.locks.hold((container_id, ifname)):
+            self._release(pool, container_id, ifname, ip, why)
+
     def _release(self, pool: str, container_id: str, ifname: str, ip: str | None,
                  why: str, *, queue: bool = False) -> None:
-        if queue:
-            log.warning("IPAM unreachable; release of %s/%s queued (%s)", container_id, ifname,
-                        why)
-            self.state.queue_release(pool, container_id, ifname, ip, "IPAM unreachable")
-            return
-        try:
-            self.release_ipam.release(pool=pool, container_id=container_id, ifname=ifname)
-        except Unavailable as exc:
-            log.warning("IPAM unreachable; release of %s/%s queued (%s)", container_id, ifname,
-                        why)
-            self.state.queue_release(pool, container_id, ifname, ip, exc.message)
-        except PoolNotFound:
-            pass  # the pool is gone, and its addresses with it
+        """Release by owner, or queue the release when the IPAM is unreachable."""
+        if not queue:
+            try:
+                self.release_ipam.release(pool=pool, container_id=container_id, ifname=ifname)
+                return
+            except Unavailable as exc:
+                error = exc.message
+            except PoolNotFound:
+                return  # the pool is gone, and its addresses with it
+        else:
+            error = "IPAM unreachable"
+        log.warning("IPAM unreachable; release of %s/%s queued (%s)", container_id[:16], ifname,
+                    why)
+        self.state.queue_release(pool, container_id, ifname, ip, error)
 
     def flush_releases(self) -> int:
         """Send queued releases; returns how many are still waiting.
@@ -329,13 +327,12 @@ class Agent:
         """
         waiting = 0
         for p in self.state.pending():
-            with self._locked(("", p.container_id, p.ifname)):
+            with self.locks.hold((p.container_id, p.ifname)):
                 if self.state.pending_release(p.id) is None:
                     continue
-                if any(a.container_id == p.container_id and a.ifname == p.ifname
-                       for a in self.state.all()):
+                if self.state.of_owner(p.container_id, p.ifname):
                     log.info("queued release of %s/%s dropped: attached again",
-                             p.container_id, p.ifname)
+                             p.container_id[:16], p.ifname)
                     self.state.release_done(p.id)
                     continue
                 try:
@@ -346,88 +343,188 @@ class Agent:
                     waiting += 1
                     continue
                 except NetdError as exc:
-                    log.warning("dropping queued release of %s/%s: %s", p.container_id,
+                    log.warning("dropping queued release of %s/%s: %s", p.container_id[:16],
                                 p.ifname, exc)
                 self.state.release_done(p.id)
-                log.info("queued release of %s/%s sent", p.container_id, p.ifname)
+                log.info("queued release of %s/%s sent", p.container_id[:16], p.ifname)
         return waiting
 
-    # --- CHECK ----------------------------------------------------------------
+    # --- CHECK ------------------------------------------------------------------------------
 
-    def check(self, req: CniRequest) -> dict[str, Any]:
-        att = self.state.get(req.network, req.container_id, req.ifname)
-        if att is None or att.state != "ready":
-            raise CniError(cni.CHECK_FAILED,
-                           f"no attachment of {req.container_id}/{req.ifname} on network "
-                           f"{req.network!r} on host {self.cfg.host}")
-        if not self.dp.netns_exists(req.netns):
-            raise CniError(cni.UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
-        problems = cni.compare_prev_result(req.prev_result, att.result)
-        if att.host_ifname:
-            problems += self.dp.check(self._plumbing(att, self._stored_alloc(att),
-                                                     att.host_ifname))
-        state = self.ipam.show(att.ip or "")
-        if state.get("state") != "allocated" or state.get("container_id") != att.container_id:
-            problems.append(f"the IPAM no longer records {att.ip} for {att.container_id}"
-                            f" (it is {state.get('state')})")
-        if problems:
-            raise CniError(cni.CHECK_FAILED, "; ".join(problems))
-        return {}
+    def check(self, network: str, container_id: str, ifname: str,
+              netns: str | None = None) -> tuple[Attachment, list[str]]:
+        """The ready record and what is wrong with it (kernel and IPAM); raises
+        :class:`NotAttached` or :class:`NetnsNotFound`."""
+        with self.locks.hold((container_id, ifname)):
+            att = self.state.get(network, container_id, ifname)
+            if att is None or att.state != "ready":
+                raise NotAttached(f"no attachment of {container_id}/{ifname} on network "
+                                  f"{network!r} on host {self.cfg.host}")
+            if netns is not None and not self.netns_exists(netns):
+                raise NetnsNotFound(f"network namespace {netns} does not exist")
+            problems: list[str] = []
+            ep, attached = att.endpoint(), att.attached()
+            if ep is not None and attached is not None:
+                problems += self.driver.check(ep, attached)
+            shown = self.ipam.show(att.ip or "")
+            if shown.get("state") != "allocated" or shown.get("container_id") != container_id:
+                problems.append(f"the IPAM no longer records {att.ip} for {container_id}"
+                                f" (it is {shown.get('state')})")
+            return att, problems
 
-    @staticmethod
-    def _stored_alloc(att: Attachment) -> dict[str, Any]:
-        """Rebuild what plumbing needs from the stored result."""
-        ips = att.result.get("ips") or [{}]
-        routes = att.result.get("routes") or []
-        gw = ips[0].get("gateway")
-        default = {"0.0.0.0/0", "::/0"}
-        return {
-            "ip": att.ip, "mac": att.mac, "address": ips[0].get("address"), "gateway": gw,
-            "routes": [r for r in routes if r.get("dst") not in default],
-        }
+    # --- GC -----------------------------------------------------------------------------------
 
-    # --- GC and STATUS ----------------------------------------------------------
+    def gc(self, network: str, valid: Collection[Owner]) -> int:
+        """Remove every attachment of ``network`` not in ``valid``, and its leaked addresses.
 
-    def gc(self, req: CniRequest) -> dict[str, Any]:
-        valid = set(req.valid_attachments)
+        Never what an ADD holds: attachments that were still being added when
+        the GC began (the runtime's list may predate them) or were made since
+        are kept, each candidate is looked at again under its owner's lock,
+        and addresses of owners with a record are kept.
+        """
+        began = self.clock()
+        keep = set(valid)
         removed = 0
-        for att in self.state.all(req.network):
-            if (att.container_id, att.ifname) not in valid:
-                with self._locked(att.key):
-                    self._undo(att, "GC")
-                removed += 1
-        # leaks: addresses the IPAM holds for this host and network with no record here
-        known = {(a.container_id, a.ifname) for a in self.state.all(req.network)} | valid
-        try:
-            held = self.ipam.addresses(host=self.cfg.host, limit=100000)["addresses"]
-        except Unavailable as exc:
-            raise CniError(cni.TRY_AGAIN_LATER, "try again later: IPAM unreachable",
-                           exc.message) from None
-        for a in held:
-            if (a.get("labels") or {}).get("netd.network") != req.network:
+        for att in self.state.all(network):  # the snapshot when the GC began
+            if att.owner in keep or att.state == "adding":
                 continue
-            if (a["container_id"], a["ifname"]) not in known:
-                self._release(a["pool"], a["container_id"], a["ifname"], a["ip"], "GC leak")
+            with self.locks.hold(att.owner):
+                cur = self.state.get(*att.key)
+                if cur is None or cur.state == "adding" or cur.created >= began:
+                    continue
+                self._undo(cur, "GC")
+                removed += 1
+        held = self.ipam.addresses(host=self.cfg.host, limit=100000)["addresses"]
+        for a in held:
+            owner = (str(a["container_id"]), str(a["ifname"]))
+            if (a.get("labels") or {}).get(NETWORK_LABEL) != network or owner in keep:
+                continue
+            with self.locks.hold(owner):
+                if self.state.of_owner(*owner):
+                    continue  # an ADD made it meanwhile, or another network holds it
+                if float(a.get("created") or 0) >= began:
+                    continue
+                self._release(str(a["pool"]), owner[0], owner[1], str(a["ip"]), "GC leak")
                 removed += 1
         if removed:
-            log.info("GC of network %s removed %d stale attachment(s)", req.network, removed)
-        return {}
+            log.info("GC of network %s removed %d stale attachment(s)", network, removed)
+        return removed
 
-    def cni_status(self, req: CniRequest) -> dict[str, Any]:
+    # --- reconcile ------------------------------------------------------------------------------
+
+    def reconcile(self, *, sweep: bool = True) -> list[str]:
+        """Finish or undo what a crash interrupted; keep live attachments working.
+
+        Each record is looked at alone, under its owner's lock: one that cannot
+        be repaired yet is logged and kept for the next pass (:attr:`failed`),
+        and the others go on. With ``sweep`` (the first pass, before serving),
+        the driver's marked objects without a record are then adopted when the
+        IPAM agrees they are live attachments of this host, and the remaining
+        ones of the driver's scope are removed.
+        """
+        with self._reconciling:
+            done: list[str] = []
+            failed: dict[tuple[str, str, str], str] = {}
+            for att in self.state.all():
+                try:
+                    with self.locks.hold(att.owner):
+                        cur = self.state.get(*att.key)
+                        if cur is not None:
+                            done += self._reconcile_one(cur)
+                except Exception as exc:
+                    log.exception("reconcile of %s/%s on %s failed; kept for the next pass",
+                                  att.container_id[:12], att.ifname, att.network)
+                    failed[att.key] = f"{type(exc).__name__}: {exc}"
+            if sweep:
+                try:
+                    done += self._adopt_and_sweep()
+                    self.reconciled = True
+                except Exception as exc:
+                    log.exception("reconcile: the sweep of unrecorded objects failed; "
+                                  "nothing was swept")
+                    failed[("", "", "sweep")] = f"{type(exc).__name__}: {exc}"
+            for line in done:
+                log.info("reconcile: %s", line)
+            self.failed = failed
+            if sweep:
+                self.repaired = done
+            return done
+
+    def _reconcile_one(self, att: Attachment) -> list[str]:
+        what = f"{att.container_id[:12]}/{att.ifname} ({att.ip})"
+        if att.state != "ready":
+            interrupted = att.state  # _undo sets it to "deleting"
+            self._undo(att, "interrupted " + interrupted)
+            return [f"undid interrupted {interrupted.upper()} of {what}"]
+        if att.netns is not None and not self.netns_exists(att.netns):
+            self._undo(att, "container gone")
+            return [f"removed {what}: its network namespace is gone"]
+        ep, attached = att.endpoint(), att.attached()
+        if (ep is not None and attached is not None and att.mode == self.driver.mode
+                and self.driver.repair(ep, attached)):
+            return [f"repaired the plumbing of {what}"]
+        return []
+
+    def _adopt_and_sweep(self) -> list[str]:
+        done: list[str] = []
+        recorded = {a.host_ifname for a in self.state.all() if a.host_ifname}
+        unknown = [o for o in self.driver.owned() if o.host_ifname not in recorded]
+        if unknown:
+            # the kernel's marks and the IPAM outrank this cache: never sweep blind
+            held = self.ipam.addresses(host=self.cfg.host, limit=100000)["addresses"]
+            by_owner = {(str(a["container_id"]), str(a["ifname"])): a for a in held}
+            for o in unknown:
+                with self.locks.hold(o.owner):
+                    if self.state.of_owner(*o.owner):
+                        continue
+                    alloc = by_owner.get(o.owner)
+                    if alloc is not None:
+                        line = self._adopt(o, alloc)
+                        if line:
+                            done.append(line)
+        done += self.driver.sweep(_Recorded(self.state), hold=self.locks.hold)
+        return done
+
+    def _adopt(self, o: Owned, alloc: Mapping[str, Any]) -> str | None:
+        """Take an unrecorded live endpoint back (its record was lost); None: not live.
+
+        The IPAM says who it is (pool, address, MAC, network, namespace); the
+        kernel's mark says it is this driver's. A container whose namespace is
+        gone is removed and its address released, as for a recorded one.
+        """
+        labels = alloc.get("labels") or {}
+        docker = labels.get(PLUGIN_LABEL) == "docker"
+        netns = None if docker else (str(alloc.get("netns") or "") or None)
+        what = f"{o.mark.container_id[:12]}/{o.mark.ifname} ({alloc['ip']})"
+        network = str(labels.get(NETWORK_LABEL) or "")
+        if not network or (not docker and netns is None):
+            return None  # not enough to rebuild the record: the sweep decides
+        if netns is not None and not self.netns_exists(netns):
+            self.driver.detach(Endpoint(o.mark.container_id, o.mark.ifname, netns,
+                                        o.host_ifname))
+            self._release(str(alloc["pool"]), o.mark.container_id, o.mark.ifname,
+                          str(alloc["ip"]), "container gone")
+            return f"removed unrecorded {what}: its network namespace is gone"
+        ep = Endpoint(o.mark.container_id, o.mark.ifname, netns, o.host_ifname,
+                      peer_ifname_for(*o.owner) if netns is None else None)
+        attached = self.driver.expected(ep, addressing_of(alloc))
+        att = Attachment(
+            network=network, container_id=o.mark.container_id, ifname=o.mark.ifname,
+            plugin="docker" if docker else "netd-cni", state="ready", netns=netns,
+            pool=str(alloc["pool"]), host_ifname=o.host_ifname, peer_ifname=ep.peer_ifname,
+            ip=str(alloc["ip"]), mac=str(alloc["mac"]), dns=dict(alloc.get("dns") or {}),
+            mode=self.driver.mode,
+            extra={"container_name": labels.get("container_name", "")} if docker else {})
+        att.record(attached)
+        self.state.put(att)
         try:
-            self.ipam.health()
-            pool = self.ipam.get_pool(req.pool)
-        except Unavailable as exc:
-            raise CniError(cni.PLUGIN_NOT_AVAILABLE, "the IPAM is unreachable",
-                           exc.message) from None
-        except PoolNotFound as exc:
-            raise CniError(cni.PLUGIN_NOT_AVAILABLE, exc.message) from None
-        if int(pool.get("free", 0)) <= 0:
-            raise CniError(cni.PLUGIN_NOT_AVAILABLE,
-                           f"pool {req.pool!r} has no free address")
-        return {}
+            if self.driver.repair(ep, att.attached() or attached):
+                return f"adopted {what} (its record was lost) and repaired it"
+        except NetdError as exc:
+            log.warning("adopted %s but could not repair it yet: %s", what, exc)
+        return f"adopted {what}: its record was lost, the kernel and the IPAM agree"
 
-    # --- lifecycle ----------------------------------------------------------------
+    # --- status -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         atts = self.state.all()
@@ -437,55 +534,20 @@ class Agent:
         except NetdError:
             ipam_ok = False
         return {
-            "host": self.cfg.host, "mode": self.cfg.mode, "ipam_url": self.cfg.ipam_url,
+            "host": self.cfg.host, "mode": self.driver.mode, "ipam_url": self.cfg.ipam_url,
             "ipam_reachable": ipam_ok, "uptime": round(self.clock() - self.started, 1),
             "attachments": [
                 {"network": a.network, "container_id": a.container_id, "ifname": a.ifname,
                  "plugin": a.plugin, "state": a.state, "ip": a.ip, "mac": a.mac,
-                 "host_ifname": a.host_ifname, "netns": a.netns} for a in atts],
+                 "host_ifname": a.host_ifname, "netns": a.netns, "mode": a.mode,
+                 "mtu": a.mtu or None, "vlan": a.vlan,
+                 "name": str(a.extra.get("container_name") or "")} for a in atts],
             "docker_plugin": self.cfg.docker_plugin,
-            "docker_endpoints": self._docker_endpoints(),
             "pending_releases": len(self.state.pending()),
             "repaired_at_start": self.repaired,
+            "not_reconciled": [{"network": k[0], "container_id": k[1], "ifname": k[2],
+                                "error": why} for k, why in self.failed.items()],
         }
 
-    def _docker_endpoints(self) -> list[dict[str, Any]]:
-        """The Docker driver's endpoints (its tables in the same state store), when kept."""
-        endpoints = getattr(self.state, "docker_endpoints", None)
-        if endpoints is None:
-            return []
-        return [
-            {"plugin": "docker", "network_id": e.network_id, "endpoint_id": e.endpoint_id,
-             "container_name": e.container_name, "pool": e.pool, "state": e.state,
-             "ip": e.ip or None, "mac": e.mac or None, "host_ifname": e.host_ifname,
-             "sandbox": e.sandbox} for e in endpoints()]
 
-    def reconcile(self) -> list[str]:
-        """Finish or undo what a crash interrupted; keep live attachments working.
-
-        Orphaned host interfaces carrying netd's mark are swept only after
-        every record has been looked at.
-        """
-        done: list[str] = []
-        for att in self.state.all():
-            what = f"{att.container_id[:12]}/{att.ifname} ({att.ip})"
-            if att.state != "ready":
-                interrupted = att.state  # _undo sets it to "deleting"
-                self._undo(att, "interrupted " + interrupted)
-                done.append(f"undid interrupted {interrupted.upper()} of {what}")
-            elif not self.dp.netns_exists(att.netns):
-                self._undo(att, "container gone")
-                done.append(f"removed {what}: its network namespace is gone")
-            elif att.host_ifname:
-                p = self._plumbing(att, self._stored_alloc(att), att.host_ifname)
-                if self.dp.repair(p):
-                    done.append(f"repaired plumbing of {what}")
-        keep = {a.host_ifname for a in self.state.all() if a.host_ifname}
-        for name in self.dp.owned_links():
-            if name not in keep:
-                self.dp.remove(name, None, None)
-                done.append(f"removed orphaned interface {name}")
-        for line in done:
-            log.info("reconcile: %s", line)
-        self.repaired = done
-        return done
+__all__ = ["Agent", "EndpointRequest", "addressing_of"]

@@ -2,34 +2,55 @@
 
 An attachment is written as ``adding`` *before* the agent allocates or
 creates anything, and as ``ready`` once everything is in place, so a crash
-at any moment leaves a record that reconciliation can finish or undo.
+at any moment leaves a record that reconciliation can finish or undo. A
+ready record holds everything a repair needs: the addressing the container
+got, the mode and what its driver attached (MTU, VLAN, mode-specific data).
 Releases the IPAM could not take (it was unreachable) wait in a queue here.
 
-The Docker driver (:mod:`netd.agent.docker_driver`) keeps its own three tables
-here: the networks it serves, the addresses it holds in the IPAM (and under
-which owner) and its endpoints.
+This database is a cache of what the kernel and the IPAM know: the agent
+rebuilds lost records from both (:meth:`netd.agent.service.Agent.reconcile`).
+
+Schema versions (``PRAGMA user_version``) and their migrations are below; a
+database written by an older release is migrated when it is opened, in one
+transaction. Docker's own records (the networks it created, addresses held
+between ``RequestAddress`` and ``CreateEndpoint``) live in two more tables.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from netd.dataplane.driver import Attached, Endpoint
+
+log = logging.getLogger("netd.agent.state")
+
+#: The schema this release writes.
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS attachments (
     network TEXT NOT NULL, container_id TEXT NOT NULL, ifname TEXT NOT NULL,
-    plugin TEXT NOT NULL, state TEXT NOT NULL, netns TEXT NOT NULL,
-    host_ifname TEXT, pool TEXT NOT NULL, ip TEXT, mac TEXT, result TEXT,
+    plugin TEXT NOT NULL, state TEXT NOT NULL,
+    netns TEXT,                  -- NULL: handed over (Docker moves the container end)
+    pool TEXT NOT NULL, host_ifname TEXT, peer_ifname TEXT,
+    ip TEXT, mac TEXT, address TEXT, gateway TEXT,
+    routes TEXT NOT NULL DEFAULT '[]', dns TEXT NOT NULL DEFAULT '{}',
+    mode TEXT NOT NULL DEFAULT '', mtu INTEGER NOT NULL DEFAULT 0, vlan INTEGER,
+    data TEXT NOT NULL DEFAULT '{}',   -- the driver's mode-specific data
+    extra TEXT NOT NULL DEFAULT '{}',  -- the integration's (Docker: sandbox, name...)
     created REAL NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (network, container_id, ifname)
 );
+CREATE INDEX IF NOT EXISTS attachments_owner ON attachments (container_id, ifname);
 CREATE TABLE IF NOT EXISTS pending_releases (
     id INTEGER PRIMARY KEY AUTOINCREMENT, pool TEXT NOT NULL, container_id TEXT NOT NULL,
     ifname TEXT NOT NULL, ip TEXT, queued REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -44,35 +65,63 @@ CREATE TABLE IF NOT EXISTS docker_addresses (
     created REAL NOT NULL,
     PRIMARY KEY (pool, ip)
 );
-CREATE TABLE IF NOT EXISTS docker_endpoints (
-    endpoint_id TEXT PRIMARY KEY, network_id TEXT NOT NULL, pool TEXT NOT NULL,
-    ip TEXT NOT NULL, address TEXT NOT NULL, mac TEXT NOT NULL, state TEXT NOT NULL,
-    host_ifname TEXT NOT NULL, peer_ifname TEXT NOT NULL, sandbox TEXT NOT NULL DEFAULT '',
-    docker_pid INTEGER NOT NULL DEFAULT 0, container_name TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL, updated REAL NOT NULL
-);
 """
-
 
 @dataclass
 class Attachment:
+    """One endpoint the agent plumbed (or is plumbing): owner, addressing, what was attached."""
+
     network: str
     container_id: str
     ifname: str
-    plugin: str
-    state: str
-    netns: str
+    plugin: str  # netd-cni | netd-ipam | docker
+    state: str  # adding | ready | deleting
+    netns: str | None
     pool: str
     host_ifname: str | None = None
+    peer_ifname: str | None = None
     ip: str | None = None
     mac: str | None = None
-    result: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None  # as configured in the container
+    gateway: str | None = None
+    routes: list[tuple[str, str | None]] = field(default_factory=list)  # default included
+    dns: dict[str, Any] = field(default_factory=dict)
+    mode: str = ""
+    mtu: int = 0
+    vlan: int | None = None
+    data: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
     updated: float = 0.0
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.network, self.container_id, self.ifname)
+
+    @property
+    def owner(self) -> tuple[str, str]:
+        return (self.container_id, self.ifname)
+
+    def endpoint(self) -> Endpoint | None:
+        """The dataplane's name for it; None for an address-only attachment (netd-ipam)."""
+        if not self.host_ifname:
+            return None
+        return Endpoint(self.container_id, self.ifname, self.netns, self.host_ifname,
+                        self.peer_ifname)
+
+    def attached(self) -> Attached | None:
+        """What the driver attached, as recorded (None until it is known)."""
+        if not self.host_ifname or not self.address or not self.mac:
+            return None
+        ifname = self.peer_ifname if self.netns is None and self.peer_ifname else self.ifname
+        return Attached(self.host_ifname, ifname, self.mac, self.address, self.gateway,
+                        tuple(self.routes), self.mtu, self.vlan, dict(self.data))
+
+    def record(self, attached: Attached) -> None:
+        """Take over what a driver attached."""
+        self.address, self.gateway = attached.address, attached.gateway
+        self.routes, self.mtu = list(attached.routes), attached.mtu
+        self.vlan, self.data, self.mac = attached.vlan, dict(attached.data), attached.mac
 
 
 @dataclass
@@ -96,24 +145,6 @@ class DockerAddress:
 
 
 @dataclass
-class DockerEndpoint:
-    endpoint_id: str
-    network_id: str
-    pool: str
-    ip: str
-    address: str  # ip/prefix
-    mac: str
-    state: str  # creating | created | joined | deleting
-    host_ifname: str  # our end, on the bridge
-    peer_ifname: str  # the end Docker moves into the container (there: ethN)
-    sandbox: str = ""  # Docker's SandboxKey (the container's netns file)
-    docker_pid: int = 0  # dockerd's pid at Join: its mount namespace holds the sandbox
-    container_name: str = ""
-    created: float = 0.0
-    updated: float = 0.0
-
-
-@dataclass
 class PendingRelease:
     id: int
     pool: str
@@ -125,6 +156,122 @@ class PendingRelease:
     last_error: str
 
 
+# --- migrations -------------------------------------------------------------------------
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _create(db: sqlite3.Connection) -> None:
+    """The current schema's tables (inside the caller's transaction, unlike executescript)."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Release 0.1.0 -> 0.2: attachments gain the addressing and the driver's data; Docker
+    endpoints become attachments (handed over) of plugin ``docker``.
+
+    0.1.0 kept the CNI result as JSON and had no mode (it only had L2), so the
+    addressing is read from that result. A Docker endpoint keeps the names its
+    links were made with (``ndd``/``ndp``, marked ``netd-docker:``).
+    """
+    db.execute("ALTER TABLE attachments RENAME TO attachments_v1")
+    _create(db)
+    for row in db.execute("SELECT * FROM attachments_v1").fetchall():
+        result = json.loads(row["result"]) if row["result"] else {}
+        ips = result.get("ips") or [{}]
+        routes = [(str(r["dst"]), r.get("gw")) for r in result.get("routes") or []
+                  if isinstance(r, dict) and r.get("dst")]
+        mtu = 0
+        for iface in result.get("interfaces") or []:
+            if isinstance(iface, dict) and iface.get("mtu"):
+                mtu = int(iface["mtu"])
+        _insert(db, Attachment(
+            network=row["network"], container_id=row["container_id"], ifname=row["ifname"],
+            plugin=row["plugin"], state=row["state"], netns=row["netns"], pool=row["pool"],
+            host_ifname=row["host_ifname"], ip=row["ip"], mac=row["mac"],
+            address=ips[0].get("address"), gateway=ips[0].get("gateway"), routes=routes,
+            dns=result.get("dns") or {}, mode="l2" if row["host_ifname"] else "", mtu=mtu,
+            created=row["created"], updated=row["updated"]))
+    db.execute("DROP TABLE attachments_v1")
+    if "docker_endpoints" in _tables(db):
+        states = {"creating": "adding", "created": "ready", "joined": "ready",
+                  "deleting": "deleting"}
+        for e in db.execute("SELECT * FROM docker_endpoints").fetchall():
+            _insert(db, Attachment(
+                network=e["network_id"], container_id=e["endpoint_id"], ifname="eth0",
+                plugin="docker", state=states.get(e["state"], "deleting"), netns=None,
+                pool=e["pool"], host_ifname=e["host_ifname"], peer_ifname=e["peer_ifname"],
+                ip=e["ip"] or None, mac=e["mac"] or None, address=e["address"] or None,
+                mode="l2", extra={"sandbox": e["sandbox"], "docker_pid": e["docker_pid"],
+                                  "container_name": e["container_name"],
+                                  "joined": e["state"] == "joined"},
+                created=e["created"], updated=e["updated"]))
+        db.execute("DROP TABLE docker_endpoints")
+
+
+#: version -> the migration that brings a database of that version to the next one
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the database to :data:`SCHEMA_VERSION` in one transaction; returns the old version.
+
+    Version 0 with tables is what release 0.1.0 wrote (it set no version): 1.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0:
+            version = 1 if "attachments" in _tables(db) else SCHEMA_VERSION
+            if version == SCHEMA_VERSION:  # a new database
+                _create(db)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"agent.db has schema version {version}, newer than this "
+                               f"release's {SCHEMA_VERSION}: a newer netd wrote it")
+        old = version
+        while version < SCHEMA_VERSION:
+            MIGRATIONS[version](db)
+            version += 1
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return old
+
+
+_INSERT = ("INSERT OR REPLACE INTO attachments (network, container_id, ifname, plugin, state, "
+           "netns, pool, host_ifname, peer_ifname, ip, mac, address, gateway, routes, dns, "
+           "mode, mtu, vlan, data, extra, created, updated) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _insert(db: sqlite3.Connection, a: Attachment) -> None:
+    db.execute(
+        _INSERT,
+        (a.network, a.container_id, a.ifname, a.plugin, a.state, a.netns, a.pool,
+         a.host_ifname, a.peer_ifname, a.ip, a.mac, a.address, a.gateway,
+         json.dumps([list(r) for r in a.routes]), json.dumps(a.dns, sort_keys=True), a.mode,
+         a.mtu, a.vlan, json.dumps(a.data, sort_keys=True), json.dumps(a.extra, sort_keys=True),
+         a.created, a.updated))
+
+
+def _att(row: sqlite3.Row) -> Attachment:
+    return Attachment(
+        network=row["network"], container_id=row["container_id"], ifname=row["ifname"],
+        plugin=row["plugin"], state=row["state"], netns=row["netns"], pool=row["pool"],
+        host_ifname=row["host_ifname"], peer_ifname=row["peer_ifname"], ip=row["ip"],
+        mac=row["mac"], address=row["address"], gateway=row["gateway"],
+        routes=[(str(d), g) for d, g in json.loads(row["routes"])],
+        dns=json.loads(row["dns"]), mode=row["mode"], mtu=int(row["mtu"]), vlan=row["vlan"],
+        data=json.loads(row["data"]), extra=json.loads(row["extra"]),
+        created=row["created"], updated=row["updated"])
+
+
 class StateStore:
     """SQLite file under ``state_dir`` (WAL, 0600); safe across threads."""
 
@@ -132,14 +279,20 @@ class StateStore:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, "agent.db")
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30)
+        fresh = not os.path.exists(self.path)
+        old_umask = os.umask(0o077)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=30)
+        finally:
+            os.umask(old_umask)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
+        old = migrate(self._db)
+        if not fresh and old != SCHEMA_VERSION:
+            log.info("agent.db migrated from schema version %d to %d", old, SCHEMA_VERSION)
+        self.migrated_from = old
         os.chmod(self.path, 0o600)
 
     @contextmanager
@@ -153,22 +306,26 @@ class StateStore:
                 raise
             self._db.execute("COMMIT")
 
-    @staticmethod
-    def _att(row: sqlite3.Row) -> Attachment:
-        return Attachment(
-            network=row["network"], container_id=row["container_id"], ifname=row["ifname"],
-            plugin=row["plugin"], state=row["state"], netns=row["netns"], pool=row["pool"],
-            host_ifname=row["host_ifname"], ip=row["ip"], mac=row["mac"],
-            result=json.loads(row["result"]) if row["result"] else {},
-            created=row["created"], updated=row["updated"],
-        )
+    def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    # --- attachments -------------------------------------------------------------------
 
     def get(self, network: str, container_id: str, ifname: str) -> Attachment | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM attachments WHERE network=? AND container_id=? AND ifname=?",
-                (network, container_id, ifname)).fetchone()
-        return self._att(row) if row else None
+        rows = self._rows("SELECT * FROM attachments WHERE network=? AND container_id=? AND "
+                          "ifname=?", network, container_id, ifname)
+        return _att(rows[0]) if rows else None
+
+    def by_host_ifname(self, host_ifname: str) -> Attachment | None:
+        rows = self._rows("SELECT * FROM attachments WHERE host_ifname=?", host_ifname)
+        return _att(rows[0]) if rows else None
+
+    def of_owner(self, container_id: str, ifname: str) -> list[Attachment]:
+        """Every attachment of an owner, whatever the network (normally at most one)."""
+        return [_att(r) for r in self._rows(
+            "SELECT * FROM attachments WHERE container_id=? AND ifname=? ORDER BY created",
+            container_id, ifname)]
 
     def put(self, a: Attachment) -> None:
         now = time.time()
@@ -176,27 +333,24 @@ class StateStore:
         if not a.created:
             a.created = now
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO attachments (network, container_id, ifname, plugin, "
-                "state, netns, host_ifname, pool, ip, mac, result, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (a.network, a.container_id, a.ifname, a.plugin, a.state, a.netns,
-                 a.host_ifname, a.pool, a.ip, a.mac, json.dumps(a.result) if a.result else None,
-                 a.created, a.updated))
+            _insert(db, a)
 
     def delete(self, network: str, container_id: str, ifname: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM attachments WHERE network=? AND container_id=? AND ifname=?",
                        (network, container_id, ifname))
 
-    def all(self, network: str | None = None) -> list[Attachment]:
-        with self._lock:
-            if network is None:
-                rows = self._db.execute("SELECT * FROM attachments ORDER BY created").fetchall()
-            else:
-                rows = self._db.execute("SELECT * FROM attachments WHERE network=? "
-                                        "ORDER BY created", (network,)).fetchall()
-        return [self._att(r) for r in rows]
+    def all(self, network: str | None = None, plugin: str | None = None) -> list[Attachment]:
+        sql, args = "SELECT * FROM attachments WHERE 1=1", []
+        if network is not None:
+            sql += " AND network=?"
+            args.append(network)
+        if plugin is not None:
+            sql += " AND plugin=?"
+            args.append(plugin)
+        return [_att(r) for r in self._rows(sql + " ORDER BY created", *args)]
+
+    # --- queued releases ---------------------------------------------------------------
 
     def queue_release(self, pool: str, container_id: str, ifname: str, ip: str | None,
                       error: str) -> None:
@@ -206,14 +360,12 @@ class StateStore:
                        (pool, container_id, ifname, ip, time.time(), error))
 
     def pending(self) -> list[PendingRelease]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM pending_releases ORDER BY id").fetchall()
-        return [PendingRelease(**dict(zip(r.keys(), r, strict=True))) for r in rows]
+        rows = self._rows("SELECT * FROM pending_releases ORDER BY id")
+        return [PendingRelease(**dict(r)) for r in rows]
 
     def pending_release(self, pid: int) -> PendingRelease | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM pending_releases WHERE id=?", (pid,)).fetchone()
-        return PendingRelease(**dict(zip(row.keys(), row, strict=True))) if row else None
+        rows = self._rows("SELECT * FROM pending_releases WHERE id=?", pid)
+        return PendingRelease(**dict(rows[0])) if rows else None
 
     def drop_releases(self, container_id: str, ifname: str) -> int:
         """Forget queued releases of an owner that is being attached again."""
@@ -231,18 +383,15 @@ class StateStore:
             db.execute("UPDATE pending_releases SET attempts=attempts+1, last_error=? WHERE id=?",
                        (error, pid))
 
-    # --- the Docker driver's records ------------------------------------------------
+    # --- the Docker driver's records ------------------------------------------------------
 
     def docker_network(self, network_id: str) -> DockerNetwork | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM docker_networks WHERE network_id=?",
-                                   (network_id,)).fetchone()
-        return DockerNetwork(**dict(row)) if row else None
+        rows = self._rows("SELECT * FROM docker_networks WHERE network_id=?", network_id)
+        return DockerNetwork(**dict(rows[0])) if rows else None
 
     def docker_networks(self) -> list[DockerNetwork]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM docker_networks ORDER BY created").fetchall()
-        return [DockerNetwork(**dict(r)) for r in rows]
+        return [DockerNetwork(**dict(r))
+                for r in self._rows("SELECT * FROM docker_networks ORDER BY created")]
 
     def put_docker_network(self, n: DockerNetwork) -> None:
         n.created = n.created or time.time()
@@ -256,15 +405,12 @@ class StateStore:
             db.execute("DELETE FROM docker_networks WHERE network_id=?", (network_id,))
 
     def docker_address(self, pool: str, ip: str) -> DockerAddress | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM docker_addresses WHERE pool=? AND ip=?",
-                                   (pool, ip)).fetchone()
-        return DockerAddress(**dict(row)) if row else None
+        rows = self._rows("SELECT * FROM docker_addresses WHERE pool=? AND ip=?", pool, ip)
+        return DockerAddress(**dict(rows[0])) if rows else None
 
     def docker_addresses(self) -> list[DockerAddress]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM docker_addresses ORDER BY created").fetchall()
-        return [DockerAddress(**dict(r)) for r in rows]
+        return [DockerAddress(**dict(r))
+                for r in self._rows("SELECT * FROM docker_addresses ORDER BY created")]
 
     def put_docker_address(self, a: DockerAddress) -> None:
         a.created = a.created or time.time()
@@ -281,41 +427,10 @@ class StateStore:
                 db.execute("DELETE FROM docker_addresses WHERE pool=? AND ip=? AND owner=?",
                            (pool, ip, owner))
 
-    def docker_endpoint(self, endpoint_id: str) -> DockerEndpoint | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM docker_endpoints WHERE endpoint_id=?",
-                                   (endpoint_id,)).fetchone()
-        return DockerEndpoint(**dict(row)) if row else None
-
-    def docker_endpoints(self, network_id: str | None = None) -> list[DockerEndpoint]:
-        with self._lock:
-            if network_id is None:
-                rows = self._db.execute(
-                    "SELECT * FROM docker_endpoints ORDER BY created").fetchall()
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM docker_endpoints WHERE network_id=? ORDER BY created",
-                    (network_id,)).fetchall()
-        return [DockerEndpoint(**dict(r)) for r in rows]
-
-    def put_docker_endpoint(self, e: DockerEndpoint) -> None:
-        now = time.time()
-        e.updated = now
-        e.created = e.created or now
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO docker_endpoints (endpoint_id, network_id, pool, ip, "
-                "address, mac, state, host_ifname, peer_ifname, sandbox, docker_pid, "
-                "container_name, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (e.endpoint_id, e.network_id, e.pool, e.ip, e.address, e.mac, e.state,
-                 e.host_ifname, e.peer_ifname, e.sandbox, e.docker_pid, e.container_name,
-                 e.created, e.updated))
-
-    def delete_docker_endpoint(self, endpoint_id: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM docker_endpoints WHERE endpoint_id=?", (endpoint_id,))
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+__all__ = ["SCHEMA_VERSION", "Attachment", "DockerAddress", "DockerNetwork", "PendingRelease",
+           "StateStore", "migrate"]
