@@ -21,7 +21,9 @@ from typing import Any
 
 import httpx
 
-log = logging.getLogger("netd.agent.docker")
+from netd.errors import Unavailable
+
+log = logging.getLogger("netd.cni.docker")
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 
@@ -62,6 +64,16 @@ class DockerApi:
             raise DockerUnreachable(f"dockerd at {self.path}: {exc}") from exc
         return doc if isinstance(doc, dict) else None
 
+    def networks(self, driver: str) -> list[dict[str, Any]] | None:
+        """``docker network ls`` of one driver, inspected; None when dockerd cannot be asked."""
+        try:
+            found = self._get("/networks", params={"filters": json.dumps({"driver": [driver]})})
+        except (OSError, httpx.HTTPError, ValueError) as exc:
+            log.warning("docker: cannot list dockerd's %s networks at %s: %s", driver,
+                        self.path, exc)
+            return None
+        return [n for n in found or [] if isinstance(n, dict)]
+
     def endpoint_name(self, network_id: str, endpoint_id: str) -> str | None:
         """The container name of an endpoint, once dockerd lists it; None when not (yet)."""
         try:
@@ -94,5 +106,5 @@ class DockerApi:
         return False
 
 
-class DockerUnreachable(Exception):
+class DockerUnreachable(Unavailable):
     """dockerd's API did not answer."""

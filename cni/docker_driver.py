@@ -1,10 +1,12 @@
-"""Docker's libnetwork remote driver, network and IPAM, on top of the agent's collaborators.
+"""Docker's libnetwork remote driver, network and IPAM, on the agent's endpoint pipeline.
 
 :class:`DockerDriver` answers every call of the remote plugin protocol
 (``Plugin.Activate``, ``NetworkDriver.*``, ``IpamDriver.*``; field names as in
 libnetwork's ``drivers/remote/api`` and ``ipams/remote/api``); the HTTP side is
-:mod:`netd.agent.docker`. Its records live in the agent's state
-(:mod:`netd.agent.state`), so an agent restart loses nothing.
+:mod:`.docker_server`. Endpoints go through the same pipeline as CNI
+(:class:`~netd.agent.service.Agent`: owner locks, the record written first, the
+duplicate-address probe, release-or-queue, reconciliation), so the driver
+works in every mode the agent runs; what is Docker's alone lives here.
 
 Who owns an address. libnetwork asks the IPAM driver for an address
 (``RequestAddress``) *before* it creates the endpoint, and neither call names
@@ -14,16 +16,18 @@ the container. So:
    ``docker-pending-<mac>`` (``RequiresMACAddress`` makes Docker send the
    endpoint's MAC, random or ``--mac-address``; the IPAM records it), host =
    this agent, label ``netd.plugin=docker``. Same MAC, same answer.
-2. ``CreateEndpoint`` hands the address to the endpoint: owner
-   (EndpointID, ``eth0``), label ``docker.network`` (IPAM ``update``).
-3. After ``Join`` a background thread reads the endpoint's name (= the
-   container's name) from dockerd's API (``docker_host``) and labels the
-   address ``container_name=<name>``; ``netctl ip list`` shows it.
+2. ``CreateEndpoint`` is the agent's ADD for the owner (EndpointID, ``eth0``):
+   it takes the address over from the provisional owner, makes the veth with
+   the container end left in the host's namespace for Docker to move
+   (*handover*), probes the wire for the address from it, and records it.
+3. ``Join`` hands Docker that end, with the gateway and routes the mode's
+   driver configured. After ``Join`` a background thread announces the
+   container (gratuitous ARP) and reads the endpoint's name (= the container's)
+   from dockerd's API (``docker_host``) to label the address with it.
 
-``DeleteEndpoint`` releases the endpoint's address (queued when the IPAM is
-unreachable); ``ReleaseAddress`` releases only what is still provisional (an
-endpoint that was never created), so a late call can never free an address
-that meanwhile went to someone else.
+``DeleteEndpoint`` is the agent's DEL; ``ReleaseAddress`` releases only what
+is still provisional (an endpoint that was never created), so a late call can
+never free an address that meanwhile went to someone else.
 
 Fixed addresses: ``--ip`` arrives as the preferred address. When the IPAM
 holds it reserved for a handle, the address goes to the container only when
@@ -36,20 +40,20 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from netd.agent.config import AgentConfig
-from netd.agent.docker_api import DockerApi, DockerUnreachable
-from netd.agent.docker_link import VethLinks
-from netd.agent.state import DockerAddress, DockerEndpoint, DockerNetwork, StateStore
+from netd.agent.errors import DuplicateAddress, InterfaceInUse
+from netd.agent.service import PLUGIN_LABEL, Agent, EndpointRequest
+from netd.agent.state import Attachment, DockerAddress, DockerNetwork
 from netd.dataplane.model import normalize_mac
-from netd.errors import AddressInUse, NetdError, PoolNotFound, Unavailable
-from netd.ipam.client import IpamApi
+from netd.errors import AddressInUse, NetdError, Unavailable
 
-log = logging.getLogger("netd.agent.docker")
+from .docker_announce import announce_when_up
 
+log = logging.getLogger("netd.cni.docker")
+
+PLUGIN = "docker"
 ADDRESS_SPACE = "netd"
 IFNAME = "eth0"  # the interface name every Docker address carries in the IPAM
 PENDING = "docker-pending-"
@@ -59,7 +63,7 @@ GATEWAY_TYPE = "com.docker.network.gateway"
 GATEWAY_DATA = "com.docker.network.gateway"
 POOL_OPTION = "pool"
 ROUTE_NEXTHOP = 0  # libnetwork types.NEXTHOP
-PLUGIN_LABEL = {"netd.plugin": "docker"}
+ROUTE_CONNECTED = 1  # libnetwork types.CONNECTED: on the link, no next hop
 NAME_TIMEOUT = 30.0
 
 
@@ -72,16 +76,16 @@ class PluginError(Exception):
         self.status = status
 
 
-class Links(Protocol):
-    """The dataplane edge (:mod:`netd.agent.docker_link`); tests pass a fake."""
+class Dockerd(Protocol):
+    """What the driver asks dockerd (:class:`.docker_api.DockerApi`); tests pass a fake."""
 
-    def create_pair(self, endpoint_id: str, bridge: str, mac: str) -> tuple[str, str]: ...
-    def delete_pair(self, endpoint_id: str) -> bool: ...
-    def names(self, endpoint_id: str) -> tuple[str, str]: ...
-    def present(self) -> list[str]: ...
-    def remove(self, name: str) -> None: ...
-    def announce(self, sandbox: str, docker_pid: int, host_ifname: str, mac: str, ip: str,
-                 stop: threading.Event) -> bool: ...
+    def network(self, network_id: str) -> dict[str, Any] | None: ...
+    def networks(self, driver: str) -> list[dict[str, Any]] | None: ...
+    def endpoint_name(self, network_id: str, endpoint_id: str) -> str | None: ...
+    def container_asks_for(self, name: str, ip: str) -> bool: ...
+
+
+Announce = Callable[[str, int, str, str, threading.Event], bool]
 
 
 def _netd_error(exc: NetdError) -> PluginError:
@@ -97,18 +101,17 @@ def _ip_of(address: str) -> str:
 class DockerDriver:
     """The network and IPAM driver ``netd`` for one host. Starts nothing by itself."""
 
-    def __init__(self, cfg: AgentConfig, ipam: IpamApi, state: StateStore, *,
-                 release_ipam: IpamApi | None = None, docker: DockerApi | None = None,
-                 links: Links | None = None, bridge: str | None = None) -> None:
-        self.cfg = cfg
-        self.ipam = ipam
-        self.release_ipam = release_ipam or ipam
-        self.state = state
+    def __init__(self, agent: Agent, *, docker: Dockerd | None = None,
+                 announce: Announce | None = None) -> None:
+        self.agent = agent
+        self.ipam = agent.ipam
+        self.state = agent.state
+        self.host = agent.cfg.host
         self.docker = docker
-        self.links = links or VethLinks()
-        self.bridge = bridge or cfg.l2.bridge
+        self.announce: Announce = announce or (
+            lambda sandbox, pid, mac, ip, stop: announce_when_up(sandbox, pid, mac, ip,
+                                                                 stop=stop))
         self.name_timeout = NAME_TIMEOUT
-        self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._watchers: dict[str, threading.Event] = {}
         self._threads: list[threading.Thread] = []
@@ -155,16 +158,6 @@ class DockerDriver:
         except Exception as exc:
             log.exception("docker: internal error serving %s", method)
             raise PluginError(f"internal error in {method}: {exc}") from exc
-
-    @contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            yield
-        with self._guard:
-            if not lock.locked():
-                self._locks.pop(key, None)
 
     # --- handshake ----------------------------------------------------------------------
 
@@ -309,17 +302,20 @@ class DockerDriver:
                               "addresses in the IPAM with 'netctl ip reserve'", 400)
         mac = normalize_mac(str(mac))
         owner = PENDING + mac.replace(":", "")
-        try:
-            alloc = self.ipam.allocate(pool_name, owner, IFNAME, host=self.cfg.host,
-                                       labels=dict(PLUGIN_LABEL), ip=wanted, mac=mac)
-        except AddressInUse:
-            handle = self._handle_asking(wanted) if wanted else None
-            if handle is None:
-                raise
-            alloc = self.ipam.allocate(pool_name, owner, IFNAME, host=self.cfg.host,
-                                       labels={**PLUGIN_LABEL, "container_name": handle},
-                                       ip=wanted, mac=mac, handle=handle)
-        self.state.put_docker_address(DockerAddress(pool_name, alloc["ip"], owner, alloc["mac"]))
+        labels = {PLUGIN_LABEL: PLUGIN}
+        with self.agent.locks.hold((owner, IFNAME)):
+            try:
+                alloc = self.ipam.allocate(pool_name, owner, IFNAME, host=self.host,
+                                           labels=labels, ip=wanted, mac=mac)
+            except AddressInUse:
+                handle = self._handle_asking(wanted) if wanted else None
+                if handle is None:
+                    raise
+                alloc = self.ipam.allocate(pool_name, owner, IFNAME, host=self.host,
+                                           labels={**labels, "container_name": handle},
+                                           ip=wanted, mac=mac, handle=handle)
+            self.state.put_docker_address(DockerAddress(pool_name, alloc["ip"], owner,
+                                                        alloc["mac"]))
         return {"Address": alloc["address"], "Data": {}}
 
     def _handle_asking(self, ip: str) -> str | None:
@@ -338,19 +334,12 @@ class DockerDriver:
         rec = self.state.docker_address(pool, ip)
         if rec is None or not rec.owner.startswith(PENDING):
             return {}  # the gateway, or an endpoint's address (DeleteEndpoint released it)
-        self._release(pool, rec.owner, ip, "ReleaseAddress")
-        self.state.delete_docker_address(pool, ip, rec.owner)
+        self._release_pending(rec, "ReleaseAddress")
         return {}
 
-    def _release(self, pool: str, owner: str, ip: str | None, why: str) -> None:
-        try:
-            self.release_ipam.release(pool=pool, container_id=owner, ifname=IFNAME)
-        except Unavailable as exc:
-            log.warning("docker: IPAM unreachable; release of %s (%s) queued (%s)", ip, owner,
-                        why)
-            self.state.queue_release(pool, owner, IFNAME, ip, exc.message)
-        except PoolNotFound:
-            pass
+    def _release_pending(self, rec: DockerAddress, why: str) -> None:
+        self.agent.release(rec.pool, rec.owner, IFNAME, rec.ip, why)
+        self.state.delete_docker_address(rec.pool, rec.ip, rec.owner)
 
     # --- networks -------------------------------------------------------------------------
 
@@ -380,8 +369,8 @@ class DockerDriver:
 
     def delete_network(self, req: dict[str, Any], pid: int) -> dict[str, Any]:
         nid = str(req["NetworkID"])
-        for ep in self.state.docker_endpoints(nid):
-            self._teardown(ep, "network deleted")
+        for att in self.state.all(nid, PLUGIN):
+            self._teardown(att, "network deleted")
         self.state.delete_docker_network(nid)
         return {}
 
@@ -389,7 +378,7 @@ class DockerDriver:
         net = self.state.docker_network(nid)
         if net is None:
             raise PluginError(f"network {nid[:12]} is unknown to the netd agent of "
-                              f"{self.cfg.host}", 404)
+                              f"{self.host}", 404)
         return net
 
     # --- endpoints ------------------------------------------------------------------------
@@ -403,146 +392,139 @@ class DockerDriver:
             raise PluginError("IPv6 addresses are not available through the Docker driver yet",
                               400)
         net = self._network(nid)
-        with self._locked(eid):
-            ep = self.state.docker_endpoint(eid)
-            if ep is not None and ep.state != "creating":
-                return self._filled(address, mac, ep)
-            host, peer = self.links.names(eid)
-            labels = {**PLUGIN_LABEL, "docker.network": nid[:12]}
-            ep = DockerEndpoint(eid, nid, net.pool, _ip_of(address), address,
-                                normalize_mac(mac) if mac else "", "creating", host, peer)
-            self.state.put_docker_endpoint(ep)  # before anything changes: a crash is undone
-            try:
-                if address:
-                    self._adopt(ep, labels)
-                else:  # Docker brought no address: take one for the endpoint
-                    alloc = self.ipam.allocate(net.pool, eid, IFNAME, host=self.cfg.host,
-                                               labels=labels, mac=ep.mac or None)
-                    ep.ip, ep.address, ep.mac = alloc["ip"], alloc["address"], alloc["mac"]
-                    self.state.put_docker_address(DockerAddress(net.pool, ep.ip, eid, ep.mac))
-            except BaseException:
-                self.state.delete_docker_endpoint(eid)
-                raise
-            ep.state = "created"
-            self.state.put_docker_endpoint(ep)
-        log.info("docker: endpoint %s: %s %s on pool %s", eid[:12], ep.address, ep.mac, ep.pool)
-        return self._filled(address, mac, ep)
+        ip = _ip_of(address) or None
+        holder = self._holder(net.pool, ip) if ip else None
+        labels = {PLUGIN_LABEL: PLUGIN, "netd.network": nid, "docker.network": nid[:12]}
+        try:
+            att = self.agent.add(EndpointRequest(
+                network=nid, container_id=eid, ifname=IFNAME, pool=net.pool, plugin=PLUGIN,
+                netns=None, labels=labels, ip=ip, mac=normalize_mac(mac) if mac else None,
+                adopt_from=holder))
+        except DuplicateAddress as exc:
+            if holder is not None:  # the address went back to the IPAM, reserved
+                self.state.delete_docker_address(net.pool, ip or "", holder)
+            raise PluginError(f"{exc.message}; run the container again for another "
+                              "address", 409) from None
+        except InterfaceInUse as exc:
+            raise PluginError(exc.message, 409) from None
+        if att.ip:
+            self.state.put_docker_address(DockerAddress(net.pool, att.ip, eid, att.mac or ""))
+            if holder is not None and holder != eid:
+                self.state.delete_docker_address(net.pool, att.ip, holder)
+        log.info("docker: endpoint %s: %s %s on pool %s", eid[:12], att.address, att.mac,
+                 att.pool)
+        return self._filled(address, mac, att)
 
-    def _adopt(self, ep: DockerEndpoint, labels: dict[str, str]) -> None:
-        """Hand the address RequestAddress took to the endpoint (owner EndpointID)."""
-        rec = self.state.docker_address(ep.pool, ep.ip)
-        holder = rec.owner if rec is not None else None
-        if holder is None:
-            st = self.ipam.show(ep.ip)
-            if (st.get("state") == "allocated" and st.get("host") == self.cfg.host
-                    and (st.get("labels") or {}).get("netd.plugin") == "docker"):
-                holder = str(st["container_id"])
-            else:
-                raise PluginError(f"{ep.ip} was not handed out by the netd IPAM driver of "
-                                  f"{self.cfg.host}; use --ipam-driver netd", 400)
-        alloc = self.ipam.update(ep.ip, holder, ifname=IFNAME,
-                                 new_container_id=ep.endpoint_id, labels=labels)
-        ep.mac = ep.mac or alloc["mac"]
-        self.state.put_docker_address(DockerAddress(ep.pool, ep.ip, ep.endpoint_id, ep.mac))
+    def _holder(self, pool: str, ip: str) -> str:
+        """Who holds ``ip`` for this driver (the provisional owner RequestAddress used)."""
+        rec = self.state.docker_address(pool, ip)
+        if rec is not None:
+            return rec.owner
+        st = self.ipam.show(ip)
+        if (st.get("state") == "allocated" and st.get("host") == self.host
+                and (st.get("labels") or {}).get(PLUGIN_LABEL) == PLUGIN):
+            return str(st["container_id"])
+        raise PluginError(f"{ip} was not handed out by the netd IPAM driver of "
+                          f"{self.host}; use --ipam-driver netd", 400)
 
     @staticmethod
-    def _filled(address: str, mac: str, ep: DockerEndpoint) -> dict[str, Any]:
+    def _filled(address: str, mac: str, att: Attachment) -> dict[str, Any]:
         """CreateEndpoint's answer: only what Docker left empty."""
         out: dict[str, str] = {}
-        if not address:
-            out["Address"] = ep.address
-        if not mac:
-            out["MacAddress"] = ep.mac
+        if not address and att.address:
+            out["Address"] = att.address
+        if not mac and att.mac:
+            out["MacAddress"] = att.mac
         return {"Interface": out} if out else {}
 
+    def _attachment(self, nid: str, eid: str) -> Attachment | None:
+        return self.state.get(nid, eid, IFNAME)
+
     def endpoint_info(self, req: dict[str, Any], pid: int) -> dict[str, Any]:
-        ep = self.state.docker_endpoint(str(req["EndpointID"]))
-        if ep is None:
+        att = self._attachment(str(req["NetworkID"]), str(req["EndpointID"]))
+        if att is None:
             return {"Value": {}}
-        return {"Value": {"netd.pool": ep.pool, "netd.host_interface": ep.host_ifname,
-                          "netd.host": self.cfg.host}}
+        return {"Value": {"netd.pool": att.pool, "netd.host_interface": att.host_ifname or "",
+                          "netd.host": self.host, "netd.mode": att.mode}}
 
     def delete_endpoint(self, req: dict[str, Any], pid: int) -> dict[str, Any]:
-        eid = str(req["EndpointID"])
-        with self._locked(eid):
-            ep = self.state.docker_endpoint(eid)
-            if ep is None:
-                self.links.delete_pair(eid)
-                return {}
-            self._teardown(ep, "DeleteEndpoint")
+        nid, eid = str(req["NetworkID"]), str(req["EndpointID"])
+        att = self._attachment(nid, eid)
+        if att is None:
+            net = self.state.docker_network(nid)
+            self.agent.delete(nid, eid, IFNAME, pool=net.pool if net else "", plugin=PLUGIN)
+            return {}
+        self._teardown(att, "DeleteEndpoint")
         return {}
 
-    def _teardown(self, ep: DockerEndpoint, why: str) -> None:
-        """Remove an endpoint's veth, release its address (queued if need be), forget it."""
-        if ep.state != "deleting":
-            ep.state = "deleting"
-            self.state.put_docker_endpoint(ep)
-        self._stop_watcher(ep.endpoint_id)
-        self.links.delete_pair(ep.endpoint_id)
-        if ep.ip:
-            rec = self.state.docker_address(ep.pool, ep.ip)
-            owners = {ep.endpoint_id}
+    def _teardown(self, att: Attachment, why: str) -> None:
+        """The agent's DEL of an endpoint, and the driver's own records of it."""
+        self._stop_watcher(att.container_id)
+        self.agent.delete(att.network, att.container_id, IFNAME, pool=att.pool, plugin=PLUGIN)
+        if att.ip:
+            rec = self.state.docker_address(att.pool, att.ip)
             if rec is not None and rec.owner.startswith(PENDING):
-                owners.add(rec.owner)  # interrupted before the hand-over
-            for owner in owners:
-                self._release(ep.pool, owner, ep.ip, why)
-                self.state.delete_docker_address(ep.pool, ep.ip, owner)
-        self.state.delete_docker_endpoint(ep.endpoint_id)
-        log.info("docker: endpoint %s removed (%s), %s released", ep.endpoint_id[:12], why,
-                 ep.ip or "no address")
+                self._release_pending(rec, why)  # interrupted before the hand-over
+            self.state.delete_docker_address(att.pool, att.ip, att.container_id)
+        log.info("docker: endpoint %s removed (%s), %s released", att.container_id[:12], why,
+                 att.ip or "no address")
 
     # --- join and leave -------------------------------------------------------------------
 
     def join(self, req: dict[str, Any], pid: int) -> dict[str, Any]:
         nid, eid = str(req["NetworkID"]), str(req["EndpointID"])
         sandbox = str(req.get("SandboxKey") or "")
-        with self._locked(eid):
-            ep = self.state.docker_endpoint(eid)
-            if ep is None or ep.state == "deleting":
+        with self.agent.locks.hold((eid, IFNAME)):
+            att = self._attachment(nid, eid)
+            if att is None or att.state != "ready" or not att.peer_ifname:
                 raise PluginError(f"endpoint {eid[:12]} is unknown to the netd agent of "
-                                  f"{self.cfg.host}", 404)
-            pool = self._pool(ep.pool)
-            net = self.state.docker_network(nid)
-            gateway = pool.get("gateway") or (net.gateway if net else None)
-            _, peer = self.links.create_pair(eid, self.bridge, ep.mac)
-            ep.state, ep.sandbox, ep.docker_pid = "joined", sandbox, pid
-            self.state.put_docker_endpoint(ep)
-            self._start_watcher(ep, announce=True)
+                                  f"{self.host}", 404)
+            ep, attached = att.endpoint(), att.attached()
+            if ep is not None and attached is not None:
+                self.agent.driver.repair(ep, attached)  # a repeated Join: the pair again
+            att.extra.update(sandbox=sandbox, docker_pid=pid, joined=True)
+            self.state.put(att)
+            self._start_watcher(att, announce=True)
         routes = []
-        for r in pool.get("routes") or []:
-            dst = str(ipaddress.ip_network(r["dst"], strict=False))
-            if ipaddress.ip_network(dst).prefixlen == 0:
+        for dst, gw in att.routes:
+            net = ipaddress.ip_network(dst, strict=False)
+            if net.prefixlen == 0:
                 continue  # the default route comes from Gateway
-            routes.append({"Destination": dst, "RouteType": ROUTE_NEXTHOP,
-                           "NextHop": r.get("gw") or gateway})
-        answer: dict[str, Any] = {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
+            if gw is None:
+                routes.append({"Destination": str(net), "RouteType": ROUTE_CONNECTED})
+            else:
+                routes.append({"Destination": str(net), "RouteType": ROUTE_NEXTHOP,
+                               "NextHop": gw})
+        answer: dict[str, Any] = {"InterfaceName": {"SrcName": att.peer_ifname,
+                                                    "DstPrefix": "eth"},
                                   "StaticRoutes": routes, "DisableGatewayService": False}
-        if gateway:
-            answer["Gateway"] = gateway
+        if att.gateway:
+            answer["Gateway"] = att.gateway
         return answer
 
     def leave(self, req: dict[str, Any], pid: int) -> dict[str, Any]:
-        eid = str(req["EndpointID"])
-        with self._locked(eid):
+        nid, eid = str(req["NetworkID"]), str(req["EndpointID"])
+        with self.agent.locks.hold((eid, IFNAME)):
             self._stop_watcher(eid)
-            ep = self.state.docker_endpoint(eid)
-            if ep is not None and ep.state == "joined":
-                ep.state = "created"
-                self.state.put_docker_endpoint(ep)
+            att = self._attachment(nid, eid)
+            if att is not None and att.extra.get("joined"):
+                att.extra["joined"] = False
+                self.state.put(att)
         return {}
 
     # --- after Join: gratuitous ARP, container name ---------------------------------------
 
-    def _start_watcher(self, ep: DockerEndpoint, *, announce: bool) -> None:
+    def _start_watcher(self, att: Attachment, *, announce: bool) -> None:
         stop = threading.Event()
+        eid = att.container_id
         with self._guard:
-            old = self._watchers.pop(ep.endpoint_id, None)
+            old = self._watchers.pop(eid, None)
             if old is not None:
                 old.set()
-            self._watchers[ep.endpoint_id] = stop
+            self._watchers[eid] = stop
             self._threads = [t for t in self._threads if t.is_alive()]
-            thread = threading.Thread(target=self._after_join, args=(ep, stop, announce),
-                                      name=f"docker-{ep.endpoint_id[:12]}", daemon=True)
+            thread = threading.Thread(target=self._after_join, args=(att, stop, announce),
+                                      name=f"docker-{eid[:12]}", daemon=True)
             self._threads.append(thread)
         thread.start()
 
@@ -552,28 +534,29 @@ class DockerDriver:
         if stop is not None:
             stop.set()
 
-    def _after_join(self, ep: DockerEndpoint, stop: threading.Event, announce: bool) -> None:
+    def _after_join(self, att: Attachment, stop: threading.Event, announce: bool) -> None:
         try:
-            if announce:
-                self.links.announce(ep.sandbox, ep.docker_pid, ep.host_ifname, ep.mac, ep.ip,
-                                    stop)
-            if not ep.container_name:
-                self._learn_name(ep, stop)
+            if announce and att.ip and att.mac:
+                self.announce(str(att.extra.get("sandbox") or ""),
+                              int(att.extra.get("docker_pid") or 0), att.mac, att.ip, stop)
+            if not att.extra.get("container_name"):
+                self._learn_name(att, stop)
         except Exception:
-            log.exception("docker: after-join work for endpoint %s failed", ep.endpoint_id[:12])
+            log.exception("docker: after-join work for endpoint %s failed",
+                          att.container_id[:12])
         finally:
             with self._guard:
-                if self._watchers.get(ep.endpoint_id) is stop:
-                    del self._watchers[ep.endpoint_id]
+                if self._watchers.get(att.container_id) is stop:
+                    del self._watchers[att.container_id]
 
-    def _learn_name(self, ep: DockerEndpoint, stop: threading.Event) -> None:
+    def _learn_name(self, att: Attachment, stop: threading.Event) -> None:
         if self.docker is None:
             return
         deadline = time.monotonic() + self.name_timeout
         delay = 0.05
         name = None
         while not stop.is_set() and time.monotonic() < deadline:
-            name = self.docker.endpoint_name(ep.network_id, ep.endpoint_id)
+            name = self.docker.endpoint_name(att.network, att.container_id)
             if name:
                 break
             stop.wait(delay)
@@ -581,22 +564,22 @@ class DockerDriver:
         if not name or stop.is_set():
             if not stop.is_set():
                 log.warning("docker: no container name for endpoint %s from dockerd",
-                            ep.endpoint_id[:12])
+                            att.container_id[:12])
             return
-        with self._locked(ep.endpoint_id):
-            cur = self.state.docker_endpoint(ep.endpoint_id)
-            if cur is None or cur.state == "deleting":
+        with self.agent.locks.hold((att.container_id, IFNAME)):
+            cur = self._attachment(att.network, att.container_id)
+            if cur is None or cur.state != "ready" or not cur.ip:
                 return
             try:
-                self.ipam.update(cur.ip, cur.endpoint_id, ifname=IFNAME,
+                self.ipam.update(cur.ip, cur.container_id, ifname=IFNAME,
                                  labels={"container_name": name})
             except NetdError as exc:
                 log.warning("docker: cannot label %s with container %s: %s", cur.ip, name,
                             exc.message)
                 return
-            cur.container_name = name
-            self.state.put_docker_endpoint(cur)
-        log.info("docker: %s is container %s", ep.ip, name)
+            cur.extra["container_name"] = name
+            self.state.put(cur)
+        log.info("docker: %s is container %s", att.ip, name)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait for the after-join threads (tests, shutdown); True when none is left."""
@@ -613,37 +596,60 @@ class DockerDriver:
     # --- restart --------------------------------------------------------------------------
 
     def reconcile(self) -> list[str]:
-        """Before serving: finish what a crash interrupted, drop what dockerd forgot while
-        the agent was away, release leaked addresses, sweep orphaned links.
+        """After the agent's reconcile, before serving: what only dockerd can tell.
 
-        Runs before the plugin socket exists, so no call is in flight. Without an
-        answer from dockerd, its endpoints are kept (dockerd repeats Leave and
-        DeleteEndpoint for its stale ones when it starts).
+        Networks and endpoints dockerd no longer has are removed; netd networks
+        dockerd has and this agent's records lost are learnt again; addresses
+        requested but never given to an endpoint, and Docker addresses of this
+        host that no record explains, are released. Runs before the plugin
+        socket exists, so no call is in flight. Without an answer from dockerd
+        its endpoints are kept (dockerd repeats Leave and DeleteEndpoint for
+        its stale ones when it starts).
         """
         done: list[str] = []
-        for ep in self.state.docker_endpoints():
-            if ep.state in ("creating", "deleting"):
-                self._teardown(ep, f"interrupted {ep.state}")
-                done.append(f"undid interrupted {ep.state} of endpoint {ep.endpoint_id[:12]}")
+        done += self._relearn_networks()
         nets = {n.network_id for n in self.state.docker_networks()}
-        nets |= {ep.network_id for ep in self.state.docker_endpoints()}
+        nets |= {a.network for a in self.state.all(plugin=PLUGIN)}
         for nid in sorted(nets):
             done += self._reconcile_network(nid)
         for rec in self.state.docker_addresses():
             if rec.owner.startswith(PENDING):
-                self._release(rec.pool, rec.owner, rec.ip, "never given to an endpoint")
-                self.state.delete_docker_address(rec.pool, rec.ip, rec.owner)
+                self._release_pending(rec, "never given to an endpoint")
                 done.append(f"released {rec.ip}: requested but never given to an endpoint")
+            elif not self.state.of_owner(rec.owner, IFNAME):
+                self.state.delete_docker_address(rec.pool, rec.ip, rec.owner)
         done += self._release_leaks()
-        keep: set[str] = set()
-        for ep in self.state.docker_endpoints():
-            keep.update(self.links.names(ep.endpoint_id))
-        for name in self.links.present():
-            if name not in keep:
-                self.links.remove(name)
-                done.append(f"removed orphaned interface {name}")
         for line in done:
             log.info("docker reconcile: %s", line)
+        return done
+
+    def _relearn_networks(self) -> list[str]:
+        """netd networks dockerd has that the records lost (a lost state_dir)."""
+        if self.docker is None:
+            return []
+        nets = self.docker.networks(ADDRESS_SPACE)
+        if not nets:
+            return []
+        known = {n.network_id for n in self.state.docker_networks()}
+        done = []
+        pools = None
+        for doc in nets:
+            nid = str(doc.get("Id") or "")
+            configs = ((doc.get("IPAM") or {}).get("Config") or [])
+            if not nid or nid in known or not configs:
+                continue
+            if pools is None:
+                pools = self.ipam.list_pools()["pools"]
+            subnet = str(configs[0].get("Subnet") or "")
+            pool = next((p for p in pools if p["cidr"] == subnet
+                         or p["name"] == ((doc.get("IPAM") or {}).get("Options") or {})
+                         .get(POOL_OPTION)), None)
+            if pool is None:
+                continue
+            self.state.put_docker_network(DockerNetwork(
+                nid, pool["name"], pool["cidr"],
+                _ip_of(str(configs[0].get("Gateway") or "")) or pool.get("gateway")))
+            done.append(f"learnt network {nid[:12]} (pool {pool['name']}) again from dockerd")
         return done
 
     def _reconcile_network(self, nid: str) -> list[str]:
@@ -651,42 +657,46 @@ class DockerDriver:
             return []
         try:
             doc = self.docker.network(nid)
-        except DockerUnreachable as exc:
-            log.warning("docker reconcile: %s; keeping network %s as it is", exc, nid[:12])
+        except NetdError as exc:
+            log.warning("docker reconcile: %s; keeping network %s as it is", exc.message,
+                        nid[:12])
             return []
-        eps = self.state.docker_endpoints(nid)
+        atts = self.state.all(nid, PLUGIN)
         if doc is None:
-            for ep in eps:
-                self._teardown(ep, "network gone from dockerd")
+            for att in atts:
+                self._teardown(att, "network gone from dockerd")
             self.state.delete_docker_network(nid)
-            return [f"removed network {nid[:12]} (gone from dockerd) and its {len(eps)} "
+            return [f"removed network {nid[:12]} (gone from dockerd) and its {len(atts)} "
                     "endpoint(s)"]
-        live = {str(c.get("EndpointID")): str(c.get("Name") or "")
-                for c in (doc.get("Containers") or {}).values() if isinstance(c, dict)}
+        live = {str(c.get("EndpointID")) for c in (doc.get("Containers") or {}).values()
+                if isinstance(c, dict)}
         done = []
-        for ep in eps:
-            if ep.endpoint_id not in live:
-                self._teardown(ep, "endpoint gone from dockerd")
-                done.append(f"removed endpoint {ep.endpoint_id[:12]} ({ep.ip}): gone from "
+        for att in atts:
+            if att.container_id not in live:
+                self._teardown(att, "endpoint gone from dockerd")
+                done.append(f"removed endpoint {att.container_id[:12]} ({att.ip}): gone from "
                             "dockerd")
-            elif ep.state == "joined" and not ep.container_name:
-                self._start_watcher(ep, announce=False)
+            elif att.extra.get("joined", True) and not att.extra.get("container_name"):
+                self._start_watcher(att, announce=False)
         return done
 
     def _release_leaks(self) -> list[str]:
         """Docker addresses the IPAM holds for this host that no record here explains."""
         try:
-            held = self.ipam.addresses(host=self.cfg.host, limit=100000)["addresses"]
+            held = self.ipam.addresses(host=self.host, limit=100000)["addresses"]
         except NetdError as exc:
             log.warning("docker reconcile: cannot list this host's addresses: %s", exc)
             return []
         owners = {r.owner for r in self.state.docker_addresses()}
-        owners |= {e.endpoint_id for e in self.state.docker_endpoints()}
+        owners |= {a.container_id for a in self.state.all(plugin=PLUGIN)}
         done = []
         for a in held:
-            if (a.get("labels") or {}).get("netd.plugin") != "docker":
+            if (a.get("labels") or {}).get(PLUGIN_LABEL) != PLUGIN:
                 continue
             if a["container_id"] not in owners:
-                self._release(a["pool"], a["container_id"], a["ip"], "leak")
+                self.agent.release(a["pool"], a["container_id"], IFNAME, a["ip"], "leak")
                 done.append(f"released leaked {a['ip']} of {a['container_id'][:16]}")
         return done
+
+
+__all__ = ["PENDING", "DockerDriver", "Dockerd", "PluginError"]

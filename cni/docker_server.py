@@ -13,7 +13,7 @@ non-200 status, which Docker shows to the user. Unknown calls get 404 (what
 dockerd expects for optional calls such as a capability query), malformed
 JSON 400. Requests are served concurrently, one thread per connection. The
 socket is 0600 and only root's (or the agent's own user's) connections are
-served. The meaning of the calls is in :mod:`netd.agent.docker_driver`.
+served (:mod:`.unixsock`). The meaning of the calls is in :mod:`.docker_driver`.
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ import json
 import logging
 import os
 import socket
-import struct
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from netd.agent.docker_driver import PluginError
-from netd.agent.server import root_only_socket
+from .docker_driver import PluginError
+from .unixsock import peer_credentials, root_only_socket
 
-log = logging.getLogger("netd.agent.docker")
+log = logging.getLogger("netd.cni.docker")
 
 DEFAULT_SOCKET = "/run/docker/plugins/netd.sock"
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
@@ -40,13 +39,6 @@ MAX_BODY = 1 << 20
 
 class Driver(Protocol):
     def call(self, method: str, request: dict[str, Any], peer_pid: int = 0) -> dict[str, Any]: ...
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
 
 
 class _Handler(BaseHTTPRequestHandler):

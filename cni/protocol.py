@@ -57,6 +57,7 @@ POOL_EXHAUSTED: Final = 102
 ADDRESS_IN_USE: Final = 103
 DATAPLANE_FAILURE: Final = 104
 IPAM_REFUSED: Final = 105
+INTERFACE_IN_USE: Final = 106  # the container has this interface name on another network
 # CHECK found the plumbing not as recorded: the dataplane is not what it should be.
 CHECK_FAILED: Final = DATAPLANE_FAILURE
 

@@ -1,11 +1,14 @@
-"""The agent's unix socket: one JSON request per connection, one JSON answer.
+"""The agent's CNI socket: one JSON request per connection, one JSON answer.
 
-A request with ``"reply": "cni"`` (the native plugin) gets, instead of the JSON
-answer, the plugin's exit status on one line and then exactly what the plugin
-prints (:func:`netd.agent.cniresult.render_reply`).
+The plugin shims (:mod:`.shim`, the native front) connect here; the answer
+comes from :class:`.handler.CniHandler`. A request with ``"reply": "cni"``
+(the native plugin) gets, instead of the JSON answer, the plugin's exit
+status on one line and then exactly what the plugin prints
+(:func:`.protocol.render_reply`).
 
 The socket is created 0600 (root only) and every peer's credentials are
-checked, so only root (or the agent's own user) can plumb containers.
+checked (:mod:`.unixsock`), so only root (or the agent's own user) can plumb
+containers.
 """
 
 from __future__ import annotations
@@ -16,40 +19,13 @@ import logging
 import os
 import socket
 import socketserver
-import struct
-from collections.abc import Iterator
 from typing import Any, Protocol
 
-from netd.agent.cniresult import render_reply, request_version
+from .protocol import render_reply, request_version
+from .unixsock import peer_allowed, root_only_socket
 
-log = logging.getLogger("netd.agent.server")
+log = logging.getLogger("netd.cni.server")
 MAX_REQUEST = 4 << 20
-
-
-@contextlib.contextmanager
-def root_only_socket(path: str) -> Iterator[None]:
-    """Bind a unix socket at ``path`` inside this block; it ends up mode 0600.
-
-    A stale socket of a dead process is removed; a live one is an error. The
-    umask makes the socket 0600 from the moment it exists (no chmod race).
-    """
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            raise RuntimeError(f"something already serves {path}")
-        finally:
-            probe.close()
-    old = os.umask(0o177)
-    try:
-        yield
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
 
 
 class Handler(Protocol):
@@ -99,9 +75,7 @@ class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             super().__init__(path, _Conn)
 
     def peer_allowed(self, conn: socket.socket) -> bool:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid in (0, os.getuid())
+        return peer_allowed(conn)
 
     def server_close(self) -> None:
         super().server_close()

@@ -1,4 +1,9 @@
-"""``netd agent``: run the host agent, print its plan, or show its status."""
+"""``netd agent``: run the host agent, print its plan, or show its status.
+
+The wiring lives here, at the top: the mode's driver (from the registry),
+the IPAM clients, the state, the agent's pipeline, and the integrations that
+serve it (the CNI socket, the Docker plugin socket).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,9 +21,8 @@ from netd.agent.config import AgentConfig, load_config
 from netd.errors import NetdError
 
 if TYPE_CHECKING:
-    from netd.agent.docker import PluginServer
-    from netd.agent.state import StateStore
-    from netd.ipam.client import Client
+    from netd.agent.service import Agent
+    from netd.cni.docker_server import PluginServer
 
 log = logging.getLogger("netd.agent")
 DEFAULT_CONFIG = "/etc/netd/agent.toml"
@@ -52,21 +56,23 @@ def agent_cli(ctx: click.Context, config_path: str, plan: bool, log_level: str) 
 
 
 def run(cfg: AgentConfig, plan_only: bool = False) -> int:
-    """Wire the collaborators, take the host over, reconcile, serve."""
+    """Wire the collaborators, prepare the host, reconcile, serve."""
     from netd.agent.ipam_http import AgentIpamClient
-    from netd.agent.server import AgentServer
     from netd.agent.service import Agent
     from netd.agent.state import StateStore
-    from netd.dataplane.l2driver import L2Driver, TakeoverFailed
+    from netd.cni.handler import CniHandler
+    from netd.cni.server import AgentServer
+    from netd.dataplane.errors import DataplaneError
+    from netd.dataplane.registry import driver_class
 
-    driver = L2Driver(cfg.l2)
+    driver = driver_class(cfg.mode)(cfg.driver_settings)
     if plan_only:
         for line in driver.plan():
             click.echo(line)
         return 0
     try:
         changes = driver.start()
-    except TakeoverFailed as exc:
+    except DataplaneError as exc:
         log.error("%s", exc)
         click.echo(f"netd agent: {exc}", err=True)
         return 3
@@ -79,20 +85,14 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
                            timeout=min(2.0, cfg.ipam_timeout))
     state = StateStore(cfg.state_dir)
     agent = Agent(cfg, ipam, driver, state, release_ipam=fast)
-    agent.reconcile()
+    agent.reconcile()  # each record alone: one that fails is kept and retried
     agent.flush_releases()
-    docker_server = _start_docker_plugin(cfg, ipam, fast, state) if cfg.docker_plugin else None
-    server = AgentServer(cfg.socket, agent)
+    docker_server = _start_docker_plugin(cfg, agent) if cfg.docker_plugin else None
+    server = AgentServer(cfg.socket, CniHandler(agent))
     stop = threading.Event()
-
-    def flusher() -> None:
-        while not stop.wait(2.0):
-            try:
-                agent.flush_releases()
-            except Exception:
-                log.exception("flushing queued releases failed")
-
-    threading.Thread(target=flusher, name="release-flusher", daemon=True).start()
+    _background(stop, "release-flusher", 2.0, agent.flush_releases)
+    _background(stop, "reconciler", cfg.reconcile_interval,
+                lambda: agent.reconcile(sweep=not agent.reconciled))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
@@ -110,18 +110,31 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
         server.server_close()
         if docker_server is not None:
             docker_server.server_close()
+        driver.stop()
+        agent.close()
         state.close()
     return 0
 
 
-def _start_docker_plugin(cfg: AgentConfig, ipam: Client, fast: Client,
-                         state: StateStore) -> PluginServer:
-    """Reconcile the Docker driver's records, then serve the plugin socket in a thread."""
-    from netd.agent.docker import PluginServer
-    from netd.agent.docker_api import DockerApi
-    from netd.agent.docker_driver import DockerDriver
+def _background(stop: threading.Event, name: str, every: float, work: Any) -> None:
+    """Run ``work()`` every ``every`` seconds until ``stop``; a failure is logged, not fatal."""
+    def loop() -> None:
+        while not stop.wait(every):
+            try:
+                work()
+            except Exception:
+                log.exception("%s failed", name)
 
-    driver = DockerDriver(cfg, ipam, state, release_ipam=fast, docker=DockerApi(cfg.docker_host))
+    threading.Thread(target=loop, name=name, daemon=True).start()
+
+
+def _start_docker_plugin(cfg: AgentConfig, agent: Agent) -> PluginServer:
+    """Reconcile the Docker driver's records, then serve the plugin socket in a thread."""
+    from netd.cni.docker_api import DockerApi
+    from netd.cni.docker_driver import DockerDriver
+    from netd.cni.docker_server import PluginServer
+
+    driver = DockerDriver(agent, docker=DockerApi(cfg.docker_host))
     driver.reconcile()
     docker_server = PluginServer(cfg.docker_socket, driver)
     threading.Thread(target=docker_server.serve_forever, kwargs={"poll_interval": 0.5},
@@ -137,7 +150,7 @@ def _start_docker_plugin(cfg: AgentConfig, ipam: Client, fast: Client,
 @click.pass_obj
 def status_cmd(config_path: str, socket_path: str | None, as_json: bool) -> None:
     """Show this host's mode, attachments and health."""
-    from netd.agent.server import call
+    from netd.cni.server import call
 
     path = socket_path or _config(config_path).socket
     try:
@@ -154,15 +167,17 @@ def status_cmd(config_path: str, socket_path: str | None, as_json: bool) -> None
     click.echo(f"ipam {st['ipam_url']}  reachable={st['ipam_reachable']}  "
                f"pending releases={st['pending_releases']}"
                + ("  docker plugin on" if st.get("docker_plugin") else ""))
-    rows = [("PLUGIN", "NETWORK", "CONTAINER", "IFNAME", "IP", "MAC", "HOST IF", "STATE")]
-    rows += [(a["plugin"], a["network"], a["container_id"][:12], a["ifname"], a["ip"] or "-",
-              a["mac"] or "-", a["host_ifname"] or "-", a["state"])
-             for a in st["attachments"]]
-    # Docker endpoints: network and endpoint ids (12 digits, as docker shows them); the
+    # Docker endpoints: network and endpoint ids (12 digits, as docker shows them), or the
     # container's name once dockerd has told it; Docker names the interface (ethN) itself
-    rows += [("docker", e["network_id"][:12], e["container_name"] or e["endpoint_id"][:12],
-              "-", e["ip"] or "-", e["mac"] or "-", e["host_ifname"] or "-", e["state"])
-             for e in st.get("docker_endpoints", [])]
+    rows = [("PLUGIN", "NETWORK", "CONTAINER", "IFNAME", "IP", "MAC", "HOST IF", "STATE")]
+    for a in st["attachments"]:
+        docker = a["plugin"] == "docker"
+        rows.append((a["plugin"], a["network"][:12] if docker else a["network"],
+                     a.get("name") or a["container_id"][:12], "-" if docker else a["ifname"],
+                     a["ip"] or "-", a["mac"] or "-", a["host_ifname"] or "-", a["state"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for item in st.get("not_reconciled") or []:
+        click.echo(f"not reconciled yet: {item['container_id'][:12]}/{item['ifname']} on "
+                   f"{item['network']}: {item['error']}")

@@ -5,7 +5,6 @@ Operators' day-to-day commands live in ``netctl`` (:mod:`netd.cli.netctl`).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import importlib.util
 import logging
@@ -13,7 +12,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,16 +21,13 @@ from urllib.parse import urlparse, urlunparse
 import click
 
 from netd import __version__
-from netd.agent.cli import agent_cli
-from netd.cli import cni_native
+from netd.cli.agent import agent_cli
 from netd.errors import NetdError
-from netd.files import atomic_write
 from netd.lab import lab_cli
 
 DEFAULT_LISTEN = "127.0.0.1:9650"
 DEFAULT_STORE = "sqlite:///var/lib/netd/ipam.db"
 DEFAULT_CNI_BIN = "/opt/cni/bin"
-CNI_PLUGINS = ("netd-cni", "netd-ipam")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("netd")
@@ -179,27 +174,6 @@ def serve(listen: str, store_url: str, token_file: Path | None, cooldown: float,
         sock.close()
 
 
-SHEBANG_MAX = 250  # the kernel reads at most 256 bytes of a '#!' line
-
-
-def _shebang(python: str) -> str:
-    """``#!PYTHON -IS``, checked (pure).
-
-    ``-I`` (isolated: no user site, no PYTHON* variables) and ``-S`` (no
-    site-packages) keep each exec fast and independent of the environment.
-    They go together as ``-IS``: Linux hands everything after the interpreter
-    on a '#!' line to it as ONE argument, and Python rejects ``"-I -S"``.
-    """
-    if not python.startswith("/"):
-        raise ValueError(f"python must be an absolute path, not {python!r}")
-    if any(c.isspace() for c in python):
-        raise ValueError(f"python path {python!r} contains whitespace; a '#!' line cannot hold it")
-    shebang = f"#!{python} -IS\n"
-    if len(shebang) > SHEBANG_MAX:
-        raise ValueError(f"python path {python!r} is too long for a '#!' line")
-    return shebang
-
-
 def _serve_worker(sock: socket.socket, store_url: str, token: str | None, cooldown: float,
                   vlans: tuple[int, int], level: int) -> None:
     """One server process: its own store connection, app and event loop."""
@@ -286,125 +260,6 @@ def _supervise(workers: int, run: Callable[[], None]) -> int:
     return status
 
 
-def plugin_script(shim_source: str, python: str) -> str:
-    """The shim's source with ``#!PYTHON -IS`` as its first line (pure)."""
-    body = shim_source.split("\n", 1)[1] if shim_source.startswith("#!") else shim_source
-    return _shebang(python) + body
-
-
-# Run by the plugins' interpreter at install time: the shim compiled by it, and the
-# magic number that says which interpreters can load that code.
-_PRECOMPILE = (
-    "import binascii, marshal, sys\n"
-    "from importlib.util import MAGIC_NUMBER\n"
-    "code = compile(sys.stdin.buffer.read(), sys.argv[1], 'exec', dont_inherit=True)\n"
-    "sys.stdout.write(MAGIC_NUMBER.hex() + ' '"
-    " + binascii.b2a_base64(marshal.dumps(code), newline=False).decode('ascii'))\n"
-)
-
-_LAUNCHER = """\
-# {name}: the netd CNI plugin (netd.cni.shim), installed by 'netd install-cni'.
-# Below: the plugin's code as compiled by {python} (it loads in a fraction of a
-# millisecond; compiling the source costs ~3 ms, on every exec), and its source,
-# compiled only by an interpreter that cannot load that code (another version).
-from binascii import a2b_base64 as _b64
-
-
-def _run():
-    try:
-        from _frozen_importlib_external import MAGIC_NUMBER
-    except ImportError:  # not CPython
-        MAGIC_NUMBER = b""
-    if MAGIC_NUMBER.hex() == MAGIC:
-        import marshal
-
-        code = marshal.loads(_b64(CODE))
-    else:
-        code = compile(_b64(SOURCE), "{name}", "exec", dont_inherit=True)
-    {argv}exec(code, {{"__name__": "__main__"}})
-
-
-MAGIC = "{magic}"
-CODE = "{code}"
-SOURCE = "{source}"
-_run()
-"""
-
-# run as 'python -IS -c CODE NAME' (by the native plugin): the shim reads its kind from argv[0]
-_ARGV_FROM_ARG = "import sys\n\n    sys.argv[:2] = sys.argv[1:2]\n    "
-
-
-def plugin_code(shim_source: str, python: str, magic: str, code: str,
-                name: str = "netd-cni", *, name_in_argv1: bool = False) -> str:
-    """The Python plugin without its '#!' line: the shim precompiled, and its source (pure).
-
-    ``magic`` and ``code`` are what :func:`precompile_shim` returns for
-    ``python``: the plugin runs that code when the interpreter's bytecode magic
-    number matches, else it compiles the embedded source (a python upgraded
-    under the plugin keeps working, ~3 ms slower per exec until the next
-    ``netd install-cni``). Standard library only. ``name_in_argv1``: the code
-    is run by ``python -IS -c CODE NAME`` (the native plugin's fallback).
-    """
-    if not magic or not all(c in "0123456789abcdef" for c in magic):
-        raise ValueError(f"bad magic number {magic!r}")
-    if not code or not all(c.isalnum() or c in "+/=" for c in code):
-        raise ValueError("the compiled code must be base64")
-    source = base64.b64encode(shim_source.encode("utf-8")).decode("ascii")
-    return _LAUNCHER.format(name=name, python=python, magic=magic, code=code, source=source,
-                            argv=_ARGV_FROM_ARG if name_in_argv1 else "")
-
-
-def plugin_launcher(shim_source: str, python: str, magic: str, code: str,
-                    name: str = "netd-cni") -> str:
-    """The installed Python plugin: ``#!PYTHON -IS`` and :func:`plugin_code` (pure).
-
-    One self-contained file: no hidden module next to it, nothing compiled at
-    run time (unless another python runs it).
-    """
-    return _shebang(python) + plugin_code(shim_source, python, magic, code, name)
-
-
-def precompile_shim(shim_source: str, python: str) -> tuple[str, str]:
-    """``(magic number, base64 of the marshalled code)`` of the shim, compiled by ``python``."""
-    try:
-        proc = subprocess.run([python, "-IS", "-c", _PRECOMPILE, "netd.cni.shim"],
-                              input=shim_source.encode("utf-8"), capture_output=True,
-                              timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ValueError(f"python {python} cannot compile the plugin: {exc}") from None
-    magic, _, code = proc.stdout.decode("ascii", "replace").strip().partition(" ")
-    if proc.returncode != 0 or not code:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise ValueError(f"python {python} cannot compile the plugin: "
-                         f"{err[-1] if err else 'exit status ' + str(proc.returncode)}")
-    return magic, code
-
-
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def default_plugin_python() -> str:
-    """The interpreter that starts fastest: the distribution's python3 when present.
-
-    The shim needs only the standard library, so any CPython >= 3.8 runs it;
-    a distribution build starts noticeably faster than a self-built one
-    (11 ms against 15 ms here), and every ADD pays that once.
-    """
-    if os.access(SYSTEM_PYTHON, os.X_OK):
-        return SYSTEM_PYTHON
-    return os.path.realpath(sys.executable)
-
-
-def _shim_source() -> str:
-    spec = importlib.util.find_spec("netd.cni.shim")
-    if spec is None or spec.origin is None:
-        raise click.ClickException("netd.cni.shim not found; is netd installed?")
-    try:
-        return Path(spec.origin).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise click.ClickException(f"cannot read the plugin source {spec.origin}: {exc}") from None
-
-
 @cli.command("install-cni")
 @click.option("--bin-dir", default=DEFAULT_CNI_BIN, show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -426,35 +281,16 @@ def install_cni(bin_dir: Path, python: str | None, native: bool) -> None:
     precompiled, so an exec neither compiles the plugin nor loads netd or
     site-packages. Atomic and idempotent.
     """
-    interpreter = python or default_plugin_python()
-    if not os.access(interpreter, os.X_OK):
-        raise click.ClickException(f"python {interpreter} is not an executable")
-    source = _shim_source()
-    cc = cni_native.find_cc() if native else None
-    kind = f"native, python fallback {interpreter}" if cc else f"#!{interpreter} -IS"
-    try:
-        _shebang(interpreter)
-        magic, code = precompile_shim(source, interpreter)
-        if cc:
-            program = cni_native.build(interpreter, plugin_code(
-                source, interpreter, magic, code, "netd-cni", name_in_argv1=True), cc)
-            files = dict.fromkeys(CNI_PLUGINS, program)
-        else:
-            files = {name: plugin_launcher(source, interpreter, magic, code, name).encode()
-                     for name in CNI_PLUGINS}
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    if native and not cc:
+    from netd.cni import install as cni_install
+
+    if native and cni_install.find_cc() is None:
         click.echo("no C compiler (cc): installing the Python plugin alone", err=True)
     try:
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        for name in CNI_PLUGINS:
-            path = bin_dir / name
-            changed = atomic_write(path, files[name], 0o755)
-            state = "installed" if changed else "up to date"
-            click.echo(f"{state} {path} ({kind})")
-    except OSError as exc:
-        raise click.ClickException(f"cannot install into {bin_dir}: {exc}") from None
+        done = cni_install.install(bin_dir, python, native=native)
+    except cni_install.InstallError as exc:
+        raise click.ClickException(str(exc)) from None
+    for item in done:
+        click.echo(str(item))
 
 
 cli.add_command(lab_cli)
