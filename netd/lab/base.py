@@ -1,95 +1,94 @@
-"""``netd lab``: a data centre in network namespaces, for tests, demos and trials.
+"""What every lab mode shares: the plan, the manifest, the IPAM, the agents, up/down/status.
 
-``netd lab up --mode l2 --hosts 2`` builds::
+A mode module (:mod:`netd.lab.l2`; the OVS and BGP labs add theirs) says
+what is its own: its infrastructure namespaces by role, the topology between
+them and the hosts, the pools, and the mode's table in each host's
+agent.toml. Everything else happens here the same way for every mode.
 
-    PREFIX-gw  lan0 198.18.0.1/24 (the subnet's gateway) + 198.18.0.2/24, where
-       |       the IPAM server listens (:9650, SQLite store and token in DIR)
-    PREFIX-sw  Linux bridge PREFIX-br: the "physical" switch
-       |
-    PREFIX-h1  bond0 198.18.0.11/24, default via .1; agent (DIR/h1/agent.toml)
-    PREFIX-h2  bond0 198.18.0.12/24, ...
-
-creates the pool ``lab`` (198.18.0.0/24, .1-.49 reserved for infrastructure)
-through ``netctl``, writes one podman network per host (``PREFIX-hN``, type
-``netd-cni``, /etc/cni/net.d/PREFIX-hN.conflist) and starts ``netd agent`` in
-every host namespace. Everything it makes is recorded, as it is made, in the
-manifest ``DIR/lab.json``: ``netd lab down`` reads it and also sweeps by name
-(namespaces ``PREFIX-sw|gw|hN``, conflists ``PREFIX-hN.conflist``, every
-process living in a lab namespace, a dockerd of the prefix), so it cleans up
-after a crash too.
+Everything the lab makes is recorded, as it is made, in the manifest
+``DIR/lab.json``: ``netd lab down`` reads it and also sweeps by name
+(namespaces ``PREFIX-<role>`` and ``PREFIX-hN``, conflists
+``PREFIX-hN.conflist``, every process living in a lab namespace, a dockerd of
+the prefix), so it cleans up after a crash too.
 
 Docker (docs/DOCKER.md): ``--docker`` starts a dockerd in h1's namespace
-(:mod:`netd.lab_docker`; socket ``unix:///run/PREFIX/docker.sock``) and h1's
-agent serves the plugin ``netd`` for it (``docker_plugin = true``,
-``docker_host`` = that socket). ``--docker-host URL`` only configures h1's
-agent that way, for a dockerd the caller starts in h1 (the tests do: they
-restart theirs). ``netd lab down`` removes the dockerd's containers (while the agent
-can still release their addresses), the dockerd, its mounts, cgroups and
-directories.
-
-The lab never touches the machine's own interfaces: every link, address and
-route lives in its namespaces; 198.18.0.0/24 only exists there.
+(:mod:`netd.lab.docker`; socket ``unix:///run/PREFIX/docker.sock``) and h1's
+agent serves the plugin ``netd`` for it. ``--docker-host URL`` only
+configures h1's agent that way, for a dockerd the caller starts in h1.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ipaddress
 import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import Any
 
 import click
 
-from netd import lab_docker
+from netd.dataplane.netns import (
+    NETNS_RUN_DIR,
+    create_netns,
+    list_netns,
+    pids_in_netns,
+    remove_netns,
+    run_in_netns,
+)
 from netd.files import atomic_write
-from netd.lab_docker import Dockerd, DockerdError
-
-T = TypeVar("T")
+from netd.lab import docker as lab_docker
+from netd.lab import l2
+from netd.lab.containers import lab_containers, podman_available, reachability
+from netd.lab.docker import Dockerd, DockerdError
+from netd.lab.procs import (
+    alive,
+    bin_path,
+    cmdline,
+    now,
+    ns_argv,
+    recorded_process_alive,
+    run,
+    start_process,
+    stop_pids,
+    tail,
+)
 
 DEFAULT_PREFIX = "ndlab"
 DEFAULT_DIR = Path("/run/netd-lab")
 DEFAULT_CNI_CONF_DIR = Path("/etc/cni/net.d")
 DEFAULT_CNI_BIN_DIR = Path("/opt/cni/bin")
-NETNS_DIR = Path("/run/netns")
+NETNS_DIR = Path(NETNS_RUN_DIR)
 MANIFEST = "lab.json"
 MANIFEST_VERSION = 1
-
-SUBNET = ipaddress.ip_network("198.18.0.0/24")
-GATEWAY = "198.18.0.1"
-IPAM_ADDRESS = "198.18.0.2"
 IPAM_PORT = 9650
-RESERVED = "198.18.0.1-198.18.0.49"
-POOL = "lab"
-HOST_OFFSET = 10  # host N gets .(10+N): h1 -> .11
-MAX_HOSTS = 39  # .11 .. .49, all inside the reserved range
-MODES = ("l2",)
 DOCKER_ON = "h1"  # the host whose agent serves the Docker plugin (--docker, --docker-host)
-UPLINK = "bond0"
-HOST_BRIDGE = "br0"
-GW_LINK = "lan0"
-
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,9}$")
-CLONE_NEWNET = 0x40000000
+
+#: mode -> the module that builds it
+MODES: dict[str, ModuleType] = {"l2": l2}
+
+Manifest = dict[str, Any]
 
 
 class LabError(click.ClickException):
     """A lab step failed; the message says which and why."""
+
+
+def mode_of(name: str) -> ModuleType:
+    try:
+        return MODES[name]
+    except KeyError:
+        raise click.BadParameter(f"{name!r}: the lab builds {', '.join(MODES)}",
+                                 param_hint="--mode") from None
 
 
 # --- pure: the plan ------------------------------------------------------------------
@@ -101,10 +100,10 @@ class HostPlan:
     name: str  # h1
     netns: str  # PREFIX-h1
     address: str  # 198.18.0.11
-    switch_port: str  # PREFIX-h1, the switch side of the host's bond0
     dir: Path
     network: str  # podman network PREFIX-h1
     conflist: Path
+    rack: str | None = None
 
     @property
     def config(self) -> Path:
@@ -136,34 +135,39 @@ class LabPlan:
     start_dockerd: bool = False
 
     @property
+    def impl(self) -> ModuleType:
+        return mode_of(self.mode)
+
+    @property
     def dockerd(self) -> Dockerd:
         """The dockerd ``--docker`` runs in h1 (names only; nothing is started)."""
         host = next(h for h in self.hosts if h.name == DOCKER_ON)
         return Dockerd(self.prefix, host.netns, host.dir / "dockerd.log")
 
     @property
-    def switch_ns(self) -> str:
-        return f"{self.prefix}-sw"
+    def roles(self) -> dict[str, str]:
+        """The lab's own infrastructure namespaces, by role (``switch``, ``gateway``...)."""
+        return dict(self.impl.roles(self.prefix))
 
     @property
-    def gateway_ns(self) -> str:
-        return f"{self.prefix}-gw"
+    def ipam_ns(self) -> str:
+        return self.roles[self.impl.ipam_role()]
 
     @property
-    def bridge(self) -> str:
-        return f"{self.prefix}-br"
-
-    @property
-    def gateway_port(self) -> str:
-        return f"{self.prefix}-gw"
+    def gateway_ns(self) -> str:  # the name the tests and benchmarks know
+        return self.ipam_ns
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.switch_ns, self.gateway_ns, *(h.netns for h in self.hosts)]
+        return [*self.roles.values(), *(h.netns for h in self.hosts)]
+
+    @property
+    def ipam_address(self) -> str:
+        return str(self.impl.IPAM_ADDRESS)
 
     @property
     def ipam_url(self) -> str:
-        return f"http://{IPAM_ADDRESS}:{IPAM_PORT}"
+        return f"http://{self.ipam_address}:{IPAM_PORT}"
 
     @property
     def token_file(self) -> Path:
@@ -199,26 +203,22 @@ def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
     for it; ``docker_host``: h1's agent serves the plugin for that dockerd.
     """
     validate_prefix(prefix)
+    impl = mode_of(mode)
     if docker and docker_host:
         raise click.BadParameter("give --docker (the lab starts dockerd) or --docker-host "
                                  "(you start it), not both", param_hint="--docker-host")
     if docker_host is not None and not re.fullmatch(r"unix:///\S+", docker_host):
         raise click.BadParameter(f"{docker_host!r}: unix:///PATH of dockerd's socket",
                                  param_hint="--docker-host")
-    if mode not in MODES:
-        raise click.BadParameter(f"{mode!r}: only {', '.join(MODES)} for now",
-                                 param_hint="--mode")
-    if not 1 <= hosts <= MAX_HOSTS:
-        raise click.BadParameter(f"{hosts}: 1-{MAX_HOSTS} hosts", param_hint="--hosts")
+    if not 1 <= hosts <= impl.MAX_HOSTS:
+        raise click.BadParameter(f"{hosts}: 1-{impl.MAX_HOSTS} hosts", param_hint="--hosts")
     directory = Path(directory).absolute()
     plans = []
     for i in range(1, hosts + 1):
         name = f"h{i}"
         plans.append(HostPlan(
-            index=i, name=name, netns=f"{prefix}-{name}",
-            address=str(SUBNET.network_address + HOST_OFFSET + i),
-            switch_port=f"{prefix}-{name}", dir=directory / name,
-            network=f"{prefix}-{name}",
+            index=i, name=name, netns=f"{prefix}-{name}", address=impl.host_address(i),
+            dir=directory / name, network=f"{prefix}-{name}",
             conflist=cni_conf_dir / f"{prefix}-{name}.conflist"))
     if docker:
         docker_host = Dockerd(prefix, f"{prefix}-{DOCKER_ON}",
@@ -232,7 +232,7 @@ def _toml_str(value: str) -> str:
 
 
 def agent_config_text(plan: LabPlan, host: HostPlan) -> str:
-    """The host's ``agent.toml`` (keys as in shared/DESIGN.md)."""
+    """The host's ``agent.toml`` (keys as in shared/DESIGN.md); the mode's table last."""
     docker = []
     if plan.docker_host and host.name == DOCKER_ON:  # top-level keys: before any table
         docker = ["docker_plugin = true", f"docker_host = {_toml_str(plan.docker_host)}"]
@@ -246,33 +246,33 @@ def agent_config_text(plan: LabPlan, host: HostPlan) -> str:
         f"state_dir = {_toml_str(str(host.state_dir))}",
         *docker,
         "",
-        "[l2]",
-        f"uplink = {_toml_str(UPLINK)}",
-        f"bridge = {_toml_str(HOST_BRIDGE)}",
+        *plan.impl.agent_table(plan, host),
         "",
     ])
 
 
 def conflist_doc(plan: LabPlan, host: HostPlan) -> dict[str, Any]:
-    """The podman network of one host: ``netd-cni`` on pool ``lab`` via that host's agent."""
+    """The podman network of one host: ``netd-cni`` on its pool via that host's agent."""
     return {
         "cniVersion": "1.0.0",
         "name": host.network,
-        "plugins": [{"type": "netd-cni", "pool": POOL, "agentSocket": str(host.socket),
+        "plugins": [{"type": "netd-cni", "pool": plan.impl.host_pool(plan, host),
+                     "agentSocket": str(host.socket),
                      "capabilities": {"ips": True, "mac": True}}],
     }
 
 
 def is_lab_netns(prefix: str, name: str) -> bool:
-    """Whether namespace ``name`` is one a lab with ``prefix`` makes."""
-    return re.fullmatch(rf"{re.escape(prefix)}-(sw|gw|h[0-9]+)", name) is not None
+    """Whether namespace ``name`` is one a lab with ``prefix`` makes (any mode)."""
+    roles = {r for impl in MODES.values() for r in impl.roles(prefix).values()}
+    return name in roles or re.fullmatch(rf"{re.escape(prefix)}-h[0-9]+", name) is not None
 
 
 def is_lab_conflist(prefix: str, filename: str) -> bool:
     return re.fullmatch(rf"{re.escape(prefix)}-h[0-9]+\.conflist", filename) is not None
 
 
-def render_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def render_table(header: list[str], rows: list[list[Any]]) -> str:
     """Aligned columns, two spaces apart."""
     table = [list(map(str, header)), *[list(map(str, r)) for r in rows]]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -280,21 +280,17 @@ def render_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
                      for r in table)
 
 
-def render_matrix(sources: Sequence[str], targets: Sequence[str],
+def render_matrix(sources: list[str], targets: list[str],
                   results: dict[tuple[str, str], str]) -> str:
     """Rows ping columns: ok, FAIL, noraw (no NET_RAW to ping), noexec, or - (itself)."""
     rows = [[src, *(results.get((src, tgt), "-") for tgt in targets)] for src in sources]
     return render_table(["from \\ to", *targets], rows)
 
 
-# --- edges: namespaces, links, processes ---------------------------------------------
+# --- edges: manifest, namespaces -----------------------------------------------------
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def load_manifest(directory: Path) -> dict[str, Any] | None:
+def load_manifest(directory: Path) -> Manifest | None:
     try:
         doc = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
@@ -304,44 +300,14 @@ def load_manifest(directory: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def save_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+def save_manifest(directory: Path, manifest: Manifest) -> None:
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n",
-                  0o600)
+                 0o600)
 
 
-def list_netns() -> list[str]:
-    from pyroute2 import netns
-
-    return list(netns.listnetns())
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def in_netns(name: str, fn: Callable[[], T]) -> T:
+def in_netns(name: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in a short-lived thread that has entered namespace ``name``."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc().setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return run_in_netns(name, fn)
 
 
 def http_status_in_netns(netns_name: str, host: str, port: int, path: str,
@@ -356,281 +322,23 @@ def http_status_in_netns(netns_name: str, host: str, port: int, path: str,
         except OSError:
             return 0
 
-    return in_netns(netns_name, get)
-
-
-def _create_netns(name: str) -> None:
-    from pyroute2 import IPRoute, netns
-
-    netns.create(name)
-    with IPRoute(netns=name) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-
-def _remove_netns(name: str) -> None:
-    from pyroute2 import netns
-
-    with contextlib.suppress(FileNotFoundError):
-        netns.remove(name)
-
-
-def build_topology(plan: LabPlan, manifest: dict[str, Any]) -> None:
-    """Namespaces, the switch bridge, the gateway's and the hosts' uplinks."""
-    from pyroute2 import IPRoute
-
-    for name in plan.namespaces:
-        manifest["namespaces"].append(name)  # recorded before it exists: down tolerates both
-        save_manifest(plan.dir, manifest)
-        _create_netns(name)
-    prefixlen = SUBNET.prefixlen
-    with IPRoute(netns=plan.switch_ns) as sw:
-        sw.link("add", ifname=plan.bridge, kind="bridge", br_stp_state=0, br_forward_delay=0)
-        bridge = sw.link_lookup(ifname=plan.bridge)[0]
-        sw.link("set", index=bridge, state="up")
-        ports = [(plan.gateway_port, GW_LINK, plan.gateway_ns)]
-        ports += [(h.switch_port, UPLINK, h.netns) for h in plan.hosts]
-        for port, peer, peer_ns in ports:
-            sw.link("add", ifname=port, kind="veth",
-                    peer={"ifname": peer, "net_ns_fd": peer_ns})
-            index = sw.link_lookup(ifname=port)[0]
-            sw.link("set", index=index, master=bridge)
-            sw.link("set", index=index, state="up")
-    with IPRoute(netns=plan.gateway_ns) as gw:
-        index = gw.link_lookup(ifname=GW_LINK)[0]
-        for address in (GATEWAY, IPAM_ADDRESS):
-            gw.addr("add", index=index, address=address, prefixlen=prefixlen)
-        gw.link("set", index=index, state="up")
-    for host in plan.hosts:
-        with IPRoute(netns=host.netns) as ipr:
-            index = ipr.link_lookup(ifname=UPLINK)[0]
-            ipr.addr("add", index=index, address=host.address, prefixlen=prefixlen)
-            ipr.link("set", index=index, state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY)
+    return int(run_in_netns(netns_name, get))
 
 
 def host_addresses(netns_name: str) -> dict[str, list[str]]:
     """{ifname: [address/prefixlen, ...]} of a namespace (IPv4)."""
-    from pyroute2 import IPRoute
+    from netd.dataplane.netlink import Netlink
 
     out: dict[str, list[str]] = {}
-    with IPRoute(netns=netns_name) as ipr:
-        names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
-        for addr in ipr.get_addr(family=socket.AF_INET):
-            ifname = names.get(addr["index"], str(addr["index"]))
-            out.setdefault(ifname, []).append(f"{addr.get('address')}/{addr['prefixlen']}")
+    with Netlink(netns_name) as nl:
+        for link in nl.links():
+            found = [a.cidr for a in nl.addresses(link.name, family=socket.AF_INET)]
+            if found:
+                out[link.name] = found
     return out
 
 
-def _bin(name: str) -> str:
-    """A console script next to this interpreter (the venv), else on PATH."""
-    local = Path(sys.executable).parent / name
-    if os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which(name)
-    if not found:
-        raise LabError(f"{name} not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def _ns_argv(netns_name: str, argv: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", netns_name, *argv]
-
-
-def start_process(netns_name: str, argv: Sequence[str], log: Path) -> dict[str, Any]:
-    """Start ``argv`` inside a namespace, detached (own session), output to ``log``.
-
-    ``ip netns exec`` execs the command in place, so the pid is the daemon's.
-    """
-    full = _ns_argv(netns_name, argv)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return {"pid": proc.pid, "argv": list(argv), "netns": netns_name, "log": str(log),
-            "started": _now()}
-
-
-def _proc_state(pid: int) -> str | None:
-    """The process state letter (R, S, Z...), None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def alive(pid: int | None) -> bool:
-    return pid is not None and _proc_state(pid) not in (None, "Z", "X")
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [p.decode(errors="replace") for p in raw.split(b"\0") if p]
-
-
-def _recorded_process_alive(rec: dict[str, Any] | None) -> int | None:
-    """The pid of a recorded process when it still runs the recorded command."""
-    if not rec or not isinstance(rec.get("pid"), int):
-        return None
-    pid = int(rec["pid"])
-    if not alive(pid):
-        return None
-    argv = rec.get("argv") or []
-    cmd = _cmdline(pid)
-    # the daemon is a Python console script: its cmdline is [python, script, args...]
-    if argv and not any(cmd[i:i + len(argv) - 1] == argv[1:] for i in range(len(cmd))):
-        return None
-    return pid
-
-
-def _netns_ids(names: Iterable[str]) -> set[tuple[int, int]]:
-    ids = set()
-    for name in names:
-        with contextlib.suppress(OSError):
-            st = os.stat(NETNS_DIR / name)
-            ids.add((st.st_dev, st.st_ino))
-    return ids
-
-
-def pids_in_netns(names: Iterable[str]) -> list[int]:
-    """Every live process whose network namespace is one of ``names``."""
-    ids = _netns_ids(names)
-    if not ids:
-        return []
-    found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        with contextlib.suppress(OSError):
-            st = os.stat(entry / "ns" / "net")
-            if (st.st_dev, st.st_ino) in ids and alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
-
-
-def stop_pids(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the pids signalled."""
-    targets = [p for p in set(pids) if alive(p)]
-    for pid in targets:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in targets):
-        time.sleep(0.05)
-    for pid in targets:
-        if alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(alive(p) for p in targets):
-        time.sleep(0.05)
-    return targets
-
-
-def _tail(path: Path | str, lines: int = 15) -> str:
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def _run(argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=False,
-                          timeout=timeout)
-
-
-# --- podman (status and down) --------------------------------------------------------
-
-
-def podman_available() -> bool:
-    return shutil.which("podman") is not None
-
-
-def lab_containers(networks: Sequence[str]) -> list[dict[str, Any]]:
-    """Containers (any state) on the lab's networks: name, id, network, ip, mac, state."""
-    if not networks or not podman_available():
-        return []
-    seen: dict[str, dict[str, Any]] = {}
-    for network in networks:
-        proc = _run(["podman", "ps", "--all", "--format", "json", "--filter",
-                     f"network={network}"])
-        if proc.returncode != 0 or not proc.stdout.strip():
-            continue
-        for c in json.loads(proc.stdout):
-            names = c.get("Names") or [c.get("Id", "?")[:12]]
-            seen.setdefault(c["Id"], {"name": names[0], "id": c["Id"][:12],
-                                      "state": c.get("State", "?"), "network": network})
-    if not seen:
-        return []
-    proc = _run(["podman", "inspect", "--type", "container", *seen])
-    details = json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else []
-    for d in details:
-        entry = seen.get(d.get("Id", ""))
-        if entry is None:
-            continue
-        net = (d.get("NetworkSettings", {}).get("Networks") or {}).get(entry["network"]) or {}
-        entry["ip"] = net.get("IPAddress") or ""
-        entry["mac"] = net.get("MacAddress") or ""
-    return sorted(seen.values(), key=lambda c: (c["network"], c["name"]))
-
-
-# One exec per source container: ping every target at once, in the background.
-# The script is constant; the addresses are its positional arguments.
-PING_SCRIPT = (
-    'for a in "$@"; do ('
-    'o=$(ping -c 1 -W 1 "$a" 2>&1); r=$?; '
-    'case "$o" in *"ermission denied"*) echo "noraw $a";; '
-    '*) if [ $r -eq 0 ]; then echo "ok $a"; else echo "FAIL $a"; fi;; esac'
-    ') & done; wait'
-)
-
-
-def ping_all_from(container: str, addresses: Sequence[str]) -> dict[str, str]:
-    """{address: ok | FAIL | noraw | noexec} as seen from inside ``container``.
-
-    ``noraw``: the container lacks NET_RAW, which busybox ping needs;
-    ``noexec``: ``podman exec`` itself failed (no ``sh`` or ``ping`` in the image?).
-    """
-    try:
-        proc = _run(["podman", "exec", container, "sh", "-c", PING_SCRIPT, "ping-all",
-                     *addresses], timeout=30)
-    except subprocess.TimeoutExpired:
-        return dict.fromkeys(addresses, "FAIL")
-    seen: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
-        verdict, _, address = line.partition(" ")
-        if address in addresses and verdict in ("ok", "FAIL", "noraw"):
-            seen[address] = verdict
-    missing = "noexec" if proc.returncode not in (0, 1) and not seen else "FAIL"
-    return {a: seen.get(a, missing) for a in addresses}
-
-
-def reachability(containers: Sequence[dict[str, Any]]) -> tuple[list[str], list[str],
-                                                                dict[tuple[str, str], str]]:
-    """Ping every running container's IP and the gateway from every running container."""
-    running = [c for c in containers if c.get("state") == "running" and c.get("ip")]
-    sources = [c["name"] for c in running]
-    targets = ["gw", *sources]
-    address = {"gw": GATEWAY, **{c["name"]: c["ip"] for c in running}}
-
-    def probe(src: str) -> dict[tuple[str, str], str]:
-        others = [t for t in targets if t != src]
-        seen = ping_all_from(src, [address[t] for t in others])
-        return {(src, t): seen[address[t]] for t in others}
-
-    results: dict[tuple[str, str], str] = {}
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for part in pool.map(probe, sources):
-            results.update(part)
-    return sources, targets, results
-
-
-# --- up / down / status --------------------------------------------------------------
+# --- up ------------------------------------------------------------------------------
 
 
 def _require_root() -> None:
@@ -642,7 +350,7 @@ def _require_root() -> None:
 
 def agent_available(netd: str) -> bool:
     try:
-        return _run([netd, "agent", "--help"], timeout=30).returncode == 0
+        return run([netd, "agent", "--help"], timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -661,47 +369,54 @@ def _wait(what: str, check: Callable[[], bool], timeout: float,
         time.sleep(0.05)
 
 
-def _start_ipam(plan: LabPlan, manifest: dict[str, Any], netd: str,
-                cooldown: float | None) -> None:
+def build_namespaces(plan: LabPlan, manifest: Manifest) -> None:
+    for name in plan.namespaces:
+        manifest["namespaces"].append(name)  # recorded before it exists: down tolerates both
+        save_manifest(plan.dir, manifest)
+        create_netns(name)
+
+
+def _start_ipam(plan: LabPlan, manifest: Manifest, netd: str, cooldown: float | None) -> None:
     token = secrets.token_hex(24)
     atomic_write(plan.token_file, token + "\n", 0o600)
-    argv = [netd, "ipam", "serve", "--listen", f"{IPAM_ADDRESS}:{IPAM_PORT}",
+    argv = [netd, "ipam", "serve", "--listen", f"{plan.ipam_address}:{IPAM_PORT}",
             "--store", f"sqlite:///{plan.db}", "--token-file", str(plan.token_file)]
     if cooldown is not None:
         argv += ["--cooldown", str(cooldown)]
-    manifest["ipam"] = start_process(plan.gateway_ns, argv, plan.ipam_log)
+    manifest["ipam"] = start_process(plan.ipam_ns, argv, plan.ipam_log)
     save_manifest(plan.dir, manifest)
     pid = manifest["ipam"]["pid"]
 
     def failed() -> str | None:
-        return None if alive(pid) else f"exited:\n{_tail(plan.ipam_log)}"
+        return None if alive(pid) else f"exited:\n{tail(plan.ipam_log)}"
 
     _wait("IPAM server", lambda: http_status_in_netns(
-        plan.gateway_ns, IPAM_ADDRESS, IPAM_PORT, "/healthz") == 200, 30, failed)
+        plan.ipam_ns, plan.ipam_address, IPAM_PORT, "/healthz") == 200, 30, failed)
 
 
 def _netctl(plan: LabPlan, netctl: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run(_ns_argv(plan.gateway_ns, [netctl, "--server", plan.ipam_url,
-                                           "--token-file", str(plan.token_file), *args]))
+    return run(ns_argv(plan.ipam_ns, [netctl, "--server", plan.ipam_url,
+                                      "--token-file", str(plan.token_file), *args]))
 
 
-def _create_pool(plan: LabPlan, netctl: str) -> None:
-    proc = _netctl(plan, netctl, "pool", "create", POOL, "--cidr", str(SUBNET),
-                   "--gateway", GATEWAY, "--mode", "l2", "--reserve", RESERVED,
-                   "--label", f"lab={plan.prefix}")
-    if proc.returncode != 0:
-        raise LabError(f"netctl pool create {POOL} failed: {(proc.stderr or proc.stdout).strip()}")
+def _create_pools(plan: LabPlan, netctl: str) -> None:
+    for pool in plan.impl.pools(plan):
+        proc = _netctl(plan, netctl, "pool", "create", str(pool["name"]), *pool["args"])
+        if proc.returncode != 0:
+            raise LabError(f"netctl pool create {pool['name']} failed: "
+                           f"{(proc.stderr or proc.stdout).strip()}")
 
 
 def _check_hosts_reach_ipam(plan: LabPlan) -> None:
     for host in plan.hosts:
         def reaches(netns_name: str = host.netns) -> bool:
-            return http_status_in_netns(netns_name, IPAM_ADDRESS, IPAM_PORT, "/healthz") == 200
+            return http_status_in_netns(netns_name, plan.ipam_address, IPAM_PORT,
+                                        "/healthz") == 200
 
-        _wait(f"{host.name} -> IPAM over {UPLINK}", reaches, 10)
+        _wait(f"{host.name} -> IPAM", reaches, 10)
 
 
-def _start_agent(plan: LabPlan, host: HostPlan, manifest: dict[str, Any], netd: str,
+def _start_agent(plan: LabPlan, host: HostPlan, manifest: Manifest, netd: str,
                  timeout: float) -> None:
     record = next(h for h in manifest["hosts"] if h["name"] == host.name)
     host.socket.unlink(missing_ok=True)
@@ -711,13 +426,12 @@ def _start_agent(plan: LabPlan, host: HostPlan, manifest: dict[str, Any], netd: 
     pid = record["agent"]["pid"]
 
     def failed() -> str | None:
-        return None if alive(pid) else f"exited:\n{_tail(host.log)}"
+        return None if alive(pid) else f"exited:\n{tail(host.log)}"
 
     _wait(f"agent of {host.name}", host.socket.exists, timeout, failed)
 
 
-def _start_dockerd(plan: LabPlan, manifest: dict[str, Any],
-                   echo: Callable[[str], None]) -> None:
+def _start_dockerd(plan: LabPlan, manifest: Manifest, echo: Callable[[str], None]) -> None:
     """dockerd in h1 (recorded before it starts), answering on its socket."""
     dockerd = plan.dockerd
     record = {**dockerd.record(), "argv": dockerd.argv()}
@@ -725,7 +439,7 @@ def _start_dockerd(plan: LabPlan, manifest: dict[str, Any],
     save_manifest(plan.dir, manifest)
     try:
         proc = dockerd.start()
-        record["pid"], record["started"] = proc.pid, _now()
+        record["pid"], record["started"] = proc.pid, now()
         save_manifest(plan.dir, manifest)
         took = dockerd.wait(proc.pid)
     except DockerdError as exc:
@@ -736,10 +450,13 @@ def _start_dockerd(plan: LabPlan, manifest: dict[str, Any],
 def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
            cni_bin_dir: Path = DEFAULT_CNI_BIN_DIR, cooldown: float | None = None,
            agent_timeout: float = 30.0, keep_on_failure: bool = False,
-           echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
+           echo: Callable[[str], None] = click.echo) -> Manifest:
     """Build the lab; on failure remove what was built (unless ``keep_on_failure``)."""
     _require_root()
-    netd, netctl = _bin("netd"), _bin("netctl")
+    try:
+        netd, netctl = bin_path("netd"), bin_path("netctl")
+    except FileNotFoundError as exc:
+        raise LabError(str(exc)) from None
     if agents and not agent_available(netd):
         raise LabError(f"'{netd} agent' is not available (yet): use --no-agents")
     if plan.docker_host and not agents:
@@ -761,26 +478,30 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
                        "host's agent): one Docker plugin 'netd' per machine")
     plan.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     started = time.monotonic()
-    manifest: dict[str, Any] = {
+    pools = [{k: v for k, v in p.items() if k != "args"} for p in plan.impl.pools(plan)]
+    manifest: Manifest = {
         "version": MANIFEST_VERSION, "prefix": plan.prefix, "dir": str(plan.dir),
-        "mode": plan.mode, "state": "building", "created": _now(),
-        "subnet": str(SUBNET), "gateway": GATEWAY, "pool": POOL,
-        "switch": {"netns": plan.switch_ns, "bridge": plan.bridge},
+        "mode": plan.mode, "state": "building", "created": now(),
+        "subnet": str(plan.impl.SUBNET), "gateway": plan.impl.GATEWAY,
+        "pool": plan.impl.POOL, "pools": pools, "roles": plan.roles,
         "ipam": None, "ipam_url": plan.ipam_url, "token_file": str(plan.token_file),
         "namespaces": [], "conflists": [], "docker": None,
-        "hosts": [{"name": h.name, "netns": h.netns, "address": h.address,
-                   "uplink": UPLINK, "config": str(h.config), "socket": str(h.socket),
-                   "network": h.network, "conflist": str(h.conflist), "agent": None}
+        "hosts": [{"name": h.name, "netns": h.netns, "address": h.address, "rack": h.rack,
+                   "config": str(h.config), "socket": str(h.socket),
+                   "network": h.network, "pool": plan.impl.host_pool(plan, h),
+                   "conflist": str(h.conflist), "agent": None}
                   for h in plan.hosts],
     }
     save_manifest(plan.dir, manifest)
     try:
-        build_topology(plan, manifest)
+        build_namespaces(plan, manifest)
+        plan.impl.build(plan, manifest)
+        save_manifest(plan.dir, manifest)
         _start_ipam(plan, manifest, netd, cooldown)
         _check_hosts_reach_ipam(plan)
-        _create_pool(plan, netctl)
+        _create_pools(plan, netctl)
         if install_cni:
-            proc = _run([netd, "install-cni", "--bin-dir", str(cni_bin_dir)])
+            proc = run([netd, "install-cni", "--bin-dir", str(cni_bin_dir)])
             if proc.returncode != 0:
                 raise LabError(f"netd install-cni failed: {proc.stderr.strip()}")
         for host in plan.hosts:
@@ -812,7 +533,10 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
     return manifest
 
 
-def _remove_dir_contents(directory: Path, manifest: dict[str, Any] | None) -> None:
+# --- down ----------------------------------------------------------------------------
+
+
+def _remove_dir_contents(directory: Path) -> None:
     """Remove what the lab put into ``directory``, then the directory when empty."""
     names = {MANIFEST, "token", "ipam.db", "ipam.db-wal", "ipam.db-shm", "ipam.db-journal",
              "ipam.log"}
@@ -851,7 +575,7 @@ def lab_down(directory: Path, prefix: str | None = None, *,
     # 1. containers first, while the agents can still unplug them
     names = [c["name"] for c in lab_containers(networks)]
     if names:
-        proc = _run(["podman", "rm", "--force", "--ignore", "--time", "0", *names], timeout=300)
+        proc = run(["podman", "rm", "--force", "--ignore", "--time", "0", *names], timeout=300)
         if proc.returncode != 0:
             echo(f"warning: podman rm: {proc.stderr.strip()}")
         removed += [f"container {n}" for n in names]
@@ -866,14 +590,14 @@ def lab_down(directory: Path, prefix: str | None = None, *,
     # 2. processes: recorded ones, then anything else living in a lab namespace
     recorded = [(manifest or {}).get("ipam")]
     recorded += [h.get("agent") for h in (manifest or {}).get("hosts", [])]
-    pids = [p for p in map(_recorded_process_alive, recorded) if p is not None]
-    pids += pids_in_netns(namespaces)
-    removed += [f"process {p} ({' '.join(_cmdline(p)[:4])})" for p in sorted(set(pids))]
+    pids = [p for p in map(recorded_process_alive, recorded) if p is not None]
+    pids += pids_in_netns(namespaces, alive)
+    removed += [f"process {p} ({' '.join(cmdline(p)[:4])})" for p in sorted(set(pids))]
     stop_pids(pids)
     # 3. namespaces (their links go with them), conflists, files
     for name in sorted(namespaces):
         if (NETNS_DIR / name).exists():
-            _remove_netns(name)
+            remove_netns(name)
             removed.append(f"netns {name}")
     for path in sorted(conflists):
         if path.exists():
@@ -884,24 +608,39 @@ def lab_down(directory: Path, prefix: str | None = None, *,
     if docker and plugin.exists() and not lab_docker.plugin_served(plugin):
         plugin.unlink(missing_ok=True)
         removed.append(f"stale plugin socket {plugin}")
-    _remove_dir_contents(directory, manifest)
+    _remove_dir_contents(directory)
     return removed
 
 
+# --- status ----------------------------------------------------------------------------
+
+
 def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
-    """What runs: hosts, IPAM, containers and (``ping``) the reachability matrix."""
+    """What runs: hosts, IPAM, containers and (``ping``) the reachability matrix.
+
+    The keys scripts rely on (``netd lab status --json``): ``mode``, ``prefix``,
+    ``hosts`` (``name``, ``netns``, ``address``, ``agent_socket``,
+    ``agent_pid``, ``rack``), ``pools`` (``name``, ``cidr``, ``gateway``,
+    ``vlan``), ``networks`` (``name``, ``host``, ``pool``) and ``namespaces``
+    (the lab's own infrastructure namespaces by role).
+    """
     directory = Path(directory).absolute()
     manifest = load_manifest(directory)
     if manifest is None:
         raise LabError(f"no lab in {directory} (no {MANIFEST}); start one with 'netd lab up'")
+    prefix = str(manifest.get("prefix"))
+    impl = mode_of(str(manifest.get("mode") or "l2"))
+    roles = manifest.get("roles") or dict(impl.roles(prefix))
     present = set(list_netns())
     hosts = []
     for h in manifest.get("hosts", []):
         entry = {k: h.get(k) for k in ("name", "netns", "address", "network", "socket")}
+        entry["agent_socket"] = h.get("socket")
+        entry["rack"] = h.get("rack")
         entry["netns_present"] = h.get("netns") in present
         agent = h.get("agent") or {}
         entry["agent_pid"] = agent.get("pid")
-        entry["agent_running"] = _recorded_process_alive(agent) is not None
+        entry["agent_running"] = recorded_process_alive(agent) is not None
         entry["socket_present"] = Path(h.get("socket", "")).exists()
         entry["addresses"] = {}
         if entry["netns_present"]:
@@ -909,25 +648,33 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
                 entry["addresses"] = host_addresses(h["netns"])
         hosts.append(entry)
     ipam = manifest.get("ipam") or {}
-    gw_ns = f"{manifest['prefix']}-gw"
-    healthy = gw_ns in present and http_status_in_netns(
-        gw_ns, IPAM_ADDRESS, IPAM_PORT, "/healthz") == 200
+    ipam_ns = roles.get(impl.ipam_role(), f"{prefix}-gw")
+    healthy = ipam_ns in present and http_status_in_netns(
+        ipam_ns, str(impl.IPAM_ADDRESS), IPAM_PORT, "/healthz") == 200
     networks = [h["network"] for h in manifest.get("hosts", [])]
     containers = lab_containers(networks)
     host_of = {h["network"]: h["name"] for h in manifest.get("hosts", [])}
     for c in containers:
         c["host"] = host_of.get(c["network"], "?")
+    pools = manifest.get("pools") or [{"name": manifest.get("pool"),
+                                       "cidr": manifest.get("subnet"),
+                                       "gateway": manifest.get("gateway"), "vlan": None}]
     status: dict[str, Any] = {
-        "prefix": manifest.get("prefix"), "dir": str(directory), "mode": manifest.get("mode"),
+        "prefix": prefix, "dir": str(directory), "mode": manifest.get("mode"),
         "state": manifest.get("state"), "created": manifest.get("created"),
         "ipam": {"url": manifest.get("ipam_url"), "pid": ipam.get("pid"),
-                 "running": _recorded_process_alive(ipam) is not None, "healthy": healthy},
+                 "running": recorded_process_alive(ipam) is not None, "healthy": healthy},
         "gateway": manifest.get("gateway"), "pool": manifest.get("pool"),
+        "pools": pools,
+        "networks": [{"name": h.get("network"), "host": h.get("name"),
+                      "pool": h.get("pool") or manifest.get("pool")}
+                     for h in manifest.get("hosts", [])],
+        "namespaces": roles,
         "hosts": hosts, "containers": containers, "podman": podman_available(),
         "docker": _docker_status(manifest.get("docker")),
     }
     if ping and containers:
-        sources, targets, results = reachability(containers)
+        sources, targets, results = reachability(containers, str(manifest.get("gateway")))
         status["reachability"] = {
             "sources": sources, "targets": targets,
             "results": [{"from": s, "to": t, "result": r} for (s, t), r in results.items()]}
@@ -993,94 +740,3 @@ def format_status(status: dict[str, Any]) -> str:
             out.append("noraw: the container cannot ping without NET_RAW "
                        "(podman run --cap-add NET_RAW)")
     return "\n".join(out)
-
-
-# --- click ---------------------------------------------------------------------------
-
-
-def _dir_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-                        default=DEFAULT_DIR, show_default=True,
-                        help="Lab state: manifest, IPAM store, token, agent configs and logs.")
-
-
-@click.group("lab")
-def lab_cli() -> None:
-    """A data centre in network namespaces: switch, gateway, IPAM, hosts with agents."""
-
-
-@lab_cli.command("up")
-@click.option("--mode", type=click.Choice(MODES), default="l2", show_default=True)
-@click.option("--hosts", type=click.IntRange(1, MAX_HOSTS), default=2, show_default=True)
-@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
-              help="Name prefix of every namespace, link and podman network.")
-@_dir_option()
-@click.option("--agents/--no-agents", default=True, show_default=True,
-              help="Start 'netd agent' in every host namespace.")
-@click.option("--install-cni/--no-install-cni", default=True, show_default=True,
-              help="Install netd-cni and netd-ipam into --cni-bin-dir.")
-@click.option("--cni-bin-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=DEFAULT_CNI_BIN_DIR, show_default=True)
-@click.option("--cni-conf-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=DEFAULT_CNI_CONF_DIR, show_default=True,
-              help="Where the per-host podman network conflists go.")
-@click.option("--cooldown", type=click.FloatRange(min=0), default=None,
-              help="IPAM: seconds a released address rests (server default when unset).")
-@click.option("--docker", is_flag=True,
-              help=f"Start a dockerd in {DOCKER_ON}'s namespace (Debian docker.io) and have "
-                   f"{DOCKER_ON}'s agent serve the Docker plugin 'netd' for it.")
-@click.option("--docker-host", default=None, metavar="unix:///PATH",
-              help=f"Have {DOCKER_ON}'s agent serve the Docker plugin 'netd' for a dockerd "
-                   "you start (in its namespace) with this socket.")
-@click.option("--keep-on-failure", is_flag=True, help="Leave a half-built lab for debugging.")
-def up_cmd(mode: str, hosts: int, prefix: str, directory: Path, agents: bool,
-           install_cni: bool, cni_bin_dir: Path, cni_conf_dir: Path, cooldown: float | None,
-           docker: bool, docker_host: str | None, keep_on_failure: bool) -> None:
-    """Build the lab (a previous one with the same prefix is removed first)."""
-    plan = plan_lab(prefix, hosts, directory, mode, cni_conf_dir, docker=docker,
-                    docker_host=docker_host)
-    manifest = lab_up(plan, agents=agents, install_cni=install_cni, cni_bin_dir=cni_bin_dir,
-                      cooldown=cooldown, keep_on_failure=keep_on_failure)
-    click.echo(f"lab {plan.prefix} up in {manifest['up_seconds']}s: IPAM {plan.ipam_url} "
-               f"in {plan.gateway_ns}, pool {POOL} {SUBNET} (gateway {GATEWAY})")
-    for h in plan.hosts:
-        agent = (f"agent pid {manifest['hosts'][h.index - 1]['agent']['pid']}" if agents
-                 else "no agent")
-        click.echo(f"  {h.name}: netns {h.netns}, {UPLINK} {h.address}, {agent}, "
-                   f"podman network {h.network}")
-    if plan.docker_host:
-        started = "the lab's dockerd" if plan.start_dockerd else "your dockerd"
-        click.echo(f"  docker: {DOCKER_ON}'s agent serves plugin netd for {started} at "
-                   f"{plan.docker_host}")
-        click.echo(f"try: docker -H {plan.docker_host} network create -d netd --ipam-driver "
-                   f"netd --ipam-opt pool={POOL} --subnet {SUBNET} NAME")
-    click.echo(f"try: podman run -d --network {plan.hosts[0].network} --cap-add NET_RAW "
-               f"--rootfs DIR sleep 300; netd lab status --dir {plan.dir}")
-
-
-@lab_cli.command("status")
-@_dir_option()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--ping/--no-ping", default=True, show_default=True,
-              help="Ping every container and the gateway from every container.")
-def status_cmd(directory: Path, as_json: bool, ping: bool) -> None:
-    """Hosts, IPAM, containers and the reachability matrix."""
-    status = lab_status(directory, ping=ping)
-    click.echo(json.dumps(status, indent=2, sort_keys=True) if as_json
-               else format_status(status))
-
-
-@lab_cli.command("down")
-@click.option("--prefix", default=None,
-              help=f"Lab to remove (default: the manifest's, else {DEFAULT_PREFIX}).")
-@_dir_option()
-@click.option("--cni-conf-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=DEFAULT_CNI_CONF_DIR, show_default=True)
-def down_cmd(prefix: str | None, directory: Path, cni_conf_dir: Path) -> None:
-    """Remove everything the lab made (also after a crash)."""
-    if prefix is not None:
-        validate_prefix(prefix)
-    removed = lab_down(directory, prefix, cni_conf_dir=cni_conf_dir)
-    for line in removed:
-        click.echo(f"removed {line}")
-    click.echo("lab down" if removed else "nothing to remove")

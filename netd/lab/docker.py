@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -41,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from netd.lab.procs import alive, cmdline, stop_pids, tail
 
 DOCKERD = "/usr/sbin/dockerd"
 PLUGIN_SOCKET = Path("/run/docker/plugins/netd.sock")
@@ -129,7 +130,7 @@ class Dockerd:
         """Wait until dockerd answers ``/_ping``; returns the seconds it took."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
-            if not _alive(pid):
+            if not alive(pid):
                 raise DockerdError(f"dockerd exited:\n{self.tail()}")
             if ping(self.socket):
                 return time.monotonic() - start
@@ -137,11 +138,7 @@ class Dockerd:
         raise DockerdError(f"dockerd did not answer within {timeout:.0f}s:\n{self.tail()}")
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return tail(self.log, lines)
 
 
 # --- dockerd's API, the little the lab needs -----------------------------------------
@@ -204,35 +201,6 @@ def plugin_served(path: Path = PLUGIN_SOCKET) -> bool:
 # --- removal by name --------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def _kill(pids: Sequence[int], timeout: float = 10.0) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 def our_pids(prefix: str) -> list[int]:
     """dockerd, containerd and shims of ``prefix`` (by their per-prefix paths)."""
     _check_prefix(prefix)
@@ -240,7 +208,7 @@ def our_pids(prefix: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
-            cmd = _cmdline(int(entry.name))
+            cmd = " ".join(cmdline(int(entry.name)))
             if any(f"{m} " in f"{cmd} " or f"{m}/" in cmd or f"{m}." in cmd for m in marks):
                 pids.append(int(entry.name))
     return pids
@@ -295,11 +263,11 @@ def sweep(prefix: str) -> list[str]:
     removed: list[str] = []
     pids = our_pids(prefix)
     if pids:
-        _kill(pids)
+        stop_pids(pids)
         removed += [f"process {p}" for p in pids]
     stray = cgroup_pids(prefix)
     if stray:
-        _kill(stray, timeout=5)
+        stop_pids(stray, timeout=5)
         removed += [f"container process {p}" for p in stray]
     for root in _cgroup_dirs(prefix):
         subdirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(str(p)))
