@@ -66,21 +66,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netd.agent.config import L2Config
-from netd.cli import cni_native
-from netd.dataplane.netlink import Netlink, create_netns, list_netns, remove_netns
-from netd.lab import (
-    SUBNET,
-    LabPlan,
-    agent_config_text,
-    alive,
-    lab_down,
-    lab_up,
-    plan_lab,
-    start_process,
-    stop_pids,
-)
-from tests.bench.common import BenchError, log, quiet_sigterm, run_and_report
+from netd.cni import install as cni_install
+from netd.dataplane.l2driver import DEFAULT_DAD_TIMEOUT
+from netd.dataplane.netlink import Netlink
+from netd.dataplane.netns import create_netns, list_netns, remove_netns
+from netd.lab import SUBNET, LabPlan, lab_down, lab_up, plan_lab
+from netd.lab.base import agent_config_text
+from netd.lab.procs import alive, start_process, stop_pids
+from tests.bench.common import BenchError, log, mark, quiet_sigterm, ratio, run_and_report
 
 REPO = Path(__file__).resolve().parents[2]
 REF_DIR = Path("/usr/lib/cni")
@@ -112,14 +105,6 @@ def summarize(lat_s: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
             "min_ms": round(s[0] * 1000, 2), "max_ms": round(s[-1] * 1000, 2),
             "mean_ms": round(sum(s) / n * 1000, 2)}
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else round(a / b, 2)
-
-
-def mark(value: float | None, limit: float) -> str:
-    return "[ n/a]" if value is None else ("[PASS]" if value <= limit else "[MISS]")
 
 
 # --- plugins as a runtime runs them ------------------------------------------------------
@@ -331,7 +316,7 @@ def leftovers(setup: Setup, slots: dict[str, list[Slot]]) -> list[str]:
 
 
 def agent_status(setup: Setup) -> dict[str, Any]:
-    from netd.agent.server import call
+    from netd.cni.server import call
 
     assert setup.plan is not None
     answer = call(str(setup.plan.hosts[0].socket), {"command": "AGENT_STATUS"}, timeout=10)
@@ -351,7 +336,7 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
     res["setup_s"] = round(time.monotonic() - t, 1)
     setup.netd_bin = str(Path(sys.executable).parent / "netd")
     host = setup.plan.hosts[0]
-    default_dad = L2Config().dad_timeout
+    default_dad = DEFAULT_DAD_TIMEOUT
     res["dad_timeout_s"] = default_dad
     netd = Plugin("netd-cni", str(setup.tmp / "bin" / "netd-cni"), host.netns,
                   {"cniVersion": CNI_VERSION, "name": host.network, "type": "netd-cni",
@@ -534,11 +519,17 @@ def main(argv: list[str] | None = None) -> int:
                          "--no-native), for information (0: skip)")
     ap.add_argument("--version-runs", type=int, default=20)
     ap.add_argument("--prefix", default=None, help="name prefix (default: ncb + 6 hex digits)")
-    ap.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="small counts: a quick look")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny counts, no targets: proves the benchmark runs (the test suite "
+                         "does this)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.warmup, args.dad_off, args.version_runs = 20, 1, 2, 10, 5
         args.python_only = 10
+    if args.smoke:
+        args.n, args.rounds, args.warmup, args.dad_off, args.version_runs = 3, 1, 1, 2, 2
+        args.python_only, args.concurrency = 2, 4
     if os.geteuid() != 0:
         log("cni_bench needs root (network namespaces)")
         return 1
@@ -548,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 "containernetworking-plugins")
             return 1
 
-    if cni_native.find_cc() is None:
+    if cni_install.find_cc() is None:
         # like every make target: install what it needs (install-cni builds the
         # plugin's native fast path with it; without, the report says "Python plugin")
         log("no C compiler: installing gcc (scripts/install-deps gcc libc6-dev) ...")

@@ -27,6 +27,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` to two places; None when either is missing."""
+    return None if a is None or not b else round(a / b, 2)
+
+
+def mark(value: float | None, limit: float) -> str:
+    """The PASS/MISS marker of a ratio that must stay at or under ``limit``."""
+    return "[ n/a]" if value is None else ("[PASS]" if value <= limit else "[MISS]")
+
+
 class Setup(Protocol):
     def teardown(self) -> list[str]: ...
 
@@ -63,7 +73,8 @@ def run_and_report(args: argparse.Namespace, setup: Any, prefix: str,
     code = 0
     try:
         run(args, setup, res)
-        res["targets"] = targets(res)
+        # a smoke run (the test suite's) proves the benchmark runs; its figures judge nothing
+        res["targets"] = {} if getattr(args, "smoke", False) else targets(res)
     except BenchError as exc:
         res["error"] = str(exc)
         log(f"MEASUREMENT NOT TRUSTWORTHY: {exc}")
@@ -80,7 +91,9 @@ def run_and_report(args: argparse.Namespace, setup: Any, prefix: str,
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    if "targets" in res:
+    if "targets" in res and getattr(args, "smoke", False):
+        print(f"smoke run done (figures in the JSON judge nothing): {', '.join(sorted(res))}")
+    elif "targets" in res:
         print(report(res))
     print(f"(JSON: {out}; {res['elapsed_s']} s)")
     return code

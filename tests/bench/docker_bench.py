@@ -13,7 +13,7 @@ removed at the end, also after a failure or Ctrl-C):
 
 1. ``netd lab up --docker`` with one host (switch, gateway, IPAM server, host
    namespace with ``br0`` over ``bond0``): dockerd (Debian docker.io 20.10) runs
-   in h1's network namespace with per-run roots (:mod:`netd.lab_docker`),
+   in h1's network namespace with per-run roots (:mod:`netd.lab.docker`),
    ``--bridge=none``, and h1's agent serves the plugin ``netd`` for it. The test
    image is busybox-static, imported with ``docker import``.
 2. Two networks on that dockerd: ``docker network create -d netd --ipam-driver
@@ -32,7 +32,7 @@ removed at the end, also after a failure or Ctrl-C):
    the next measurement; then both rest ``--settle`` seconds.
 4. After each round every container is removed with ``docker rm -f`` (timed,
    interleaved, for information) and nothing may be left: no Docker endpoint
-   in the agent, no ``ndd``/``ndp`` link and no Docker ``veth`` in h1, no
+   in the agent, no ``ndv``/``ndp`` link and no Docker ``veth`` in h1, no
    address of h1 in the IPAM.
 
 Target (issue 4): median ``docker run -d`` on a netd network <= 1.3x the
@@ -59,9 +59,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netd import lab_docker
 from netd.lab import POOL, SUBNET, LabPlan, in_netns, lab_down, lab_up, list_netns, plan_lab
-from tests.bench.common import BenchError, log, quiet_sigterm, run_and_report
+from netd.lab import docker as lab_docker
+from tests.bench.common import BenchError, log, mark, quiet_sigterm, ratio, run_and_report
 from tests.support import docker as dk
 
 DOCKER_CLI = "/usr/bin/docker"
@@ -90,14 +90,6 @@ def summarize(lat_s: Sequence[float]) -> dict[str, Any]:
             "mean_ms": round(sum(s) / n * 1000, 1)}
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else round(a / b, 2)
-
-
-def mark(value: float | None, limit: float) -> str:
-    return "[ n/a]" if value is None else ("[PASS]" if value <= limit else "[MISS]")
-
-
 # --- the setup ---------------------------------------------------------------------------
 
 
@@ -124,7 +116,7 @@ class Setup:
         return proc
 
     def agent_status(self) -> dict[str, Any]:
-        from netd.agent.server import call
+        from netd.cni.server import call
 
         assert self.plan is not None
         answer = call(str(self.plan.hosts[0].socket), {"command": "AGENT_STATUS"}, timeout=10)
@@ -194,11 +186,12 @@ def settle(setup: Setup, driver: str, name: str, timeout: float = 30.0) -> float
         return None
     started = time.monotonic()
     while True:
-        eps = {e["endpoint_id"]: e for e in setup.agent_status()["docker_endpoints"]}
+        eps = {e["container_id"]: e for e in setup.agent_status()["attachments"]
+               if e["plugin"] == "docker"}
         rec = eps.get(ep.get("EndpointID"))
         if rec is not None and rec["ip"] != ip:
             raise BenchError(f"the agent records {rec['ip']} for {name}, docker says {ip}")
-        if rec is not None and rec["container_name"] == name:
+        if rec is not None and rec["name"] == name:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
             raise BenchError(f"the agent did not learn the name of {name} within {timeout}s")
@@ -214,15 +207,15 @@ def leftovers(setup: Setup) -> list[str]:
     plan = setup.plan
     found = []
     status = setup.agent_status()
-    found += [f"agent endpoint {e['endpoint_id'][:12]} ({e['ip']})"
-              for e in status["docker_endpoints"]]
+    found += [f"agent attachment {e['container_id'][:12]} ({e['plugin']}, {e['ip']})"
+              for e in status["attachments"]]
 
     def links() -> list[str]:
         with Netlink() as nl:
             return [link.name for link in nl.links()]
 
     found += [f"h1 link {n}" for n in in_netns(plan.hosts[0].netns, links)
-              if n.startswith(("ndd", "ndp", "veth"))]
+              if n.startswith(("ndv", "ndp", "veth"))]
     token = plan.token_file.read_text().strip()
 
     def held() -> list[dict[str, Any]]:
@@ -366,10 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.3,
                     help="seconds of rest after each run (untimed)")
     ap.add_argument("--prefix", default=None, help="name prefix (default: ndb + 6 hex digits)")
-    ap.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="small counts: a quick look")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny counts, no targets: proves the benchmark runs (the test suite "
+                         "does this)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.settle = 5, 1, 0.1
+    if args.smoke:
+        args.n, args.rounds, args.settle, args.warmup = 2, 1, 0.0, 1
     if os.geteuid() != 0:
         log("docker_bench needs root (network namespaces, dockerd)")
         return 1

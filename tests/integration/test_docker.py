@@ -116,7 +116,8 @@ class DockerLab:
         return labmod.in_netns(self.ns("h1"), read)
 
     def docker_links(self) -> set[str]:
-        return {n for n in self.h1_links() if n.startswith(("ndd", "ndp"))}
+        """netd's veth ends in h1: the host ends on br0 and ends waiting for a Join."""
+        return {n for n in self.h1_links() if n.startswith(("ndv", "ndp"))}
 
     def bridge_ports(self) -> set[str]:
         return {n for n, m in self.h1_links().items() if m == "br0"}
@@ -145,15 +146,15 @@ class DockerLab:
         pid = rec["agent"]["pid"]
 
         def serving() -> bool:
-            assert labmod.alive(pid), labmod._tail(self.dir / "h1" / "agent.log")
+            assert labmod.alive(pid), labmod.tail(self.dir / "h1" / "agent.log")
             return plugin_answers()
 
         wait_for("the agent's docker plugin", serving, 30)
 
-    def state_rows(self, table: str) -> list[tuple[Any, ...]]:
+    def state_rows(self, table: str, where: str = "") -> list[tuple[Any, ...]]:
         db = sqlite3.connect(self.dir / "h1" / "state" / "agent.db")
         try:
-            return list(db.execute(f"SELECT * FROM {table}"))
+            return list(db.execute(f"SELECT * FROM {table} {where}"))
         finally:
             db.close()
 
@@ -494,6 +495,36 @@ def test_overlap_and_exhausted_pool_are_clear_errors(lab: DockerLab, net: str) -
     lab.netctl("pool", "delete", "tiny")
 
 
+def test_an_address_in_use_on_the_wire_is_never_given_to_a_container(lab: DockerLab,
+                                                                     net: str) -> None:
+    """The Docker path probes the wire like the CNI one: with h1's own address not reserved
+    in the pool, 0.1.0 gave it to a container. Now it is refused, reserved with a note
+    naming the MAC that answered, and the next container gets a free address."""
+    mac = json.loads(subprocess.run(["ip", "-j", "-n", lab.ns("h1"), "link", "show", "br0"],
+                                    capture_output=True, text=True, check=True).stdout)[0][
+        "address"]
+    host_ip = "198.18.0.11"
+    lab.netctl("ip", "unreserve", POOL, host_ip)
+    name = f"{lab.prefix}-dup"
+    try:
+        assert json.loads(lab.netctl("--json", "ip", "show", host_ip).stdout)["state"] == "free"
+        links = lab.docker_links()
+        proc = lab.run(name)  # the lowest free address is h1's own now
+        assert proc.returncode != 0
+        assert f"{host_ip} is already used on the wire by {mac}" in proc.stderr, proc.stderr
+        shown = json.loads(lab.netctl("--json", "ip", "show", host_ip).stdout)
+        assert shown["state"] == "reserved" and mac in shown["note"] and "h1" in shown["note"]
+        assert host_ip not in lab.allocations() and lab.docker_links() == links
+        lab.rm(name)
+        ep = lab.run_ok(name)
+        assert ep["IPAddress"] != host_ip and lab.ping(name, GATEWAY)
+    finally:
+        lab.rm(name)
+        shown = json.loads(lab.netctl("--json", "ip", "show", host_ip).stdout)
+        if shown["state"] != "reserved":
+            lab.netctl("ip", "reserve", POOL, host_ip, "--note", "h1")
+
+
 def test_disconnect_and_connect(lab: DockerLab, net: str) -> None:
     name = f"{lab.prefix}-dc"
     ip = lab.run_ok(name)["IPAddress"]
@@ -526,8 +557,15 @@ def test_agent_restart_keeps_containers_and_repairs(lab: DockerLab, net: str) ->
 
     token = (lab.dir / "token").read_text().strip()
     labmod.in_netns(lab.ns("gw"), lambda: leak(Client(IPAM_URL, token=token)))
-    subprocess.run(["ip", "-n", lab.ns("h1"), "link", "add", "nddffffffffffff", "type",
-                    "veth", "peer", "name", "ndpffffffffffff"], check=True)
+    # a veth of ours (marked, on br0) that no record and no allocation explain, and an
+    # operator's veth with a netd-looking name, unmarked: only the first is the agent's
+    h1 = ["ip", "-n", lab.ns("h1"), "link"]
+    subprocess.run([*h1, "add", "ndvffffffffffff", "type", "veth", "peer", "name",
+                    "ndpffffffffffff"], check=True)
+    subprocess.run([*h1, "set", "ndvffffffffffff", "master", "br0", "alias",
+                    "netd:br0:" + "f" * 64 + ":eth0"], check=True)
+    subprocess.run([*h1, "add", "ndvoperator0000", "type", "veth", "peer", "name",
+                    "ndvoperator0001"], check=True)
 
     lab.kill_agent(9)
     # containers keep their network while the agent is down
@@ -535,7 +573,9 @@ def test_agent_restart_keeps_containers_and_repairs(lab: DockerLab, net: str) ->
     lab.start_agent()
     assert lab.ping(a, eb["IPAddress"]) and lab.ping(b, GATEWAY)
     assert leak_ip not in lab.allocations()
-    assert "nddffffffffffff" not in lab.h1_links()
+    assert "ndvffffffffffff" not in lab.h1_links()
+    assert "ndvoperator0000" in lab.h1_links()  # not provably ours: left alone
+    subprocess.run([*h1, "del", "ndvoperator0000"], check=True)
     # later calls succeed: a new container, and removing one from before the restart
     ec = lab.run_ok(f"{p}-rc")
     assert lab.ping(f"{p}-rc", ea["IPAddress"])
@@ -597,7 +637,8 @@ def test_everything_removed_leaves_nothing(lab: DockerLab, net: str) -> None:
     assert ep["IPAddress"] not in lab.allocations()
     assert lab.docker_links() == set()
     assert lab.bridge_ports() == {"bond0"}
-    for table in ("docker_networks", "docker_endpoints", "docker_addresses"):
+    for table in ("docker_networks", "docker_addresses"):
         assert lab.state_rows(table) == [], table
+    assert lab.state_rows("attachments", "WHERE plugin = 'docker'") == []
     pool = json.loads(lab.netctl("--json", "pool", "show", POOL).stdout)["pool"]
     assert pool["allocated"] == 0

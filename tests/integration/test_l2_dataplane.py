@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from netd.dataplane import l2
+from netd.dataplane import arp, l2, veth
+from netd.dataplane.driver import Addressing, Attached, Endpoint
 from netd.dataplane.errors import (
     AddressConflict,
     DataplaneError,
@@ -32,14 +33,11 @@ from netd.dataplane.errors import (
     NetnsNotFound,
     TakeoverFailed,
 )
+from netd.dataplane.l2driver import L2Driver, L2Settings, wait_forwarding
 from netd.dataplane.model import RTPROT_NETD, Route
-from netd.dataplane.netlink import (
-    LinkMonitor,
-    Netlink,
-    create_netns,
-    list_netns,
-    remove_netns,
-)
+from netd.dataplane.netlink import LinkMonitor, Netlink
+from netd.dataplane.netns import create_netns, list_netns, remove_netns
+from netd.dataplane.veth import host_ifname_for
 from tests.conftest import require
 
 RUN_PREFIX = f"nd{secrets.token_hex(3)}-"
@@ -228,10 +226,10 @@ def test_takeover_rolls_back_when_gateway_is_silent(lab: Lab) -> None:
 
 
 def test_gateway_answers_arp(lab: Lab) -> None:
-    assert l2.gateway_answers_arp("bond0", GW_IP, 2, netns=lab.host)
-    assert l2.arp_resolve("bond0", GW_IP, 2, netns=lab.host) == GW_MAC
+    assert arp.gateway_answers_arp("bond0", GW_IP, 2, netns=lab.host)
+    assert arp.arp_resolve("bond0", GW_IP, 2, netns=lab.host) == GW_MAC
     t0 = time.monotonic()
-    assert not l2.gateway_answers_arp("bond0", "198.18.0.98", 0.5, netns=lab.host)
+    assert not arp.gateway_answers_arp("bond0", "198.18.0.98", 0.5, netns=lab.host)
     assert 0.4 < time.monotonic() - t0 < 2
 
 
@@ -248,10 +246,25 @@ def test_manual_apply_and_rollback(lab: Lab) -> None:
 # ---------------------------------------------------------------------------- containers
 
 
-def attach(lab: Lab, ns: str, ip: str, mac: str, cid: str, **kw: object) -> l2.Attachment:
-    return l2.attach(ns, "eth0", l2.host_ifname_for(cid), "br0", f"{ip}/24", mac, GW_IP,
-                     ["198.19.0.0/16"], host_netns=lab.host, container_id=cid,
-                     **kw)  # type: ignore[arg-type]
+def driver(lab: Lab, dad: float = 0.0, bridge: str = "br0") -> L2Driver:
+    return L2Driver(L2Settings(bridge=bridge, dad_timeout=dad), host_netns=lab.host)
+
+
+def endpoint(ns: str | None, cid: str) -> Endpoint:
+    if ns is None:
+        return Endpoint.handed_over(cid, "eth0", host_ifname_for(cid))
+    return Endpoint(cid, "eth0", ns, host_ifname_for(cid))
+
+
+def addressing(ip: str, mac: str, gateway: str = GW_IP,
+               routes: tuple[tuple[str, str | None], ...] = (("198.19.0.0/16", None),)
+               ) -> Addressing:
+    return Addressing(f"{ip}/24", mac, gateway, routes)
+
+
+def attach(lab: Lab, ns: str, ip: str, mac: str, cid: str, dad: float = 0.0,
+           **kw: object) -> Attached:
+    return driver(lab, dad).attach(endpoint(ns, cid), addressing(ip, mac, **kw))  # type: ignore[arg-type]
 
 
 def test_attach_two_containers_reach_each_other_and_the_gateway(lab: Lab) -> None:
@@ -263,7 +276,10 @@ def test_attach_two_containers_reach_each_other_and_the_gateway(lab: Lab) -> Non
     a1 = attach(lab, c1, "198.18.0.21", "02:00:C6:12:00:15", "c1-id")
     a2 = attach(lab, c2, "198.18.0.22", "02:00:c6:12:00:16", "c2-id")
     assert a1.mac == "02:00:c6:12:00:15" and a2.mac == "02:00:c6:12:00:16"
-    assert a1.host_ifname == l2.host_ifname_for("c1-id") and len(a1.host_ifname) == 15
+    assert a1.host_ifname == host_ifname_for("c1-id") and len(a1.host_ifname) == 15
+    assert a1.gateway == GW_IP and a1.routes == (("0.0.0.0/0", GW_IP),
+                                                 ("198.19.0.0/16", GW_IP))
+    assert a1.data == {"bridge": "br0"}
     assert "02:00:c6:12:00:15" in in_ns(lab.gw, "ip", "neigh", "show", "198.18.0.21").stdout
 
     with Netlink(c1) as nl:
@@ -276,12 +292,11 @@ def test_attach_two_containers_reach_each_other_and_the_gateway(lab: Lab) -> Non
     with Netlink(lab.host) as nl:
         host_end = nl.link(a1.host_ifname)
         assert host_end is not None and host_end.master == "br0" and host_end.up
-        assert host_end.alias == "netd:c1-id:eth0"
+        assert host_end.alias == "netd:br0:c1-id:eth0"
         br = nl.link("br0")
         assert br is not None and host_end.mtu == br.mtu == a1.mtu
         assert nl.link("eth0") is None  # the container end never appeared on the host
-    assert {link.name for link in l2.host_links("br0", host_netns=lab.host)} == {
-        a1.host_ifname, a2.host_ifname}
+    assert {o.host_ifname for o in driver(lab).owned()} == {a1.host_ifname, a2.host_ifname}
 
     assert ping(c1, "198.18.0.22")
     assert ping(c2, "198.18.0.21")
@@ -313,13 +328,14 @@ def test_dad_probe_finds_the_machine_holding_the_address(lab: Lab) -> None:
                        master="br0")
     with Netlink(c1) as nl:
         nl.set_up("eth0")
-    assert l2.wait_forwarding("ndvdad", 2, host_netns=lab.host)  # else the first probe is lost
+    with Netlink(lab.host) as nl:  # else the first probe is lost
+        assert wait_forwarding(nl, "ndvdad", timeout=2)
     t0 = time.monotonic()
-    assert l2.dad_probe(c1, "eth0", GW_IP, 2) == GW_MAC
+    assert arp.dad_probe(c1, "eth0", GW_IP, 2) == GW_MAC
     assert time.monotonic() - t0 < 0.5  # the first probe got its answer
-    assert l2.dad_probe(c1, "eth0", HOST_IP, 2) == HOST_MAC
+    assert arp.dad_probe(c1, "eth0", HOST_IP, 2) == HOST_MAC
     t0 = time.monotonic()
-    assert l2.dad_probe(c1, "eth0", "198.18.0.77", 0.3) is None
+    assert arp.dad_probe(c1, "eth0", "198.18.0.77", 0.3) is None
     assert time.monotonic() - t0 < 1.5
 
 
@@ -327,30 +343,30 @@ def test_attach_with_a_duplicate_address_leaves_nothing_behind(lab: Lab) -> None
     taken_over(lab)
     c1 = lab.container("c1")
     with pytest.raises(AddressConflict) as info:
-        attach(lab, c1, GW_IP, "02:00:c6:12:00:15", "c1-id", dad_timeout=1)
+        attach(lab, c1, GW_IP, "02:00:c6:12:00:15", "c1-id", dad=1)
     assert info.value.ip == GW_IP and info.value.mac == GW_MAC
     with Netlink(lab.host) as nl:
-        assert nl.link(l2.host_ifname_for("c1-id")) is None
+        assert nl.link(host_ifname_for("c1-id")) is None
     with Netlink(c1) as nl:
         assert nl.link("eth0") is None
     # a free address passes the probe
-    a = attach(lab, c1, "198.18.0.23", "02:00:c6:12:00:17", "c1-id", dad_timeout=0.3)
+    a = attach(lab, c1, "198.18.0.23", "02:00:c6:12:00:17", "c1-id", dad=0.3)
     assert ping(c1, GW_IP) and a.address == "198.18.0.23/24"
 
 
 def test_attach_failures_leave_nothing_behind(lab: Lab) -> None:
     taken_over(lab)
-    name = l2.host_ifname_for("gone")
+    d = driver(lab)
+    name = host_ifname_for("gone")
     with pytest.raises(NetnsNotFound):
         attach(lab, lab.tag + "gone", "198.18.0.24", "02:00:c6:12:00:18", "gone")
     c1 = lab.container("c1")
     with pytest.raises(ValueError, match="family"):
-        l2.attach(c1, "eth0", name, "br0", "198.18.0.24/24", "02:00:c6:12:00:18",
-                  "2001:db8::1", host_netns=lab.host, container_id="gone")
+        d.attach(endpoint(c1, "gone"), addressing("198.18.0.24", "02:00:c6:12:00:18",
+                                                  gateway="2001:db8::1", routes=()))
     with pytest.raises(DataplaneError, match="adding route"):  # the kernel refuses the gw
-        l2.attach(c1, "eth0", name, "br0", "198.18.0.24/24", "02:00:c6:12:00:18",
-                  GW_IP, [("198.19.0.0/16", "198.18.0.255")], host_netns=lab.host,
-                  container_id="gone")
+        d.attach(endpoint(c1, "gone"), addressing("198.18.0.24", "02:00:c6:12:00:18",
+                                                  routes=(("198.19.0.0/16", "198.18.0.255"),)))
     with Netlink(lab.host) as nl:
         assert nl.link(name) is None
     with Netlink(c1) as nl:
@@ -359,108 +375,166 @@ def test_attach_failures_leave_nothing_behind(lab: Lab) -> None:
     a = attach(lab, c1, "198.18.0.24", "02:00:c6:12:00:18", "c1-id")
     c2 = lab.container("c2")
     with pytest.raises(DataplaneError, match="owned by container c1-id"):
-        attach(lab, c2, "198.18.0.25", "02:00:c6:12:00:19", "c1-id")
-    assert ping(c1, GW_IP) and a.host_ifname == l2.host_ifname_for("c1-id")
+        d.attach(Endpoint("intruder", "eth0", c2, a.host_ifname),
+                 addressing("198.18.0.25", "02:00:c6:12:00:19"))
+    assert ping(c1, GW_IP) and a.host_ifname == host_ifname_for("c1-id")
 
 
 def test_detach_is_idempotent_and_only_removes_netd_links(lab: Lab) -> None:
     taken_over(lab)
+    d = driver(lab)
     c1 = lab.container("c1")
     a = attach(lab, c1, "198.18.0.21", "02:00:c6:12:00:15", "c1-id")
-    assert l2.detach(a.host_ifname, host_netns=lab.host) is True
+    assert d.detach(endpoint(c1, "c1-id")) is True
     with Netlink(lab.host) as nl:
         assert nl.link(a.host_ifname) is None
     with Netlink(c1) as nl:
         assert nl.link("eth0") is None
-    assert l2.detach(a.host_ifname, host_netns=lab.host) is False
+    assert d.detach(endpoint(c1, "c1-id")) is False
     with pytest.raises(DataplaneError, match="refusing"):
-        l2.detach("bond0", host_netns=lab.host)
+        veth.detach("bond0", host=lab.host)
     # the container's namespace disappearing takes the veth with it; detach still succeeds
     c2 = lab.container("c2")
-    b = attach(lab, c2, "198.18.0.22", "02:00:c6:12:00:16", "c2-id")
+    attach(lab, c2, "198.18.0.22", "02:00:c6:12:00:16", "c2-id")
     remove_netns(c2)
-    l2.detach(b.host_ifname, host_netns=lab.host)  # True or False: the kernel may be faster
-    assert l2.detach(b.host_ifname, host_netns=lab.host) is False
-    assert l2.host_links(host_netns=lab.host) == []
+    d.detach(endpoint(c2, "c2-id"))  # True or False: the kernel may be faster
+    assert d.detach(endpoint(c2, "c2-id")) is False
+    assert d.owned() == []
 
 
-def test_plumb_and_configure_are_idempotent_and_check_finds_damage(lab: Lab) -> None:
+def test_check_finds_damage_and_repair_mends_it(lab: Lab) -> None:
     taken_over(lab)
+    d = driver(lab)
     c1 = lab.container("c1")
+    ep = endpoint(c1, "c1-id")
     a = attach(lab, c1, "198.18.0.21", "02:00:c6:12:00:15", "c1-id")
-    assert l2.check_attachment(a, host_netns=lab.host) == []
-    # the agent re-running ADD steps after a restart changes nothing
-    again = l2.plumb(c1, "eth0", a.host_ifname, "br0", a.mac, host_netns=lab.host,
-                     container_id="c1-id")
-    assert again == (a.host_index, a.mtu)
-    l2.configure(c1, "eth0", a.address, GW_IP, ["198.19.0.0/16"])
-    assert l2.check_attachment(a, host_netns=lab.host) == []
+    assert d.check(ep, a) == [] and d.repair(ep, a) is False
     with Netlink(c1) as nl:
         assert len(nl.addresses("eth0", family=2)) == 1
         nl.del_route(Route("0.0.0.0/0", gateway=GW_IP, ifname="eth0"))
         nl.set_mac("eth0", "02:00:c6:12:00:99")
-    problems = l2.check_attachment(a, host_netns=lab.host)
-    assert problems == [
+    with Netlink(lab.host) as nl:
+        nl.set_master(a.host_ifname, None)
+    assert d.check(ep, a) == [
+        f"{a.host_ifname} is not on br0 (master None)",
         "eth0 has MAC 02:00:c6:12:00:99, expected 02:00:c6:12:00:15",
         f"route default via {GW_IP} dev eth0 is missing",
     ]
-    l2.detach(a.host_ifname, host_netns=lab.host)
-    assert l2.check_attachment(a, host_netns=lab.host) == [
-        f"host interface {a.host_ifname} is missing", f"eth0 is missing in {c1}"]
+    assert d.repair(ep, a) is True
+    assert d.check(ep, a) == [] and ping(c1, GW_IP)
+    d.detach(ep)
+    assert d.check(ep, a) == [f"host interface {a.host_ifname} is missing",
+                              f"eth0 is missing in {c1}"]
+    assert d.repair(ep, a) is True  # made again from the record
+    assert d.check(ep, a) == [] and ping(c1, GW_IP)
 
 
 def test_prepared_attach_and_its_failures_leave_nothing(lab: Lab) -> None:
     """The agent's ADD: the veth made while the IPAM allocates, finished when it answers."""
     taken_over(lab)
+    d = driver(lab, dad=0.05)
     c1, c2 = lab.container("c1"), lab.container("c2")
-    name = l2.host_ifname_for("c1-id")
-    pending = l2.prepare_attach(c1, "eth0", name, "br0", host_netns=lab.host,
-                                container_id="c1-id")
+    ep1 = endpoint(c1, "c1-id")
+    pending = d.prepare(ep1)
     with Netlink(c1) as nl:
         link = nl.link("eth0")
         assert link is not None and not link.up and nl.addresses("eth0") == []
     with Netlink(lab.host) as nl:
-        host_end = nl.link(name)
-        assert host_end is not None and host_end.alias == "netd:c1-id:eth0"
+        host_end = nl.link(ep1.host_ifname)
+        assert host_end is not None and host_end.alias == "netd:br0:c1-id:eth0"
         assert host_end.master == "br0"
-    a = l2.attach(c1, "eth0", name, "br0", "198.18.0.21/24", "02:00:c6:12:00:15", GW_IP,
-                  host_netns=lab.host, container_id="c1-id", dad_timeout=0.05,
-                  pending=pending)
+    a = d.attach(ep1, addressing("198.18.0.21", "02:00:c6:12:00:15"), pending)
     assert pending.ctr is None and pending.fd == -1  # attach closed it
-    assert l2.check_attachment(a, host_netns=lab.host) == []
+    assert d.check(ep1, a) == []
     assert a.mac == "02:00:c6:12:00:15" and ping(c1, GW_IP)
 
     # an interrupted attempt's pair is taken over, with the MAC of the new address
-    stale = l2.prepare_attach(c2, "eth0", l2.host_ifname_for("c2-id"), "br0",
-                              host_netns=lab.host, container_id="c2-id")
-    stale.close()
-    with l2.prepare_attach(c2, "eth0", l2.host_ifname_for("c2-id"), "br0",
-                           host_netns=lab.host, container_id="c2-id") as again:
-        b = l2.attach(c2, "eth0", again.host_ifname, "br0", "198.18.0.22/24",
-                      "02:00:c6:12:00:16", GW_IP, host_netns=lab.host, container_id="c2-id",
-                      pending=again)
-    assert l2.check_attachment(b, host_netns=lab.host) == [] and ping(c2, "198.18.0.21")
+    ep2 = endpoint(c2, "c2-id")
+    d.prepare(ep2).close()
+    b = d.attach(ep2, addressing("198.18.0.22", "02:00:c6:12:00:16"), d.prepare(ep2))
+    assert d.check(ep2, b) == [] and ping(c2, "198.18.0.21")
 
     # someone else's interface of that name: refused, nothing touched
     with pytest.raises(DataplaneError, match="owned by container c1-id"):
-        l2.prepare_attach(c2, "eth1", name, "br0", host_netns=lab.host, container_id="other")
+        d.prepare(Endpoint("other", "eth1", c2, ep1.host_ifname))
     # a duplicate address: the prepared veth is removed as well
     c3 = lab.container("c3")
-    p3 = l2.prepare_attach(c3, "eth0", l2.host_ifname_for("c3-id"), "br0",
-                           host_netns=lab.host, container_id="c3-id")
+    ep3 = endpoint(c3, "c3-id")
+    p3 = d.prepare(ep3)
     with pytest.raises(AddressConflict):
-        l2.attach(c3, "eth0", p3.host_ifname, "br0", f"{GW_IP}/24", "02:00:c6:12:00:17",
-                  GW_IP, host_netns=lab.host, container_id="c3-id", dad_timeout=1,
-                  pending=p3)
+        driver(lab, dad=1).attach(ep3, addressing(GW_IP, "02:00:c6:12:00:17"), p3)
     with Netlink(lab.host) as nl:
-        assert nl.link(p3.host_ifname) is None
+        assert nl.link(ep3.host_ifname) is None
     with Netlink(c3) as nl:
         assert nl.link("eth0") is None
     with pytest.raises(NetnsNotFound):
-        l2.prepare_attach(lab.tag + "gone", "eth0", l2.host_ifname_for("x"), "br0",
-                          host_netns=lab.host)
-    assert {link.name for link in l2.host_links(host_netns=lab.host)} == {
-        a.host_ifname, b.host_ifname}
+        d.prepare(endpoint(lab.tag + "gone", "x"))
+    assert {o.host_ifname for o in d.owned()} == {ep1.host_ifname, ep2.host_ifname}
+
+
+def test_handed_over_endpoint_waits_in_the_host_namespace(lab: Lab) -> None:
+    """Docker's Join: the container end stays on the host for Docker to move; probed too."""
+    taken_over(lab)
+    d = driver(lab, dad=0.05)
+    ep = endpoint(None, "e1" * 32)
+    a = d.attach(ep, addressing("198.18.0.31", "02:42:c6:12:00:1f"))
+    assert a.ifname == ep.peer_ifname and a.address == "198.18.0.31/24"
+    with Netlink(lab.host) as nl:
+        peer = nl.link(str(ep.peer_ifname))
+        host_end = nl.link(ep.host_ifname)
+        assert peer is not None and peer.mac == "02:42:c6:12:00:1f" and not peer.up
+        assert nl.addresses(str(ep.peer_ifname)) == []  # the runtime configures it
+        assert host_end is not None and host_end.master == "br0" and host_end.up
+    assert d.check(ep, a) == []
+    # the probe runs from the waiting end too: the gateway's address is refused
+    with pytest.raises(AddressConflict):
+        d.attach(endpoint(None, "e2" * 32), addressing(GW_IP, "02:42:c6:12:00:20"))
+    with Netlink(lab.host) as nl:
+        assert nl.link(host_ifname_for("e2" * 32)) is None
+    # moved into a container and configured there, as Docker does, it works
+    c1 = lab.container("c1")
+    with Netlink(lab.host) as nl:
+        index = nl.index(str(ep.peer_ifname))
+        in_ns(lab.host, "ip", "link", "set", str(ep.peer_ifname), "netns", c1, "name", "eth0")
+    with Netlink(c1) as nl:
+        nl.set_up("eth0")
+        nl.add_address("eth0", "198.18.0.31/24")
+    assert index and ping(c1, GW_IP) and d.check(ep, a) == []
+    assert d.detach(ep) is True
+
+
+def test_sweep_touches_only_this_drivers_objects(lab: Lab) -> None:
+    """Another agent on another bridge in the same namespace, and unmarked links, are safe."""
+    taken_over(lab)
+    mine, theirs = driver(lab), driver(lab, bridge="br1")
+    with Netlink(lab.host) as nl:
+        nl.create_bridge("br1")
+    c1, c2, c3 = lab.container("c1"), lab.container("c2"), lab.container("c3")
+    keep = mine.attach(endpoint(c1, "keep"), addressing("198.18.0.41", "02:00:c6:12:00:29"))
+    orphan = mine.attach(endpoint(c2, "orphan"), addressing("198.18.0.42", "02:00:c6:12:00:2a"))
+    other = theirs.attach(endpoint(c3, "other"), addressing("198.18.0.43", "02:00:c6:12:00:2b"))
+    with Netlink(lab.host) as nl:  # an operator's veth with a netd-looking name, unmarked
+        nl.create_veth("ndvoperator0000", "ndvoperator0001", master="br0")
+    assert {o.host_ifname for o in mine.owned()} == {keep.host_ifname, orphan.host_ifname}
+    assert [o.host_ifname for o in theirs.owned()] == [other.host_ifname]
+    removed = mine.sweep({keep.host_ifname})
+    assert len(removed) == 1 and orphan.host_ifname in removed[0]
+    with Netlink(lab.host) as nl:
+        assert nl.link(keep.host_ifname) is not None
+        assert nl.link(other.host_ifname) is not None
+        assert nl.link("ndvoperator0000") is not None
+        assert nl.link(orphan.host_ifname) is None
+    # a first-release mark (no scope) on this driver's bridge is this driver's, for the
+    # owner it names: a DEL without a record removes it, another owner's DEL does not
+    with Netlink(lab.host) as nl:
+        nl.set_alias(keep.host_ifname, "netd:keep:eth0")
+    assert [o.host_ifname for o in mine.owned()] == [keep.host_ifname]
+    assert [o.mark.scope for o in theirs.owned()] == ["br1"]
+    assert mine.detach(Endpoint("stranger", "eth0", c1, keep.host_ifname),
+                       owner_only=True) is False
+    assert mine.detach(endpoint(c1, "keep"), owner_only=True) is True
+    with Netlink(lab.host) as nl:
+        assert nl.link(keep.host_ifname) is None
 
 
 def test_netlink_errors_and_link_events(lab: Lab) -> None:
@@ -486,19 +560,21 @@ def test_netlink_errors_and_link_events(lab: Lab) -> None:
 def test_concurrent_attaches(lab: Lab) -> None:
     taken_over(lab)
     n = 16
+    d = driver(lab)
     spaces = [lab.container(f"p{i}") for i in range(n)]
 
-    def one(i: int) -> l2.Attachment:
-        return attach(lab, spaces[i], f"198.18.0.{100 + i}", f"02:00:c6:12:01:{i:02x}", f"p{i}")
+    def one(i: int) -> Attached:
+        return attach(lab, spaces[i], f"198.18.0.{100 + i}", f"02:00:c6:12:01:{i:02x}",
+                      f"p{i}")
 
     with ThreadPoolExecutor(max_workers=n) as pool:
         done = list(pool.map(one, range(n)))
     assert len({a.host_ifname for a in done}) == n
-    assert all(l2.check_attachment(a, host_netns=lab.host) == [] for a in done)
+    assert all(d.check(endpoint(spaces[i], f"p{i}"), a) == [] for i, a in enumerate(done))
     assert ping(spaces[0], f"198.18.0.{100 + n - 1}") and ping(spaces[-1], GW_IP)
     with ThreadPoolExecutor(max_workers=n) as pool:
-        assert all(pool.map(lambda a: l2.detach(a.host_ifname, host_netns=lab.host), done))
-    assert l2.host_links(host_netns=lab.host) == []
+        assert all(pool.map(lambda i: d.detach(endpoint(spaces[i], f"p{i}")), range(n)))
+    assert d.owned() == []
 
 
 def test_failed_apply_is_rolled_back(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import bin_path, require
 from tests.support import podman as pm
+from tests.support.cnilab import netd_lab
 
 pytestmark = [pytest.mark.real]
 
@@ -34,12 +35,7 @@ class Lab:
 
     def netd(self, *args: str, check: bool = True,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([bin_path("netd"), "lab", *args], capture_output=True,
-                              text=True, timeout=timeout, check=False)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"netd lab {' '.join(args)} exited {proc.returncode}:\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
+        return netd_lab(*args, check=check, timeout=timeout)
 
     def up(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return self.netd("up", "--mode", "l2", "--hosts", "2", "--prefix", self.prefix,
@@ -166,6 +162,19 @@ def test_up_builds_switch_gateway_ipam_and_hosts(lab: Lab) -> None:
     assert [h["name"] for h in status["hosts"]] == ["h1", "h2"]
     assert all(h["netns_present"] for h in status["hosts"])
     assert status["hosts"][0]["addresses"]["bond0"] == ["198.18.0.11/24"]
+    # the keys scripts rely on (netd lab status --json)
+    assert status["mode"] == "l2" and status["prefix"] == lab.prefix
+    for i, h in enumerate(status["hosts"], start=1):
+        assert {k: h[k] for k in ("name", "netns", "address", "agent_socket", "agent_pid",
+                                  "rack")} == {
+            "name": f"h{i}", "netns": lab.ns(f"h{i}"), "address": f"198.18.0.{10 + i}",
+            "agent_socket": str(lab.dir / f"h{i}" / "agent.sock"), "agent_pid": None,
+            "rack": None}
+    assert status["pools"] == [{"name": "lab", "cidr": "198.18.0.0/24",
+                                "gateway": "198.18.0.1", "vlan": None}]
+    assert status["networks"] == [{"name": lab.ns(f"h{i}"), "host": f"h{i}", "pool": "lab"}
+                                  for i in (1, 2)]
+    assert status["namespaces"] == {"switch": lab.ns("sw"), "gateway": lab.ns("gw")}
     text = lab.netd("status", "--dir", str(lab.dir)).stdout
     assert "healthy" in text and "h2" in text
 
@@ -176,7 +185,8 @@ def test_agent_config_is_accepted_by_the_agent_parser(lab: Lab) -> None:
 
     for host in lab.manifest()["hosts"]:
         cfg = load_config(host["config"])
-        assert cfg.mode == "l2" and cfg.l2.uplink == "bond0" and cfg.l2.bridge == "br0"
+        settings = cfg.driver_settings
+        assert cfg.mode == "l2" and settings.uplink == "bond0" and settings.bridge == "br0"
         assert cfg.ipam_url == "http://198.18.0.2:9650"
 
 
@@ -304,20 +314,24 @@ def test_down_after_agents_and_ipam_died_removes_containers(lab: Lab, tmp_path: 
 
 def test_plan_names_addresses_and_renderers() -> None:
     from netd import lab as labmod
+    from netd.lab import base, l2
 
     plan = labmod.plan_lab("nltest", 3, Path("/x/lab"))
     assert plan.namespaces == ["nltest-sw", "nltest-gw", "nltest-h1", "nltest-h2", "nltest-h3"]
+    assert plan.roles == {"switch": "nltest-sw", "gateway": "nltest-gw"}
     assert [h.address for h in plan.hosts] == ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
-    assert all(len(n) <= 15 for n in (plan.bridge, plan.gateway_port,
-                                      *(h.switch_port for h in plan.hosts)))
-    assert labmod.is_lab_netns("nltest", "nltest-h12")
-    assert not labmod.is_lab_netns("nltest", "nltest2-h1")
-    assert not labmod.is_lab_netns("nltest", "nltest-c1")
-    assert labmod.is_lab_conflist("nltest", "nltest-h2.conflist")
-    assert not labmod.is_lab_conflist("nltest", "nltest-ref.conflist")
+    assert all(len(n) <= 15 for n in (l2.bridge_name("nltest"), "nltest-gw",
+                                      *(f"nltest-{h.name}" for h in plan.hosts)))
+    assert base.is_lab_netns("nltest", "nltest-h12")
+    assert not base.is_lab_netns("nltest", "nltest2-h1")
+    assert not base.is_lab_netns("nltest", "nltest-c1")
+    assert base.is_lab_conflist("nltest", "nltest-h2.conflist")
+    assert not base.is_lab_conflist("nltest", "nltest-ref.conflist")
     with pytest.raises(Exception, match="15 characters"):
         labmod.plan_lab("averyveryverylong", 1, Path("/x"))
-    matrix = labmod.render_matrix(["a", "b"], ["gw", "a", "b"],
+    with pytest.raises(Exception, match="the lab builds l2"):
+        labmod.plan_lab("nltest", 1, Path("/x"), mode="ovs")
+    matrix = base.render_matrix(["a", "b"], ["gw", "a", "b"],
                                   {("a", "gw"): "ok", ("a", "b"): "FAIL", ("b", "gw"): "ok",
                                    ("b", "a"): "noraw"})
     lines = matrix.splitlines()
@@ -333,7 +347,7 @@ def test_reachability_matrix_from_real_containers(tmp_path: Path) -> None:
         pm.ensure_podman()
     except pm.PodmanUnavailable as exc:
         require(False, str(exc))
-    from netd import lab as labmod
+    from netd.lab import containers
 
     prefix = pm.run_prefix("nl")
     net, bridge = f"{prefix}-ref", f"{prefix}br"
@@ -346,10 +360,10 @@ def test_reachability_matrix_from_real_containers(tmp_path: Path) -> None:
             for name, raw in (("a", True), ("b", True), ("c", False)):
                 pm.run_container(f"{prefix}-{name}", rootfs, ["sleep", "300"], network=net,
                                  net_raw=raw)
-            found = labmod.lab_containers([net])
+            found = containers.lab_containers([net])
             assert [c["name"] for c in found] == [f"{prefix}-{n}" for n in "abc"]
             assert all(c["ip"].startswith("198.18.201.") and c["mac"] for c in found)
-            sources, targets, results = labmod.reachability(found)
+            sources, targets, results = containers.reachability(found, "198.18.201.1")
         a, b, c = (f"{prefix}-{n}" for n in "abc")
         assert sources == [a, b, c] and targets == ["gw", a, b, c]
         assert results[(a, b)] == "ok" and results[(b, c)] == "ok" and results[(a, c)] == "ok"
@@ -363,11 +377,12 @@ def test_reachability_matrix_from_real_containers(tmp_path: Path) -> None:
 
 def test_a_failed_up_removes_what_it_built(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     from netd import lab as labmod
+    from netd.lab import base
 
     def broken_pool(plan: Any, netctl: str) -> None:
         raise labmod.LabError("injected: pool creation failed")
 
-    monkeypatch.setattr(labmod, "_create_pool", broken_pool)
+    monkeypatch.setattr(base, "_create_pools", broken_pool)
     plan = labmod.plan_lab(lab.prefix, 2, lab.dir)
     with pytest.raises(labmod.LabError, match="injected"):
         labmod.lab_up(plan, agents=False, echo=lambda _: None)
@@ -377,7 +392,7 @@ def test_a_failed_up_removes_what_it_built(lab: Lab, monkeypatch: pytest.MonkeyP
 def test_lab_up_docker_runs_dockerd_in_h1_and_down_removes_it(lab: Lab,
                                                               tmp_path: Path) -> None:
     """``--docker``: dockerd in h1, h1's agent serves the plugin; ``down`` removes it all."""
-    from netd import lab_docker
+    from netd.lab import docker as lab_docker
     from tests.support import docker as dk
 
     try:
@@ -431,17 +446,17 @@ def test_lab_up_docker_runs_dockerd_in_h1_and_down_removes_it(lab: Lab,
     while True:
         st = json.loads(subprocess.run([*agent, "--json"], capture_output=True, text=True,
                                        check=True, timeout=30).stdout)
-        eps = st["docker_endpoints"]
-        if (eps and eps[0]["container_name"] == name) or time.monotonic() > deadline:
+        eps = st["attachments"]
+        if (eps and eps[0]["name"] == name) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert st["docker_plugin"] is True and st["attachments"] == []
-    assert [(e["plugin"], e["ip"], e["container_name"], e["state"]) for e in eps] == [
-        ("docker", ip, name, "joined")]
+    assert st["docker_plugin"] is True
+    assert [(e["plugin"], e["ip"], e["name"], e["state"], e["netns"]) for e in eps] == [
+        ("docker", ip, name, "ready", None)]
     table = subprocess.run(agent, capture_output=True, text=True, check=True,
                            timeout=30).stdout
     row = next(line for line in table.splitlines() if line.startswith("docker "))
-    assert name in row and ip in row and "joined" in row, table
+    assert name in row and ip in row and "ready" in row, table
 
     # down with the container still running: container, dockerd and its traces go
     out = lab.down().stdout

@@ -2,7 +2,7 @@
 
 ``ensure_docker()`` installs the packages; :class:`TestDockerd` runs one
 dockerd with per-run names and removes every trace of it. Its command line,
-its per-run paths and the removal by name are :mod:`netd.lab_docker`'s (which
+its per-run paths and the removal by name are :mod:`netd.lab.docker`'s (which
 ``netd lab up --docker`` uses too); the lab's h1 agent is configured for it
 with ``netd lab up --docker-host``. What this machine
 (Debian 12, no systemd, cgroup v1, root filesystem mounted ``private``) needs,
@@ -55,7 +55,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from netd import lab_docker
+from netd.lab import docker as lab_docker
+from netd.lab.procs import tail
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("docker.io", "busybox-static", "iptables")
@@ -178,11 +179,7 @@ class TestDockerd:
         return self.start(live_restore=live_restore)
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return tail(self.log, lines)
 
     def client(self) -> Any:
         """A docker SDK client for this dockerd (API version negotiated)."""

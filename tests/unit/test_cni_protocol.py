@@ -1,4 +1,4 @@
-"""netd.agent.cniresult: request validation, result building and version conversion."""
+"""netd.cni.protocol: request validation, result building and version conversion."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netd.agent import cniresult as cni
-from netd.agent.cniresult import CniError, GcAttachment
+from netd.cni import protocol as cni
+from netd.cni.protocol import CniError, GcAttachment
 
 CID = "0123456789abcdef"
 NETNS = "/var/run/netns/c1"

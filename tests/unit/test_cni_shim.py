@@ -28,10 +28,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netd.agent.cniresult import render_reply, request_version
-from netd.cli import cni_native
-from netd.cli.main import plugin_code, plugin_launcher, plugin_script, precompile_shim
+from netd.cni import install as cni_native
 from netd.cni import shim
+from netd.cni.install import plugin_code, plugin_launcher, plugin_script, precompile_shim
+from netd.cni.protocol import render_reply, request_version
 from tests.conftest import require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def native_plugin() -> Path:
     assert cc is not None
     source = SHIM.read_text()
     magic, code = precompile_shim(source, PYTHON)
-    program = cni_native.build(PYTHON, plugin_code(source, PYTHON, magic, code,
+    program = cni_native.build_native(PYTHON, plugin_code(source, PYTHON, magic, code,
                                                    name_in_argv1=True), cc)
     where = Path(tempfile.mkdtemp(prefix="netd-native-", dir="/tmp"))
     atexit.register(shutil.rmtree, where, True)
@@ -658,7 +658,7 @@ def test_native_plugin_without_its_python() -> None:
     cc = cni_native.find_cc()
     native_plugin()
     assert cc is not None
-    program = cni_native.build("/nonexistent/python3", "pass\n", cc)
+    program = cni_native.build_native("/nonexistent/python3", "pass\n", cc)
     where = Path(tempfile.mkdtemp(prefix="netd-native-", dir="/tmp"))
     try:
         (where / "netd-cni").write_bytes(program)

@@ -1,4 +1,5 @@
-"""The Docker driver against the real IPAM API in-process, with fake links and a fake dockerd.
+"""The Docker driver on the agent's pipeline, against the real IPAM API in-process, with a
+driver in memory and a fake dockerd.
 
 The same calls dockerd makes (payloads as recorded from dockerd 20.10), in
 the order it makes them. tests/integration/test_docker.py runs the real thing.
@@ -16,67 +17,46 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from netd.agent.config import AgentConfig, parse_config
-from netd.agent.docker import PluginServer
-from netd.agent.docker_api import DockerUnreachable
-from netd.agent.docker_driver import PENDING, DockerDriver, PluginError
+from netd.agent.service import Agent
 from netd.agent.state import StateStore
-from netd.errors import InvalidInput, Unavailable
-from netd.ipam.api import create_app
-from netd.ipam.client import Client
-from netd.ipam.metrics import Metrics
-from netd.ipam.service import IPAM, PoolSpec
-from netd.ipam.store import open_store
+from netd.cni.docker_api import DockerUnreachable
+from netd.cni.docker_driver import PENDING, DockerDriver, PluginError
+from netd.cni.docker_server import PluginServer
+from netd.dataplane.veth import host_ifname_for, peer_ifname_for
+from netd.errors import InvalidInput
+from netd.ipam.service import IPAM
+from tests.unit.fakes import FakeDriver, FlakyIpam, ipam_api
 
 NID = "n" * 64
 MAC = "02:42:c6:12:00:05"
 GW_OPTS = {"RequestAddressType": "com.docker.network.gateway"}
 
 
-class FakeLinks:
-    def __init__(self) -> None:
-        self.pairs: dict[str, tuple[str, str]] = {}
-        self.stray: set[str] = set()
-        self.announced: list[tuple[str, str]] = []
-
-    def names(self, endpoint_id: str) -> tuple[str, str]:
-        return f"ndd{endpoint_id[:12]}", f"ndp{endpoint_id[:12]}"
-
-    def create_pair(self, endpoint_id: str, bridge: str, mac: str) -> tuple[str, str]:
-        self.pairs[endpoint_id] = self.names(endpoint_id)
-        return self.pairs[endpoint_id]
-
-    def delete_pair(self, endpoint_id: str) -> bool:
-        return self.pairs.pop(endpoint_id, None) is not None
-
-    def present(self) -> list[str]:
-        return [p[0] for p in self.pairs.values()] + sorted(self.stray)
-
-    def remove(self, name: str) -> None:
-        self.stray.discard(name)
-
-    def announce(self, sandbox: str, docker_pid: int, host_ifname: str, mac: str, ip: str,
-                 stop: threading.Event) -> bool:
-        self.announced.append((ip, mac))
-        return True
-
-
 class FakeDocker:
     def __init__(self) -> None:
         self.names: dict[str, str] = {}  # endpoint id -> container name
-        self.networks: set[str] = {NID}
+        self.nets: set[str] = {NID}
         self.asking: dict[str, str] = {}  # container name -> --ip
         self.down = False
+        self.announced: list[tuple[str, str]] = []
 
     def network(self, network_id: str) -> dict[str, Any] | None:
         if self.down:
             raise DockerUnreachable("dockerd is down")
-        if network_id not in self.networks:
+        if network_id not in self.nets:
             return None
         return {"Containers": {f"c-{eid}": {"EndpointID": eid, "Name": name}
                                for eid, name in self.names.items()}}
+
+    def networks(self, driver: str) -> list[dict[str, Any]] | None:
+        if self.down:
+            return None
+        return [{"Id": nid, "Driver": "netd",
+                 "IPAM": {"Driver": "netd", "Options": {"pool": "lab"},
+                          "Config": [{"Subnet": "198.18.0.0/24", "Gateway": "198.18.0.1"}]}}
+                for nid in sorted(self.nets)]
 
     def endpoint_name(self, network_id: str, endpoint_id: str) -> str | None:
         return None if self.down else self.names.get(endpoint_id)
@@ -84,70 +64,68 @@ class FakeDocker:
     def container_asks_for(self, name: str, ip: str) -> bool:
         return self.asking.get(name) == ip
 
+    def announce(self, sandbox: str, pid: int, mac: str, ip: str,
+                 stop: threading.Event) -> bool:
+        self.announced.append((ip, mac))
+        return True
 
-class FlakyIpam:
-    """The real client, which can be made unreachable."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.client, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                raise Unavailable("cannot reach IPAM server at http://ipam: down")
-            return method(*args, **kwargs)
-
-        return call
+class Parts:
+    def __init__(self, ipam: IPAM, client: FlakyIpam, dp: FakeDriver, state: StateStore,
+                 docker: FakeDocker, agent: Agent) -> None:
+        self.ipam, self.client, self.dp, self.state = ipam, client, dp, state
+        self.docker, self.agent = docker, agent
 
 
 @pytest.fixture
-def ipam() -> Iterator[IPAM]:
-    store = open_store("sqlite://:memory:")
-    service = IPAM(store)
-    service.create_pool(PoolSpec(name="lab", cidr="198.18.0.0/24", gateway="198.18.0.1",
-                                 reserved=["198.18.0.1-198.18.0.49"],
-                                 routes=[{"dst": "10.200.0.0/16"},
-                                         {"dst": "10.201.0.0/16", "gw": "198.18.0.2"}]))
-    service.create_pool(PoolSpec(name="tiny", cidr="198.18.9.0/30"))
-    yield service
-    store.close()
+def parts(tmp_path: Path) -> Iterator[Parts]:
+    with ipam_api(routes=[{"dst": "10.200.0.0/16"},
+                          {"dst": "10.201.0.0/16", "gw": "198.18.0.2"}]) as (ipam, client):
+        from netd.ipam.service import PoolSpec
+
+        ipam.create_pool(PoolSpec(name="tiny", cidr="198.18.9.0/30"))
+        state = StateStore(str(tmp_path / "state"))
+        dp = FakeDriver()
+        agent = Agent(AgentConfig(host="h1"), client, dp, state)  # type: ignore[arg-type]
+        yield Parts(ipam, client, dp, state, FakeDocker(), agent)
+        agent.close()
+        state.close()
 
 
 @pytest.fixture
-def client(ipam: IPAM) -> Iterator[FlakyIpam]:
-    with TestClient(create_app(ipam, None, Metrics()), base_url="http://ipam") as tc:
-        c = Client("http://ipam", actor="agent:h1")
-        c._http = tc
-        yield FlakyIpam(c)
+def ipam(parts: Parts) -> IPAM:
+    return parts.ipam
 
 
 @pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateStore]:
-    st = StateStore(str(tmp_path / "state"))
-    yield st
-    st.close()
+def state(parts: Parts) -> StateStore:
+    return parts.state
 
 
 @pytest.fixture
-def docker() -> FakeDocker:
-    return FakeDocker()
+def docker(parts: Parts) -> FakeDocker:
+    return parts.docker
 
 
 @pytest.fixture
-def links() -> FakeLinks:
-    return FakeLinks()
+def client(parts: Parts) -> FlakyIpam:
+    return parts.client
 
 
 @pytest.fixture
-def driver(client: FlakyIpam, state: StateStore, docker: FakeDocker,
-           links: FakeLinks) -> DockerDriver:
-    cfg = AgentConfig(host="h1")
-    d = DockerDriver(cfg, client, state, docker=docker, links=links)  # type: ignore[arg-type]
+def dp(parts: Parts) -> FakeDriver:
+    return parts.dp
+
+
+def make_driver(parts: Parts) -> DockerDriver:
+    d = DockerDriver(parts.agent, docker=parts.docker, announce=parts.docker.announce)
     d.name_timeout = 0.5
     return d
+
+
+@pytest.fixture
+def driver(parts: Parts) -> DockerDriver:
+    return make_driver(parts)
 
 
 def call(driver: DockerDriver, method: str, req: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -163,6 +141,10 @@ def refused(driver: DockerDriver, method: str, req: dict[str, Any]) -> PluginErr
 
 def allocations(ipam: IPAM) -> dict[str, Any]:
     return {str(__import__("ipaddress").ip_address(a.ip)): a for a, _ in ipam.addresses()}
+
+
+def endpoints(state: StateStore) -> list[str]:
+    return [a.container_id for a in state.all(plugin="docker")]
 
 
 def create_network(driver: DockerDriver, pool: str = "lab") -> dict[str, Any]:
@@ -298,12 +280,12 @@ def test_gateway_request_allocates_nothing(driver: DockerDriver, ipam: IPAM) -> 
 
 
 def test_docker_run_and_rm(driver: DockerDriver, ipam: IPAM, state: StateStore,
-                           docker: FakeDocker, links: FakeLinks) -> None:
+                           docker: FakeDocker, dp: FakeDriver) -> None:
     create_network(driver)
     eid = "e1" * 32
     docker.names[eid] = "web"
     joined = start_endpoint(driver, eid)
-    assert joined["InterfaceName"] == {"SrcName": f"ndp{eid[:12]}", "DstPrefix": "eth"}
+    assert joined["InterfaceName"] == {"SrcName": peer_ifname_for(eid), "DstPrefix": "eth"}
     assert joined["Gateway"] == "198.18.0.1"
     assert joined["StaticRoutes"] == [
         {"Destination": "10.200.0.0/16", "RouteType": 0, "NextHop": "198.18.0.1"},
@@ -312,19 +294,70 @@ def test_docker_run_and_rm(driver: DockerDriver, ipam: IPAM, state: StateStore,
     assert driver.wait_idle()
     a = allocations(ipam)["198.18.0.50"]
     assert (a.container_id, a.ifname, a.mac, a.host) == (eid, "eth0", MAC, "h1")
-    assert a.labels == {"netd.plugin": "docker", "docker.network": NID[:12],
-                        "container_name": "web"}
-    assert links.announced == [("198.18.0.50", MAC)]
-    assert state.docker_endpoint(eid).container_name == "web"  # type: ignore[union-attr]
+    assert a.labels == {"netd.plugin": "docker", "netd.network": NID,
+                        "docker.network": NID[:12], "container_name": "web"}
+    assert docker.announced == [("198.18.0.50", MAC)]
+    att = state.get(NID, eid, "eth0")
+    assert att is not None and att.extra["container_name"] == "web" and att.netns is None
+    assert att.peer_ifname == peer_ifname_for(eid) and att.host_ifname == host_ifname_for(eid)
+    assert list(dp.links) == [host_ifname_for(eid)]  # made by the mode's driver, handed over
     info = call(driver, "NetworkDriver.EndpointOperInfo", {"NetworkID": NID, "EndpointID": eid})
-    assert info["Value"]["netd.pool"] == "lab"
+    assert info["Value"]["netd.pool"] == "lab" and info["Value"]["netd.mode"] == "l2"
 
     stop_endpoint(driver, eid, joined["Address"])
     assert allocations(ipam) == {}
-    assert links.pairs == {}
-    assert state.docker_endpoints() == [] and state.docker_addresses() == []
+    assert dp.links == {}
+    assert endpoints(state) == [] and state.docker_addresses() == []
     # Docker repeating itself is harmless
     stop_endpoint(driver, eid, joined["Address"])
+
+
+def test_docker_endpoints_are_probed_like_cni_ones(driver: DockerDriver, ipam: IPAM,
+                                                   state: StateStore, dp: FakeDriver) -> None:
+    create_network(driver)
+    dp.wire["198.18.0.50"] = "52:54:00:aa:bb:cc"  # the host's own address, say
+    got = call(driver, "IpamDriver.RequestAddress", {
+        "PoolID": "lab", "Address": "", "Options": {"com.docker.network.endpoint.macaddress":
+                                                    MAC}})
+    assert got["Address"] == "198.18.0.50/24"
+    err = refused(driver, "NetworkDriver.CreateEndpoint", {
+        "NetworkID": NID, "EndpointID": "e9" * 32,
+        "Interface": {"Address": got["Address"], "AddressIPv6": "", "MacAddress": MAC}})
+    assert "52:54:00:aa:bb:cc" in err.message and err.status == 409
+    assert call(driver, "IpamDriver.ReleaseAddress",
+                {"PoolID": "lab", "Address": "198.18.0.50"}) == {}
+    assert ipam.show("198.18.0.50")["state"] == "reserved"
+    assert allocations(ipam) == {} and dp.links == {} and endpoints(state) == []
+    assert state.docker_addresses() == []
+    # the next run gets a free address
+    joined = start_endpoint(driver, "e8" * 32, mac="02:42:00:00:00:08")
+    assert joined["Address"] == "198.18.0.51/24"
+
+
+def test_docker_and_cni_share_the_owner_locks(driver: DockerDriver, parts: Parts) -> None:
+    create_network(driver)
+    held = threading.Event()
+    proceed = threading.Event()
+    done: list[str] = []
+
+    def hold() -> None:
+        with parts.agent.locks.hold(("e7" * 32, "eth0")):
+            held.set()
+            proceed.wait(5)
+            done.append("lock")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(5)
+    worker = threading.Thread(target=lambda: (start_endpoint(driver, "e7" * 32),
+                                              done.append("endpoint")))
+    worker.start()
+    time.sleep(0.2)
+    assert done == []  # CreateEndpoint waits for the owner's lock
+    proceed.set()
+    t.join(5)
+    worker.join(5)
+    assert done == ["lock", "endpoint"]
 
 
 def test_request_address_is_idempotent_and_released_when_unused(
@@ -403,7 +436,7 @@ def test_ipam_down_delete_is_queued(driver: DockerDriver, client: FlakyIpam, ipa
     assert "unreachable" in refused(driver, "IpamDriver.RequestAddress", {
         "PoolID": "lab", "Options": {"com.docker.network.endpoint.macaddress": MAC}}).message
     stop_endpoint(driver, "e5" * 32, joined["Address"])
-    assert state.docker_endpoints() == []
+    assert endpoints(state) == []
     assert [(p.container_id, p.ifname) for p in state.pending()] == [("e5" * 32, "eth0")]
     assert "198.18.0.50" in allocations(ipam)  # until the agent's flusher sends it
 
@@ -411,9 +444,9 @@ def test_ipam_down_delete_is_queued(driver: DockerDriver, client: FlakyIpam, ipa
 # --- restart --------------------------------------------------------------------------------
 
 
-def test_reconcile_repairs_what_a_crash_left(driver: DockerDriver, ipam: IPAM,
+def test_reconcile_repairs_what_a_crash_left(parts: Parts, driver: DockerDriver, ipam: IPAM,
                                              state: StateStore, docker: FakeDocker,
-                                             links: FakeLinks, client: FlakyIpam) -> None:
+                                             dp: FakeDriver, client: FlakyIpam) -> None:
     create_network(driver)
     live, gone = "a1" * 32, "b2" * 32
     docker.names[live] = "live"
@@ -424,27 +457,53 @@ def test_reconcile_repairs_what_a_crash_left(driver: DockerDriver, ipam: IPAM,
                                      "02:42:00:00:00:0c"}})
     client.allocate("lab", "docker-pending-leak", host="h1", labels={"netd.plugin": "docker"})
     client.allocate("lab", "cni-owned", host="h1", labels={"netd.network": "x"})
-    links.stray.add("nddstray000000")
     assert driver.wait_idle()
 
-    fresh = DockerDriver(AgentConfig(host="h1"), client, state, docker=docker,  # type: ignore[arg-type]
-                         links=links)
+    parts.agent.reconcile()
+    fresh = make_driver(parts)
     done = fresh.reconcile()
     assert any("gone from dockerd" in line for line in done), done
     owners = {a.container_id for a in allocations(ipam).values()}
     assert owners == {live, "cni-owned"}
-    assert [e.endpoint_id for e in state.docker_endpoints()] == [live]
-    assert links.present() == [f"ndd{live[:12]}"]
+    assert endpoints(state) == [live]
+    assert list(dp.links) == [host_ifname_for(live)]
     # dockerd unreachable: its endpoints are kept as they are
     docker.down = True
     assert fresh.reconcile() == []
-    assert [e.endpoint_id for e in state.docker_endpoints()] == [live]
+    assert endpoints(state) == [live]
     # the network is gone from dockerd: everything of it goes
     docker.down = False
-    docker.networks.clear()
+    docker.nets.clear()
     fresh.reconcile()
-    assert state.docker_endpoints() == [] and state.docker_networks() == []
+    assert endpoints(state) == [] and state.docker_networks() == []
     assert {a.container_id for a in allocations(ipam).values()} == {"cni-owned"}
+
+
+def test_lost_state_dir_docker_endpoints_are_adopted(parts: Parts, driver: DockerDriver,
+                                                     ipam: IPAM, docker: FakeDocker,
+                                                     dp: FakeDriver, client: FlakyIpam,
+                                                     tmp_path: Path) -> None:
+    create_network(driver)
+    eid = "c3" * 32
+    docker.names[eid] = "web"
+    joined = start_endpoint(driver, eid)
+    assert driver.wait_idle()
+    state = StateStore(str(tmp_path / "lost"))  # the state_dir is gone
+    agent = Agent(AgentConfig(host="h1"), client, dp, state)  # type: ignore[arg-type]
+    done = agent.reconcile()
+    assert any("adopted" in d for d in done), done
+    fresh = DockerDriver(agent, docker=docker, announce=docker.announce)
+    done = fresh.reconcile()
+    assert any("learnt network" in d for d in done), done
+    att = state.get(NID, eid, "eth0")
+    assert att is not None and att.plugin == "docker" and att.extra["container_name"] == "web"
+    assert allocations(ipam)[joined["Address"].split("/")[0]].container_id == eid
+    assert list(dp.links) == [host_ifname_for(eid)]
+    # and docker rm releases it
+    stop_endpoint(fresh, eid, joined["Address"])
+    assert allocations(ipam) == {} and dp.links == {}
+    agent.close()
+    state.close()
 
 
 # --- the socket ------------------------------------------------------------------------------

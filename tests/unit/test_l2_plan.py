@@ -1,10 +1,8 @@
-"""Pure parts of the L2 dataplane: takeover/rollback plans, names, ARP frames."""
+"""Pure parts of the L2 dataplane: takeover/rollback plans, ARP frames."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from netd.dataplane import arp
 from netd.dataplane.errors import PlanError
@@ -20,9 +18,6 @@ from netd.dataplane.l2 import (
     SetMaster,
     SetUp,
     default_gateway,
-    host_ifname_for,
-    owner_alias,
-    parse_owner_alias,
     plan_rollback,
     plan_takeover,
 )
@@ -205,30 +200,7 @@ def test_route_printing() -> None:
     assert str(CONNECTED) == "198.18.0.0/24 dev bond0 proto kernel scope link src 198.18.0.11"
 
 
-# ------------------------------------------------------------------ names
-
-
-def test_host_ifname_is_deterministic_short_and_prefixed() -> None:
-    name = host_ifname_for("f00d" * 16)
-    assert name == host_ifname_for("f00d" * 16, "eth0")
-    assert len(name) == 15 and name.startswith("ndv")
-    assert name != host_ifname_for("f00d" * 16, "net1")
-    assert name != host_ifname_for("f00d" * 16, salt=1)
-    with pytest.raises(ValueError):
-        host_ifname_for("")
-
-
-@given(st.lists(st.text(min_size=1, max_size=80), min_size=2, max_size=50, unique=True))
-def test_host_ifnames_do_not_collide(ids: list[str]) -> None:
-    names = [host_ifname_for(i) for i in ids]
-    assert len(set(names)) == len(ids)
-    assert all(len(n) <= 15 and n.isascii() and n.isalnum() for n in names)
-
-
-def test_owner_alias_round_trip() -> None:
-    assert parse_owner_alias(owner_alias("abc-123", "eth0")) == ("abc-123", "eth0")
-    assert parse_owner_alias(None) is None
-    assert parse_owner_alias("uplink to rack 3") is None
+# ------------------------------------------------------------------ values
 
 
 def test_normalize_mac() -> None:
