@@ -9,7 +9,7 @@ fast:
   its source for any other Python version): an exec neither compiles ~350
   lines nor loads netd or site-packages;
 * with a C compiler, the file is instead the native front
-  (``cni/native/netd-cni.c``, compiled here): it forwards plain requests to the
+  (``cni/netd-cni.c``, compiled here): it forwards plain requests to the
   agent without starting an interpreter and hands everything else to the
   Python plugin embedded in it (``python -IS -c``).
 
@@ -36,7 +36,7 @@ PLUGINS = ("netd-cni", "netd-ipam")
 DEFAULT_BIN_DIR = "/opt/cni/bin"
 SYSTEM_PYTHON = "/usr/bin/python3"
 SHEBANG_MAX = 250  # the kernel reads at most 256 bytes of a '#!' line
-C_SOURCE = "native/netd-cni.c"
+C_SOURCE = "netd-cni.c"
 C_CONFIG = "netd-cni-config.h"
 
 
