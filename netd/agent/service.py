@@ -78,7 +78,7 @@ def addressing_of(alloc: Mapping[str, Any]) -> Addressing:
     """The IPAM's allocation document -> what a driver is asked to configure."""
     routes = tuple((str(r["dst"]), r.get("gw")) for r in alloc.get("routes") or [])
     return Addressing(str(alloc["address"]), str(alloc["mac"]), alloc.get("gateway"), routes,
-                      alloc.get("vlan"))
+                      alloc.get("vlan"), allowed=tuple(str(a) for a in alloc.get("allowed") or ()))
 
 
 class _Recorded(Collection[str]):

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS attachments (
     routes TEXT NOT NULL DEFAULT '[]', dns TEXT NOT NULL DEFAULT '{}',
     mode TEXT NOT NULL DEFAULT '', mtu INTEGER NOT NULL DEFAULT 0, vlan INTEGER,
     data TEXT NOT NULL DEFAULT '{}',   -- the driver's mode-specific data
+    allowed TEXT NOT NULL DEFAULT '[]', -- extra addresses it may send from
     extra TEXT NOT NULL DEFAULT '{}',  -- the integration's (Docker: sandbox, name...)
     created REAL NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (network, container_id, ifname)
@@ -91,6 +92,7 @@ class Attachment:
     vlan: int | None = None
     data: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    allowed: list[str] = field(default_factory=list)
     created: float = 0.0
     updated: float = 0.0
 
@@ -115,13 +117,15 @@ class Attachment:
             return None
         ifname = self.peer_ifname if self.netns is None and self.peer_ifname else self.ifname
         return Attached(self.host_ifname, ifname, self.mac, self.address, self.gateway,
-                        tuple(self.routes), self.mtu, self.vlan, dict(self.data))
+                        tuple(self.routes), self.mtu, self.vlan, dict(self.data),
+                        tuple(self.allowed))
 
     def record(self, attached: Attached) -> None:
         """Take over what a driver attached."""
         self.address, self.gateway = attached.address, attached.gateway
         self.routes, self.mtu = list(attached.routes), attached.mtu
         self.vlan, self.data, self.mac = attached.vlan, dict(attached.data), attached.mac
+        self.allowed = list(attached.allowed)
 
 
 @dataclass
@@ -246,8 +250,8 @@ def migrate(db: sqlite3.Connection) -> int:
 
 _INSERT = ("INSERT OR REPLACE INTO attachments (network, container_id, ifname, plugin, state, "
            "netns, pool, host_ifname, peer_ifname, ip, mac, address, gateway, routes, dns, "
-           "mode, mtu, vlan, data, extra, created, updated) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "mode, mtu, vlan, data, extra, allowed, created, updated) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _insert(db: sqlite3.Connection, a: Attachment) -> None:
@@ -257,7 +261,7 @@ def _insert(db: sqlite3.Connection, a: Attachment) -> None:
          a.host_ifname, a.peer_ifname, a.ip, a.mac, a.address, a.gateway,
          json.dumps([list(r) for r in a.routes]), json.dumps(a.dns, sort_keys=True), a.mode,
          a.mtu, a.vlan, json.dumps(a.data, sort_keys=True), json.dumps(a.extra, sort_keys=True),
-         a.created, a.updated))
+         json.dumps(a.allowed), a.created, a.updated))
 
 
 def _att(row: sqlite3.Row) -> Attachment:
@@ -269,6 +273,7 @@ def _att(row: sqlite3.Row) -> Attachment:
         routes=[(str(d), g) for d, g in json.loads(row["routes"])],
         dns=json.loads(row["dns"]), mode=row["mode"], mtu=int(row["mtu"]), vlan=row["vlan"],
         data=json.loads(row["data"]), extra=json.loads(row["extra"]),
+        allowed=[str(a) for a in json.loads(row["allowed"])],
         created=row["created"], updated=row["updated"])
 
 

@@ -64,6 +64,8 @@ class Addressing:
     routes: tuple[RouteSpec, ...] = ()  # the pool's routes besides the default one
     vlan: int | None = None
     mtu: int | None = None
+    #: addresses the container may also send from (a VRRP address: allowed-address-pairs)
+    allowed: tuple[str, ...] = ()
 
     @property
     def ip(self) -> str:
@@ -88,7 +90,8 @@ class Attached:
     the BGP mode a /32 and a link-local gateway, not the pool's); ``routes``
     includes the default route. ``ifname`` is the container end's name where
     the driver left it (handover: the peer's name in the host's namespace).
-    ``data`` is mode-specific (the bridge, the OVS port, the host route...).
+    ``data`` is mode-specific (the bridge, the OVS port, the host route...);
+    ``allowed`` the extra addresses the container may send from.
     """
 
     host_ifname: str
@@ -100,6 +103,7 @@ class Attached:
     mtu: int
     vlan: int | None = None
     data: Mapping[str, str] = field(default_factory=dict)
+    allowed: tuple[str, ...] = ()
 
     def pool_routes(self) -> tuple[RouteSpec, ...]:
         """The routes besides the default one."""
@@ -110,7 +114,7 @@ class Attached:
         return {"host_ifname": self.host_ifname, "ifname": self.ifname, "mac": self.mac,
                 "address": self.address, "gateway": self.gateway,
                 "routes": [list(r) for r in self.routes], "mtu": self.mtu, "vlan": self.vlan,
-                "data": dict(self.data)}
+                "data": dict(self.data), "allowed": list(self.allowed)}
 
     @staticmethod
     def from_dict(doc: Mapping[str, Any]) -> Attached:
@@ -120,7 +124,8 @@ class Attached:
             routes=tuple((str(d), None if g is None else str(g))
                          for d, g in doc.get("routes") or ()),
             mtu=int(doc.get("mtu") or 0), vlan=doc.get("vlan"),
-            data={str(k): str(v) for k, v in (doc.get("data") or {}).items()})
+            data={str(k): str(v) for k, v in (doc.get("data") or {}).items()},
+            allowed=tuple(str(a) for a in doc.get("allowed") or ()))
 
 
 @dataclass(frozen=True)

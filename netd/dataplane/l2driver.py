@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from netd.dataplane import l2, veth
+from netd.dataplane import l2, nft, veth
 from netd.dataplane.driver import Addressing, Attached, Driver, Endpoint, Hold, Owned, Prepared
 from netd.dataplane.errors import LinkNotFound, TakeoverFailed
+from netd.dataplane.guard import GuardTable, PortGuard, guard_for, table_name
 from netd.dataplane.netlink import Netlink
 from netd.errors import InvalidInput
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DAD_TIMEOUT = 0.01
 BR_STATE_FORWARDING = 3
 PORT_TIMEOUT = 2.0
+REPAIR_GUARD_AGE = 5.0  # a reconcile pass checks every port guard against one listing
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class L2Settings:
     # ARP duplicate-address probe per new address (seconds to wait for an answer; two
     # probes, half of it apart); 0 disables it
     dad_timeout: float = DEFAULT_DAD_TIMEOUT
+    # anti-spoofing port guards (nftables bridge family) on every container port
+    guard: bool = True
 
 
 def _ifname(value: Any, key: str) -> str:
@@ -97,22 +102,27 @@ class L2Driver(Driver):
     def __init__(self, settings: L2Settings, *, host_netns: str | None = None) -> None:
         super().__init__(settings, host_netns=host_netns)
         self.dad_timeout = settings.dad_timeout
+        self._guards: GuardTable | None = None
+        self._guards_lock = threading.Lock()
 
     @classmethod
     def parse_settings(cls, table: Mapping[str, Any]) -> L2Settings:
-        known = {"uplink", "bridge", "takeover", "gateway_timeout", "dad_timeout"}
+        known = {"uplink", "bridge", "takeover", "gateway_timeout", "dad_timeout", "guard"}
         unknown = set(table) - known
         if unknown:
             raise InvalidInput(f"unknown [l2] keys: {', '.join(sorted(unknown))}")
-        takeover = table.get("takeover", True)
-        if not isinstance(takeover, bool):
-            raise InvalidInput(f"[l2] takeover: expected true or false, got {takeover!r}")
+        for key in ("takeover", "guard"):
+            if not isinstance(table.get(key, True), bool):
+                raise InvalidInput(f"[l2] {key}: expected true or false, got "
+                                   f"{table[key]!r}")
+        takeover, guard = table.get("takeover", True), table.get("guard", True)
         return L2Settings(
             uplink=_ifname(table.get("uplink", "bond0"), "uplink"),
             bridge=_ifname(table.get("bridge", "br0"), "bridge"),
             takeover=takeover,
             gateway_timeout=_seconds(table.get("gateway_timeout"), "gateway_timeout", 10.0),
             dad_timeout=_seconds(table.get("dad_timeout"), "dad_timeout", DEFAULT_DAD_TIMEOUT),
+            guard=guard,
         )
 
     @property
@@ -137,10 +147,41 @@ class L2Driver(Driver):
                     raise TakeoverFailed(f"bridge {s.bridge} does not exist and "
                                          "[l2] takeover = false")
             l2.ensure_bridge_forwarding(s.bridge, netns=self.host_netns)
-            return []
-        result = l2.takeover(s.uplink, s.bridge, netns=self.host_netns,
-                             arp_timeout=s.gateway_timeout)
-        return [str(step) for step in result.plan]
+            changes: list[str] = []
+        else:
+            result = l2.takeover(s.uplink, s.bridge, netns=self.host_netns,
+                                 arp_timeout=s.gateway_timeout)
+            changes = [str(step) for step in result.plan]
+        if s.guard:
+            self.guards().ensure()
+            changes.append(f"port guards in nft table bridge {table_name(self.scope)}")
+        elif nft.available() and self.guards().exists():
+            # [l2] guard = false: stale guards of an earlier run would still filter
+            self.guards().delete()
+            changes.append(f"removed nft table bridge {table_name(self.scope)} "
+                           "([l2] guard = false)")
+        return changes
+
+    def stop(self) -> None:
+        with self._guards_lock:
+            if self._guards is not None:
+                self._guards.close()
+                self._guards = None
+
+    def guards(self) -> GuardTable:
+        """The agent's port guards (its nft table), opened on first use."""
+        with self._guards_lock:
+            if self._guards is None:
+                self._guards = GuardTable(self.scope, self.host_netns)
+            return self._guards
+
+    @staticmethod
+    def _owner(ep: Endpoint) -> str:
+        return f"{ep.container_id}/{ep.ifname}"
+
+    def port_guard(self, ep: Endpoint, attached: Attached) -> PortGuard:
+        return guard_for(ep.host_ifname, attached.mac,
+                         [attached.address, *attached.allowed], self._owner(ep))
 
     # --- endpoints ------------------------------------------------------------------
 
@@ -158,6 +199,8 @@ class L2Driver(Driver):
 
         Both ends get the bridge's MTU: a smaller port MTU would lower the bridge's.
         """
+        if self.settings.guard:  # fail closed: the port drops everything until attach
+            self.guards().block(ep.host_ifname, self._owner(ep))
         host = Netlink(self.host_netns)
         try:
             index, mtu = self._bridge(host)
@@ -165,6 +208,8 @@ class L2Driver(Driver):
                                mtu=mtu)
         except BaseException:
             host.close()
+            if self.settings.guard:
+                self.guards().remove(ep.host_ifname)
             raise
         pair.own_host = True  # closed with the pair, after finish
         return pair
@@ -184,11 +229,25 @@ class L2Driver(Driver):
             if got is not None and got.master != self.settings.bridge:
                 pair.host.set_master(ep.host_ifname, self.settings.bridge)
         expected = self.expected(ep, addressing)
-        done = veth.finish(pair, addressing.address, addressing.mac, addressing.gateway,
-                           expected.pool_routes(), dad_timeout=self.dad_timeout,
-                           ready=self._forwarding)
+        if self.settings.guard:  # before the container end comes up: no frame unchecked
+            try:
+                self.guards().install(self.port_guard(ep, expected))
+            except BaseException:
+                pair.remove()
+                pair.close()
+                self.guards().remove(ep.host_ifname)
+                raise
+        try:
+            done = veth.finish(pair, addressing.address, addressing.mac, addressing.gateway,
+                               expected.pool_routes(), dad_timeout=self.dad_timeout,
+                               ready=self._forwarding)
+        except BaseException:
+            if self.settings.guard:
+                self.guards().remove(ep.host_ifname)
+            raise
         return Attached(ep.host_ifname, done.ifname, done.mac, expected.address,
-                        expected.gateway, expected.routes, done.mtu, None, expected.data)
+                        expected.gateway, expected.routes, done.mtu, None, expected.data,
+                        expected.allowed)
 
     @staticmethod
     def _forwarding(host: Netlink, host_ifname: str, state: int | None) -> None:
@@ -198,7 +257,7 @@ class L2Driver(Driver):
         ifname = ep.peer_ifname if ep.handover and ep.peer_ifname else ep.ifname
         return Attached(ep.host_ifname, ifname, addressing.mac, addressing.address,
                         addressing.gateway, addressing.all_routes(), addressing.mtu or 0,
-                        None, {"bridge": self.settings.bridge})
+                        None, {"bridge": self.settings.bridge}, tuple(addressing.allowed))
 
     def _ours(self, link_alias: str | None, master: str | None, ep: Endpoint | None) -> bool:
         """A marked host end in this driver's scope (a first-release mark: on our bridge)."""
@@ -219,14 +278,22 @@ class L2Driver(Driver):
                     log.info("l2: DEL of %s/%s: %s is not its (alias %r), left alone",
                              ep.container_id[:12], ep.ifname, ep.host_ifname, link.alias)
                     return False
-            return veth.detach(ep.host_ifname, host=host)
+            gone = veth.detach(ep.host_ifname, host=host)
+        if self.settings.guard:  # after the port: it never forwards unguarded
+            self.guards().remove(ep.host_ifname)
+        return gone
 
-    def check(self, ep: Endpoint, attached: Attached) -> list[str]:
+    def check(self, ep: Endpoint, attached: Attached, *,
+              guard_age: float | None = None) -> list[str]:
+        """``guard_age``: judge the port guard from a table listing that old (reconcile)."""
         with Netlink(self.host_netns) as host:
             end, problems = veth.check_host_end(host, ep.host_ifname, None)
             if end is not None and end.master != self.settings.bridge:
                 problems.append(f"{ep.host_ifname} is not on {self.settings.bridge} "
                                 f"(master {end.master})")
+        if self.settings.guard:
+            problems += self.guards().check(self.port_guard(ep, attached),
+                                            max_age=guard_age)
         if ep.handover:
             return problems  # the runtime moved and configured the container end
         return problems + veth.check_container(ep.netns or "", ep.ifname, attached.mac,
@@ -234,8 +301,12 @@ class L2Driver(Driver):
                                                attached.pool_routes())
 
     def repair(self, ep: Endpoint, attached: Attached) -> bool:
-        if not self.check(ep, attached):
+        if not self.check(ep, attached, guard_age=REPAIR_GUARD_AGE):
             return False
+        if self.settings.guard:
+            guard = self.port_guard(ep, attached)
+            if self.guards().check(guard):
+                self.guards().install(guard)
         if ep.handover:
             with Netlink(self.host_netns) as host:
                 link = host.link(ep.host_ifname)
@@ -281,6 +352,17 @@ class L2Driver(Driver):
                     if veth.detach(link.name, host=host, index=link.index):
                         removed.append(f"removed orphaned interface {link.name} "
                                        f"({link.alias})")
+        if self.settings.guard:
+            guards = self.guards()
+            for name, found in guards.installed().items():
+                if found.port is not None and found.port in keep:
+                    continue
+                owner = found.owner() or ("", name)
+                with hold(owner) if hold is not None else contextlib.nullcontext():
+                    if found.port is not None and found.port in keep:
+                        continue  # an ADD recorded it meanwhile
+                    guards.drop(found)
+                    removed.append(f"removed the port guard of {name} (no record)")
         return removed
 
 

@@ -14,13 +14,10 @@ policy DROP and bridged frames passed to iptables.
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 
@@ -36,110 +33,35 @@ from netd.dataplane.errors import (
 from netd.dataplane.l2driver import L2Driver, L2Settings, wait_forwarding
 from netd.dataplane.model import RTPROT_NETD, Route
 from netd.dataplane.netlink import LinkMonitor, Netlink
-from netd.dataplane.netns import create_netns, list_netns, remove_netns
+from netd.dataplane.netns import list_netns, remove_netns
 from netd.dataplane.veth import host_ifname_for
-from tests.conftest import require
-
-RUN_PREFIX = f"nd{secrets.token_hex(3)}-"
-GW_IP = "198.18.0.1"
-HOST_IP = "198.18.0.11"
-HOST_MAC = "02:00:c6:12:00:0b"
-GW_MAC = "02:00:c6:12:00:01"
-STATIC = 4
+from tests.support.nslab import (
+    GW_IP,
+    GW_MAC,
+    HOST_IP,
+    HOST_MAC,
+    RUN_PREFIX,
+    Lab,
+    in_ns,
+    namespaces_of_this_run,
+    ping,
+    switched_host,
+    taken_over,
+)
 
 pytestmark = pytest.mark.real
 
 
-def _root_ok() -> bool:
-    return os.geteuid() == 0 and shutil.which("ip") is not None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _cleanup_run() -> Iterator[None]:
-    require(_root_ok(), "needs root and iproute2 for network namespaces")
-    require(shutil.which("iptables") is not None, "needs iptables")
-    require(shutil.which("ping") is not None or shutil.which("busybox") is not None,
-            "needs ping (iputils-ping) or busybox")
-    try:
+    with namespaces_of_this_run():
         yield
-    finally:
-        for name in list_netns(RUN_PREFIX):
-            remove_netns(name)
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=30)
-
-
-def in_ns(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh("ip", "netns", "exec", ns, *cmd, check=check)
-
-
-PING = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
-
-
-def ping(ns: str, ip: str) -> bool:
-    return in_ns(ns, *PING, "-c1", "-W1", ip, check=False).returncode == 0
-
-
-@dataclass
-class Lab:
-    tag: str
-    sw: str
-    gw: str
-    host: str
-    made: list[str]
-
-    def container(self, name: str) -> str:
-        ns = self.tag + name
-        create_netns(ns)
-        self.made.append(ns)
-        return ns
-
-    def state(self) -> l2.L2State:
-        return l2.read_state("bond0", "br0", netns=self.host)
-
-
-_counter = iter(range(1000))
 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    tag = f"{RUN_PREFIX}{next(_counter)}"
-    made: list[str] = []
-    try:
-        names = {}
-        for role in ("sw", "gw", "host"):
-            names[role] = tag + role
-            create_netns(names[role])
-            made.append(names[role])
-        sw, gw, host = names["sw"], names["gw"], names["host"]
-        with Netlink(sw) as nl:
-            nl.create_bridge("sw0")
-            nl.create_veth("p-gw", "eth0", peer_netns=gw, peer_mac=GW_MAC, master="sw0")
-            nl.create_veth("p-host", "bond0", peer_netns=host, peer_mac=HOST_MAC, master="sw0")
-        with Netlink(gw) as nl:
-            nl.set_up("eth0")
-            nl.add_address("eth0", f"{GW_IP}/24")
-        with Netlink(host) as nl:
-            nl.set_up("bond0")
-            nl.add_address("bond0", f"{HOST_IP}/24")
-            nl.add_route(Route("0.0.0.0/0", gateway=GW_IP, ifname="bond0", proto=STATIC))
-            nl.add_route(Route("198.19.0.0/16", gateway=GW_IP, ifname="bond0", proto=STATIC,
-                               metric=50))
-            nl.add_route(Route("198.19.64.0/18", gateway=GW_IP, ifname="bond0", proto=STATIC,
-                               table=100))  # policy routing tables move too
-        # like a host where dockerd ran
-        in_ns(host, "iptables", "-P", "FORWARD", "DROP")
-        in_ns(host, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
-        yield Lab(tag, sw, gw, host, made)
-    finally:
-        for ns in reversed(made):
-            remove_netns(ns)
-
-
-def taken_over(lab: Lab) -> l2.TakeoverResult:
-    return l2.takeover("bond0", "br0", netns=lab.host, arp_timeout=3)
+    with switched_host() as the_lab:
+        yield the_lab
 
 
 # ---------------------------------------------------------------------------- netlink
