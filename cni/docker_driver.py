@@ -48,6 +48,7 @@ from netd.agent.service import PLUGIN_LABEL, Agent, EndpointRequest
 from netd.agent.state import Attachment, DockerAddress, DockerNetwork
 from netd.dataplane.model import normalize_mac
 from netd.errors import AddressInUse, NetdError, Unavailable
+from netd.ipam.client import all_addresses
 
 from .docker_announce import announce_when_up
 
@@ -683,7 +684,7 @@ class DockerDriver:
     def _release_leaks(self) -> list[str]:
         """Docker addresses the IPAM holds for this host that no record here explains."""
         try:
-            held = self.ipam.addresses(host=self.host, limit=100000)["addresses"]
+            held = all_addresses(self.ipam, host=self.host)
         except NetdError as exc:
             log.warning("docker reconcile: cannot list this host's addresses: %s", exc)
             return []

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -100,6 +101,32 @@ def start_server(tmp: Path, *, token: str | None = None, db: Path | None = None,
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server did not become healthy: {log.read_text()}")
+
+
+def every_event(get: Any, **params: Any) -> list[dict[str, Any]]:
+    """The whole event log through ``GET /v1/history``, page after page (``get``: an
+    httpx get, e.g. ``client.get``)."""
+    out: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = get("/v1/history", params={**params, "limit": 1000, "after": after}).json()
+        out += page["events"]
+        if len(page["events"]) < 1000:
+            return out
+        after = page["events"][-1]["id"]
+
+
+def every_address(get: Any, **params: Any) -> list[dict[str, Any]]:
+    """Every allocation through ``GET /v1/addresses``, following ``next``."""
+    out: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = get("/v1/addresses", params={**params, "limit": 1000,
+                                             **({"after": after} if after else {})}).json()
+        out += page["addresses"]
+        after = page.get("next")
+        if not after:
+            return out
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from netd.errors import InvalidInput
 #: every mode's table name, known or not yet available
 MODE_TABLES = ("l2", "vlan", "bgp")
 TOP_LEVEL = ("host", "mode", "ipam_url", "token_file", "socket", "state_dir", "docker_plugin",
-             "docker_socket", "docker_host", "ipam_timeout", "reconcile_interval")
+             "docker_socket", "docker_host", "ipam_timeout", "reconcile_interval",
+             "sync_interval")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class AgentConfig:
     ipam_timeout: float = 5.0
     # seconds between reconcile passes while serving (repairs, records that failed)
     reconcile_interval: float = 60.0
+    # seconds between passes that follow the IPAM's changes (allowed extra addresses)
+    sync_interval: float = 5.0
     # the mode's driver settings (parsed by its driver) and every mode table as written
     driver_settings: Any = None
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -89,8 +92,10 @@ def parse_config(doc: Mapping[str, Any]) -> AgentConfig:
         raise InvalidInput(f"docker_host must be unix:///PATH, not {docker_host!r}")
     ipam_timeout = float(_get(doc, "ipam_timeout", (int, float), 5.0))
     interval = float(_get(doc, "reconcile_interval", (int, float), 60.0))
-    if ipam_timeout <= 0 or interval <= 0:
-        raise InvalidInput("ipam_timeout and reconcile_interval must be > 0 seconds")
+    sync = float(_get(doc, "sync_interval", (int, float), 5.0))
+    if ipam_timeout <= 0 or interval <= 0 or sync <= 0:
+        raise InvalidInput("ipam_timeout, reconcile_interval and sync_interval must be > 0 "
+                           "seconds")
     return AgentConfig(
         host=_get(doc, "host", str, socket.gethostname()),
         mode=mode,
@@ -103,6 +108,7 @@ def parse_config(doc: Mapping[str, Any]) -> AgentConfig:
         docker_host=docker_host,
         ipam_timeout=ipam_timeout,
         reconcile_interval=interval,
+        sync_interval=sync,
         driver_settings=settings,
         tables=tables,
     )

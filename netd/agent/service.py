@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from netd.agent.config import AgentConfig
@@ -31,7 +31,7 @@ from netd.dataplane.errors import AddressConflict, NetnsNotFound
 from netd.dataplane.netns import netns_exists
 from netd.dataplane.veth import host_ifname_for, peer_ifname_for
 from netd.errors import AddressInUse, NetdError, PoolNotFound, Unavailable
-from netd.ipam.client import IpamApi
+from netd.ipam.client import IpamApi, all_addresses
 
 log = logging.getLogger("netd.agent")
 
@@ -394,7 +394,7 @@ class Agent:
                     continue
                 self._undo(cur, "GC")
                 removed += 1
-        held = self.ipam.addresses(host=self.cfg.host, limit=100000)["addresses"]
+        held = all_addresses(self.ipam, host=self.cfg.host)
         for a in held:
             owner = (str(a["container_id"]), str(a["ifname"]))
             if (a.get("labels") or {}).get(NETWORK_LABEL) != network or owner in keep:
@@ -471,7 +471,7 @@ class Agent:
         unknown = [o for o in self.driver.owned() if o.host_ifname not in recorded]
         if unknown:
             # the kernel's marks and the IPAM outrank this cache: never sweep blind
-            held = self.ipam.addresses(host=self.cfg.host, limit=100000)["addresses"]
+            held = all_addresses(self.ipam, host=self.cfg.host)
             by_owner = {(str(a["container_id"]), str(a["ifname"])): a for a in held}
             for o in unknown:
                 with self.locks.hold(o.owner):
@@ -523,6 +523,43 @@ class Agent:
         except NetdError as exc:
             log.warning("adopted %s but could not repair it yet: %s", what, exc)
         return f"adopted {what}: its record was lost, the kernel and the IPAM agree"
+
+    # --- following the IPAM ------------------------------------------------------------------
+
+    def sync_allowed(self) -> list[str]:
+        """Follow the allowed extra addresses the IPAM holds for this host's attachments.
+
+        An operator allows a VRRP address for a running container (``netctl ip
+        allow``); the driver's port guard takes it in at the next pass. One
+        listing of this host's allocations per pass.
+        """
+        held = {(str(a["container_id"]), str(a["ifname"])): a
+                for a in all_addresses(self.ipam, host=self.cfg.host)}
+        done = []
+        for att in self.state.all():
+            alloc = held.get(att.owner)
+            if (att.state != "ready" or not att.host_ifname or alloc is None
+                    or alloc.get("ip") != att.ip):
+                continue
+            wanted = [str(a) for a in alloc.get("allowed") or []]
+            if wanted == att.allowed:
+                continue
+            with self.locks.hold(att.owner):
+                cur = self.state.get(*att.key)
+                if cur is None or cur.state != "ready" or cur.allowed == wanted:
+                    continue
+                ep, attached = cur.endpoint(), cur.attached()
+                if ep is None or attached is None:
+                    continue
+                attached = replace(attached, allowed=tuple(wanted))
+                self.driver.repair(ep, attached)
+                cur.allowed = wanted
+                self.state.put(cur)
+                done.append(f"{cur.container_id[:12]}/{cur.ifname} ({cur.ip}) may also send "
+                            f"from: {', '.join(wanted) or 'nothing'}")
+        for line in done:
+            log.info("sync: %s", line)
+        return done
 
     # --- status -------------------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
     _background(stop, "release-flusher", 2.0, agent.flush_releases)
     _background(stop, "reconciler", cfg.reconcile_interval,
                 lambda: agent.reconcile(sweep=not agent.reconciled))
+    _background(stop, "ipam-sync", cfg.sync_interval, agent.sync_allowed)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)

@@ -519,6 +519,8 @@ def ip_show(state: State, address: str) -> None:
                 pairs.append((k, data[k]))
         if "labels" in data:
             pairs.append(("labels", kv(data.get("labels"))))
+        if data.get("allowed"):
+            pairs.append(("allowed", ", ".join(data["allowed"])))
         if "note" in data:
             pairs.append(("note", data["note"]))
         if "since" in data:
@@ -565,6 +567,34 @@ def ip_assign(state: State, pool_name: str, address: str, handle: str, note: str
     r = state.client.assign(pool_name, address, handle, note=note)
     state.emit(r, lambda: f"assigned {r.get('range', address)} in pool "
                           f"{r.get('pool', pool_name)} to handle {r.get('handle', handle)}")
+
+
+@ip.command("allow")
+@click.argument("address", metavar="IP")
+@click.argument("extra", metavar="[ADDRESS]...", nargs=-1)
+@click.option("--owner", "owner_id", required=True, metavar="CID",
+              help="Container id that holds IP (refused when it does not).")
+@click.option("--ifname", metavar="IF", help="The owner's interface.")
+@click.option("--none", "clear", is_flag=True, help="Allow no extra address any more.")
+@json_option
+@pass_state
+def ip_allow(state: State, address: str, extra: tuple[str, ...], owner_id: str,
+             ifname: str | None, clear: bool) -> None:
+    """Let the holder of IP also send from ADDRESS... (a VRRP address); replaces the list.
+
+    Each ADDRESS inside a pool must be reserved there first (netctl ip reserve),
+    so no container gets it. The agents' port guards follow within seconds.
+
+    \b
+      netctl ip reserve rack1 198.18.0.200 --note "VIP of db-0/db-1"
+      netctl ip allow 198.18.0.60 198.18.0.200 --owner CID
+      netctl ip allow 198.18.0.60 --owner CID --none
+    """
+    if clear == bool(extra):
+        raise click.UsageError("give the addresses to allow, or --none")
+    a = state.client.set_allowed(address, owner_id, list(extra), ifname=ifname)
+    state.emit(a, lambda: f"{a.get('ip', address)} of {a.get('container_id', owner_id)} may "
+                          f"also send from: {', '.join(a.get('allowed') or []) or 'nothing'}")
 
 
 @ip.command("release")

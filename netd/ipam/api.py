@@ -1,8 +1,11 @@
 """The IPAM HTTP API (``/v1``), as documented in ``docs/API.md``.
 
-Endpoints are ``async def`` and call the synchronous :class:`~netd.ipam.service.IPAM`
-directly on the event loop: every IPAM call is one short store transaction and
-the store serialises writers, so a thread pool would only add latency.
+Mutations are ``async def`` and call the synchronous :class:`~netd.ipam.service.IPAM`
+on the event loop: each is one short store transaction and the store serialises
+writers, so a thread pool would only add latency. Reads are plain ``def``:
+FastAPI runs them in its thread pool, so that a large listing never holds up an
+allocation (each thread has its own SQLite connection; WAL lets readers run
+beside the writer), and their pages are capped (:data:`~netd.ipam.service.MAX_PAGE`).
 
 Cross-cutting concerns live in one pure-ASGI middleware (:class:`_Edge`):
 authentication of mutations, the request body limit, the latency histogram,
@@ -34,7 +37,7 @@ from netd import __version__
 from netd.errors import NetdError, PoolNotFound
 from netd.ipam import model
 from netd.ipam.metrics import Metrics
-from netd.ipam.service import IPAM, AllocRequest, PoolSpec
+from netd.ipam.service import IPAM, MAX_PAGE, AllocRequest, PoolSpec, cursor
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,8 @@ class Allocation(BaseModel):
     routes: list[RouteModel]
     dns: Dns
     created: float
+    allowed: list[str] = Field(default_factory=list,
+                               description="extra addresses the holder may send from")
 
 
 class Reservation(BaseModel):
@@ -244,6 +249,8 @@ class Reservation(BaseModel):
 class PoolAddresses(BaseModel):
     allocated: list[Allocation]
     reserved: list[Reservation]
+    next: str | None = Field(None, description="pass as 'after' for the next page of "
+                                               "allocations; null: no more")
 
 
 class ReserveIn(_In):
@@ -306,6 +313,14 @@ class UpdateIn(_In):
                                    description="merged into the allocation's labels")
 
 
+class AllowedIn(_In):
+    container_id: str = Field(min_length=1, max_length=model.MAX_ID,
+                              description="the current holder (refused when it is not)")
+    ifname: str | None = Field(None, max_length=15, description="the holder's interface")
+    allowed: list[str] = Field(max_length=model.MAX_ALLOWED,
+                               description="the whole list (replaces the old one; [] clears)")
+
+
 class Released(BaseModel):
     released: list[Allocation]
     message: str
@@ -313,6 +328,8 @@ class Released(BaseModel):
 
 class AddressList(BaseModel):
     addresses: list[Allocation]
+    next: str | None = Field(None, description="pass as 'after' for the next page; null: "
+                                               "no more")
 
 
 class AddressState(BaseModel):
@@ -327,6 +344,7 @@ class AddressState(BaseModel):
     mac: str | None = None
     handle: str | None = None
     labels: dict[str, str] | None = None
+    allowed: list[str] | None = None
     note: str | None = None
     since: float | None = None
 
@@ -388,6 +406,7 @@ def _alloc_out(a: model.Allocation, pool: model.Pool) -> dict[str, Any]:
         "ifname": a.ifname, "host": a.host, "netns": a.netns, "handle": a.handle,
         "fixed": a.fixed, "labels": a.labels, "vlan": pool.vlan,
         "routes": [r.to_dict() for r in pool.routes], "dns": pool.dns, "created": a.created,
+        "allowed": list(a.allowed),
     }
 
 
@@ -620,7 +639,8 @@ Actor = Annotated[str, Header(
     alias="X-Netd-Actor", pattern=ACTOR_PATTERN,
     description="who is acting, recorded in history (<= 64 printable characters)")]
 PoolName = Annotated[str, Path(description="pool name")]
-Limit = Annotated[int, Query(ge=1, le=100_000)]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"at most {MAX_PAGE}: page "
+                                                           "with 'after'")]
 
 
 def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
@@ -687,14 +707,14 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
     @app.get("/metrics", tags=["ops"], response_class=Response,
              responses={200: {"content": {"text/plain": {}},
                               "description": "Prometheus text format"}})
-    async def metrics_endpoint() -> Response:
+    def metrics_endpoint() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     # --- pools ---------------------------------------------------------------
 
     @app.get("/v1/pools", response_model=PoolList, tags=["pools"], responses=_ERRORS)
-    async def list_pools() -> dict[str, Any]:
+    def list_pools() -> dict[str, Any]:
         return {"pools": [_pool_out(p, s) for p, s in ipam.list_pools()]}
 
     @app.post("/v1/pools", response_model=Pool, status_code=201, tags=["pools"],
@@ -713,7 +733,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
         return _pool_out(pool, stats)
 
     @app.get("/v1/pools/{name}", response_model=Pool, tags=["pools"], responses=_ERRORS)
-    async def get_pool(name: PoolName) -> dict[str, Any]:
+    def get_pool(name: PoolName) -> dict[str, Any]:
         return _pool_out(*ipam.get_pool(name))
 
     @app.delete("/v1/pools/{name}", response_model=PoolDeleted, tags=["pools"],
@@ -725,7 +745,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
 
     @app.get("/v1/pools/{name}/addresses", response_model=PoolAddresses, tags=["pools"],
              responses=_ERRORS)
-    async def pool_addresses(
+    def pool_addresses(
         name: PoolName,
         state: Literal["all", "allocated", "reserved"] = "all",
         host: str | None = None,
@@ -733,13 +753,12 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
         after: str | None = None,
     ) -> dict[str, Any]:
         pool, reservations = ipam.reservations(name)
-        allocated: list[dict[str, Any]] = []
-        if state in ("all", "allocated"):
-            allocated = [_alloc_out(a, p) for a, p in
-                         ipam.addresses(name, _opt(host), limit, _opt(after))]
+        rows = (ipam.addresses(name, _opt(host), limit, _opt(after))
+                if state in ("all", "allocated") else [])
         reserved = ([_res_out(r, pool) for r in reservations]
                     if state in ("all", "reserved") else [])
-        return {"allocated": allocated, "reserved": reserved}
+        return {"allocated": [_alloc_out(a, p) for a, p in rows], "reserved": reserved,
+                "next": cursor(*rows[-1]) if len(rows) == limit else None}
 
     @app.post("/v1/pools/{name}/reserve", response_model=Reservation, status_code=201,
               tags=["pools"], responses=_MUTATION_ERRORS)
@@ -764,13 +783,13 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
 
     @app.get("/v1/pools/{name}/blocks", response_model=BlockList, tags=["pools"],
              responses=_ERRORS)
-    async def pool_blocks(name: PoolName, host: str | None = None) -> dict[str, Any]:
+    def pool_blocks(name: PoolName, host: str | None = None) -> dict[str, Any]:
         pool, _ = ipam.get_pool(name)
         version, _ = _prefix(pool)
         return {"blocks": [_block_out(b, version) for b in ipam.blocks(name, _opt(host))]}
 
     @app.get("/v1/blocks", response_model=BlockList, tags=["blocks"], responses=_ERRORS)
-    async def all_blocks(host: str | None = None) -> dict[str, Any]:
+    def all_blocks(host: str | None = None) -> dict[str, Any]:
         blocks = ipam.blocks(None, _opt(host))
         if not blocks:
             return {"blocks": []}
@@ -791,16 +810,17 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
 
     @app.get("/v1/addresses", response_model=AddressList, tags=["addresses"],
              responses=_ERRORS)
-    async def addresses(
+    def addresses(
         pool: str | None = None, host: str | None = None, limit: Limit = 1000,
         after: str | None = None,
     ) -> dict[str, Any]:
         rows = ipam.addresses(_opt(pool), _opt(host), limit, _opt(after))
-        return {"addresses": [_alloc_out(a, p) for a, p in rows]}
+        return {"addresses": [_alloc_out(a, p) for a, p in rows],
+                "next": cursor(*rows[-1]) if len(rows) == limit else None}
 
     @app.get("/v1/addresses/{ip}", response_model=AddressState,
              response_model_exclude_unset=True, tags=["addresses"], responses=_ERRORS)
-    async def show(ip: str) -> dict[str, Any]:
+    def show(ip: str) -> dict[str, Any]:
         return ipam.show(ip)
 
     @app.post("/v1/addresses/{ip}/update", response_model=Allocation, tags=["addresses"],
@@ -811,17 +831,29 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
                            actor=actor)
         return _alloc_out(a, p)
 
+    @app.post("/v1/addresses/{ip}/allowed", response_model=Allocation, tags=["addresses"],
+              responses=_MUTATION_ERRORS)
+    async def set_allowed(ip: str, body: AllowedIn, actor: Actor = "api") -> dict[str, Any]:
+        a, p = ipam.set_allowed(ip, container_id=body.container_id, allowed=body.allowed,
+                                ifname=body.ifname, actor=actor)
+        return _alloc_out(a, p)
+
     @app.get("/v1/addresses/{ip}/history", response_model=EventList, tags=["addresses"],
              responses=_ERRORS)
-    async def address_history(ip: str, limit: Limit = 100) -> dict[str, Any]:
-        return {"events": [e.to_dict() for e in ipam.history(ip=ip, limit=limit)]}
+    def address_history(ip: str, limit: Limit = 100,
+                        after: Annotated[int | None, Query(ge=0)] = None) -> dict[str, Any]:
+        return {"events": [e.to_dict() for e in ipam.history(ip=ip, limit=limit, after=after)]}
 
     @app.get("/v1/history", response_model=EventList, tags=["history"], responses=_ERRORS)
-    async def history(pool: str | None = None, limit: Limit = 100) -> dict[str, Any]:
-        return {"events": [e.to_dict() for e in ipam.history(pool=_opt(pool), limit=limit)]}
+    def history(pool: str | None = None, limit: Limit = 100,
+                after: Annotated[int | None, Query(
+                    ge=0, description="page on: the events after this event id, oldest first"
+                )] = None) -> dict[str, Any]:
+        return {"events": [e.to_dict() for e in ipam.history(pool=_opt(pool), limit=limit,
+                                                               after=after)]}
 
     @app.get("/v1/hosts", response_model=HostList, tags=["hosts"], responses=_ERRORS)
-    async def hosts() -> dict[str, Any]:
+    def hosts() -> dict[str, Any]:
         return {"hosts": ipam.hosts()}
 
     return app

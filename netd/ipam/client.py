@@ -88,6 +88,9 @@ def _seg(value: str) -> str:
     return quote(value, safe=":")
 
 
+PAGE = 1000  # the server's largest page
+
+
 class IpamApi(Protocol):
     """What the host agent and the Docker driver call on the IPAM (fakes implement this)."""
 
@@ -107,6 +110,19 @@ class IpamApi(Protocol):
     def show(self, ip: str) -> dict[str, Any]: ...
     def addresses(self, pool: str | None = None, host: str | None = None, limit: int = 1000,
                   after: str | None = None) -> dict[str, Any]: ...
+
+
+def all_addresses(api: IpamApi, pool: str | None = None,
+                  host: str | None = None) -> list[dict[str, Any]]:
+    """Every allocation through any :class:`IpamApi`, following each page's ``next``."""
+    out: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        page = api.addresses(pool=pool, host=host, limit=PAGE, after=after)
+        out += page.get("addresses") or []
+        after = page.get("next")
+        if not after:
+            return out
 
 
 class Client:
@@ -213,9 +229,15 @@ class Client:
         limit: int = 1000,
         after: str | None = None,
     ) -> dict[str, Any]:
-        """Allocations, optionally by pool and host: ``{"addresses": [Allocation]}``."""
+        """One page of allocations, optionally by pool and host:
+        ``{"addresses": [Allocation], "next": cursor or None}``."""
         params = {"pool": pool, "host": host, "limit": limit, "after": after}
         return self._request("GET", "/v1/addresses", params=params)
+
+    def all_addresses(self, pool: str | None = None,
+                      host: str | None = None) -> list[dict[str, Any]]:
+        """Every allocation (optionally by pool and host), page after page."""
+        return all_addresses(self, pool, host)
 
     def pool_addresses(
         self, name: str, state: str = "all", host: str | None = None, limit: int = 1000
@@ -277,6 +299,14 @@ class Client:
             if v is not None:
                 body[k] = v
         return self._request("POST", f"/v1/addresses/{_seg(ip)}/update", body=body)
+
+    def set_allowed(self, ip: str, container_id: str, allowed: list[str],
+                    ifname: str | None = None) -> dict[str, Any]:
+        """Set the extra addresses the holder of ``ip`` may send from; the Allocation."""
+        body: dict[str, Any] = {"container_id": container_id, "allowed": list(allowed)}
+        if ifname is not None:
+            body["ifname"] = ifname
+        return self._request("POST", f"/v1/addresses/{_seg(ip)}/allowed", body=body)
 
     def reserve(self, pool: str, range: str, note: str = "") -> dict[str, Any]:
         """Reserve an address, ``A-B`` range or CIDR inside a pool."""

@@ -28,6 +28,7 @@ MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_ID = 255
 MAX_NOTE = 255
 MAX_LABELS = 32
+MAX_ALLOWED = 16
 
 
 # --- addresses -----------------------------------------------------------
@@ -305,6 +306,8 @@ class Allocation:
     labels: dict[str, str] = field(default_factory=dict)
     block: int | None = None
     created: float = 0.0
+    #: addresses the holder may also send from (a VRRP address): allowed-address-pairs
+    allowed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,12 @@ from netd.errors import (
     PoolOverlap,
 )
 from netd.ipam.model import (
+    MAX_ALLOWED,
     MODES,
     Allocation,
     Block,
     Event,
+    IPAddress,
     IPNetwork,
     Pool,
     PoolStats,
@@ -81,6 +83,27 @@ class PoolSpec:
     supernet: str | None = None
     prefix_len: int | None = None
     vlan_range: tuple[int, int] | None = None
+
+
+MAX_PAGE = 1000  # rows of one listing page: every answer stays a few milliseconds long
+
+
+def cursor(a: Allocation, pool: Pool) -> str:
+    """Where a listing goes on after ``a``: ``POOL/IP`` (see :meth:`IPAM.addresses`)."""
+    return f"{a.pool}/{ip_str(pool.version, a.ip)}"
+
+
+def parse_cursor(text: str, pool: str | None) -> tuple[str, int]:
+    name, sep, ip = text.rpartition("/")
+    if not sep:
+        if pool is None:
+            raise InvalidInput("'after' is POOL/IP (the 'next' of the previous page); a "
+                               "plain IP needs the pool")
+        name, ip = pool, text
+    check_name(name)
+    if pool is not None and name != pool:
+        raise InvalidInput(f"'after' {text!r} is not in pool {pool!r}")
+    return name, int(parse_ip(ip, "'after' address"))
 
 
 @dataclass
@@ -628,6 +651,65 @@ class IPAM:
             tx.add_event(self._event(p, new, "update", actor, "; ".join(changes)))
             return new, p
 
+    def set_allowed(self, ip: str, *, container_id: str, allowed: list[str],
+                    ifname: str | None = None, actor: str = "api") -> tuple[Allocation, Pool]:
+        """Set the extra addresses the holder of ``ip`` may send from (replaces the list).
+
+        Like Neutron's allowed-address-pairs, for containers that speak for more
+        than their own address (keepalived's VRRP address). Each must be a
+        unicast address of the allocation's family, not its own; an address
+        inside a pool must be *reserved* there (``netctl ip reserve``), so the
+        IPAM never hands it to another container. The caller names the holder,
+        as for :meth:`update`. The agents' port guards follow the list.
+        """
+        check_text(container_id, "container id")
+        if ifname is not None:
+            check_ifname(ifname)
+        if not isinstance(allowed, list) or len(allowed) > MAX_ALLOWED:
+            raise InvalidInput(f"allowed: at most {MAX_ALLOWED} addresses")
+        addr = parse_ip(ip)
+        wanted = sorted({str(parse_ip(str(a), "allowed address")) for a in allowed},
+                        key=ipaddress.ip_address)
+        with self.store.write() as tx:
+            p = self._pool_for(tx, int(addr), addr.version, None)
+            a = tx.allocation(p.name, int(addr))
+            if a is None:
+                raise NotFound(f"{addr} is not allocated")
+            if a.container_id != container_id or (ifname is not None and a.ifname != ifname):
+                raise AddressInUse(f"{addr} is held by {a.container_id}/{a.ifname}, "
+                                   f"not {container_id}{'/' + ifname if ifname else ''}")
+            for text in wanted:
+                self._check_allowed(tx, addr, ipaddress.ip_address(text))
+            if tuple(wanted) == a.allowed:
+                return a, p
+            new = replace(a, allowed=tuple(wanted))
+            tx.del_allocation(p.name, a.ip)
+            tx.put_allocation(new)
+            tx.add_event(self._event(p, new, "allow", actor,
+                                     "allowed: " + (", ".join(wanted) or "none")))
+            return new, p
+
+    def _check_allowed(self, tx: Txn, own: IPAddress, extra: IPAddress) -> None:
+        if extra.version != own.version:
+            raise InvalidInput(f"allowed address {extra} is not IPv{own.version} like {own}")
+        if extra == own:
+            raise InvalidInput(f"{extra} is the allocation's own address")
+        if (extra.is_multicast or extra.is_loopback or extra.is_unspecified
+                or extra.is_link_local or str(extra) == "255.255.255.255"):
+            raise InvalidInput(f"allowed address {extra} is not a unicast address")
+        for pool in tx.list_pools():
+            net = pool.network
+            if net.version != extra.version or extra not in net:
+                continue
+            held = tx.allocation(pool.name, int(extra))
+            if held is not None:
+                raise AddressInUse(f"allowed address {extra} is allocated to "
+                                   f"{held.container_id}/{held.ifname}")
+            if not tx.reservations_overlapping(pool.name, int(extra), int(extra)):
+                raise InvalidInput(f"allowed address {extra} is in pool {pool.name!r} but not "
+                                   f"reserved there: reserve it first (netctl ip reserve "
+                                   f"{pool.name} {extra}) so that no container gets it")
+
     def _release_one(self, tx: Txn, a: Allocation, actor: str) -> None:
         pool = tx.get_pool(a.pool)
         assert pool is not None
@@ -814,15 +896,20 @@ class IPAM:
         self, pool: str | None = None, host: str | None = None, limit: int = 1000,
         after: str | None = None,
     ) -> list[tuple[Allocation, Pool]]:
+        """Allocations in (pool, address) order, at most ``limit`` (<= :data:`MAX_PAGE`).
+
+        ``after`` continues a listing: the :func:`cursor` of the last row of the
+        previous page (``POOL/IP``; a plain IP inside the ``pool`` given).
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be 1-{MAX_PAGE}: page through longer listings "
+                               "with 'after'")
         with self.store.read() as tx:
             if pool is not None:
                 self._pool(tx, pool)
-            elif after:
-                raise InvalidInput("paging with 'after' needs a pool: addresses are listed "
-                                   "per pool, in address order")
             pools = {p.name: p for p in tx.list_pools()}
-            after_i = int(parse_ip(after)) if after else None
-            rows = tx.list_allocations(pool, host, after_i, limit)
+            start = parse_cursor(after, pool) if after else None
+            rows = tx.list_allocations(pool, host, start, limit)
             return [(a, pools[a.pool]) for a in rows]
 
     def reservations(self, pool: str) -> tuple[Pool, list[Reservation]]:
@@ -842,7 +929,7 @@ class IPAM:
             if a is not None:
                 out.update(state="allocated", container_id=a.container_id, ifname=a.ifname,
                            host=a.host, netns=a.netns, mac=a.mac, handle=a.handle,
-                           labels=a.labels, since=a.created)
+                           labels=a.labels, allowed=list(a.allowed), since=a.created)
             elif not first <= int(addr) <= last:
                 out.update(state="unusable", note="network or broadcast address")
             elif held:
@@ -853,11 +940,15 @@ class IPAM:
             return out
 
     def history(self, ip: str | None = None, pool: str | None = None,
-                limit: int = 100) -> list[Event]:
+                limit: int = 100, after: int | None = None) -> list[Event]:
+        """The last ``limit`` events (oldest first), or the ``limit`` after event id ``after``."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be 1-{MAX_PAGE}: page through the history with "
+                               "'after' (an event id)")
         if ip is not None:
             ip = str(parse_ip(ip))
         with self.store.read() as tx:
-            return tx.events(ip, pool, limit)
+            return tx.events(ip, pool, limit, after)
 
     def blocks(self, pool: str | None = None, host: str | None = None) -> list[Block]:
         with self.store.read() as tx:

@@ -66,7 +66,7 @@ class Txn(Protocol):
     ) -> list[Allocation]: ...
     def allocations_in(self, pool: str, lo: int, hi: int, limit: int) -> list[Allocation]: ...
     def list_allocations(
-        self, pool: str | None, host: str | None, after: int | None, limit: int
+        self, pool: str | None, host: str | None, after: tuple[str, int] | None, limit: int
     ) -> list[Allocation]: ...
     def put_allocation(self, a: Allocation) -> None:
         """Insert; raises :class:`MacInUse` when a live allocation has that MAC."""
@@ -87,7 +87,8 @@ class Txn(Protocol):
 
     # history
     def add_event(self, e: Event) -> None: ...
-    def events(self, ip: str | None, pool: str | None, limit: int) -> list[Event]: ...
+    def events(self, ip: str | None, pool: str | None, limit: int,
+               after: int | None = None) -> list[Event]: ...
 
 
 class Store(Protocol):
@@ -141,6 +142,7 @@ CREATE TABLE IF NOT EXISTS allocations (
     pool TEXT NOT NULL, ip TEXT NOT NULL, container_id TEXT NOT NULL, ifname TEXT NOT NULL,
     mac TEXT NOT NULL, host TEXT NOT NULL, netns TEXT NOT NULL, handle TEXT,
     fixed INTEGER NOT NULL, labels TEXT NOT NULL, block TEXT, created REAL NOT NULL,
+    allowed TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (pool, ip)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS alloc_owner ON allocations (container_id, ifname, pool);
@@ -197,6 +199,7 @@ def _alloc(row: sqlite3.Row) -> Allocation:
         ifname=row["ifname"], mac=row["mac"], host=row["host"], netns=row["netns"],
         handle=row["handle"], fixed=bool(row["fixed"]), labels=json.loads(row["labels"]),
         block=unkey(row["block"]) if row["block"] else None, created=row["created"],
+        allowed=tuple(json.loads(row["allowed"])),
     )
 
 
@@ -355,8 +358,9 @@ class SqliteTxn:
             pool, key(lo), key(hi), limit)]
 
     def list_allocations(
-        self, pool: str | None, host: str | None, after: int | None, limit: int
+        self, pool: str | None, host: str | None, after: tuple[str, int] | None, limit: int
     ) -> list[Allocation]:
+        """Allocations in (pool, address) order, from after ``after`` (a page's last row)."""
         sql = "SELECT * FROM allocations WHERE 1=1"
         args: list[Any] = []
         if host is not None:
@@ -365,9 +369,9 @@ class SqliteTxn:
         if pool is not None:
             sql += " AND pool=?"
             args.append(pool)
-        if after is not None:  # the service only pages within one pool
-            sql += " AND ip>?"
-            args.append(key(after))
+        if after is not None:
+            sql += " AND (pool, ip) > (?, ?)"
+            args += [after[0], key(after[1])]
         sql += " ORDER BY pool, ip LIMIT ?"
         args.append(limit)
         return [_alloc(r) for r in self._all(sql, *args)]
@@ -383,10 +387,12 @@ class SqliteTxn:
     def _insert_allocation(self, a: Allocation) -> None:
         self.db.execute(
             "INSERT INTO allocations (pool, ip, container_id, ifname, mac, host, netns, handle, "
-            "fixed, labels, block, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "fixed, labels, block, created, allowed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (a.pool, key(a.ip), a.container_id, a.ifname, a.mac, a.host, a.netns, a.handle,
              int(a.fixed), json.dumps(a.labels, sort_keys=True),
-             key(a.block) if a.block is not None else None, a.created))
+             key(a.block) if a.block is not None else None, a.created,
+             json.dumps(list(a.allowed))))
 
     def del_allocation(self, pool: str, ip: int) -> None:
         self.db.execute("DELETE FROM allocations WHERE pool=? AND ip=?", (pool, key(ip)))
@@ -461,7 +467,10 @@ class SqliteTxn:
             (e.ts, e.pool, e.ip, e.action, e.container_id, e.ifname, e.host, e.mac, e.actor,
              e.note, lo, hi))
 
-    def events(self, ip: str | None, pool: str | None, limit: int) -> list[Event]:
+    def events(self, ip: str | None, pool: str | None, limit: int,
+               after: int | None = None) -> list[Event]:
+        """The last ``limit`` events, oldest first; with ``after``: the ``limit`` events that
+        follow event id ``after`` (paging through the whole log)."""
         cols = "id, ts, pool, ip, action, container_id, ifname, host, mac, actor, note"
         sql = f"SELECT {cols} FROM events WHERE 1=1"  # noqa: S608
         args: list[Any] = []
@@ -477,8 +486,27 @@ class SqliteTxn:
         elif pool is not None:
             sql += " AND pool=?"
             args.append(pool)
+        if after is not None:
+            sql = f"SELECT * FROM ({sql}) WHERE id>?"  # noqa: S608
+            rows = self._all(sql + " ORDER BY id LIMIT ?", *args, after, limit)
+            return [Event(**dict(zip(r.keys(), r, strict=True))) for r in rows]
         rows = self._all(sql + " ORDER BY id DESC LIMIT ?", *args, limit)
         return [Event(**dict(zip(r.keys(), r, strict=True))) for r in reversed(rows)]
+
+
+SCHEMA_VERSION = 2
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older database to :data:`SCHEMA_VERSION` (inside the caller's transaction).
+
+    1 -> 2: allocations gain ``allowed`` (extra addresses their holder may send from).
+    """
+    columns = {r[1] for r in db.execute("PRAGMA table_info(allocations)")}
+    if "allowed" not in columns:
+        db.execute("ALTER TABLE allocations ADD COLUMN allowed TEXT NOT NULL DEFAULT '[]'")
+    db.execute("UPDATE meta SET v=? WHERE k='schema' AND CAST(v AS INTEGER) < ?",
+               (str(SCHEMA_VERSION), SCHEMA_VERSION))
 
 
 class SqliteStore:
@@ -505,7 +533,9 @@ class SqliteStore:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', '1')")
+                _migrate(db)
+                db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)",
+                           (str(SCHEMA_VERSION),))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

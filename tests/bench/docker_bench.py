@@ -219,8 +219,7 @@ def leftovers(setup: Setup) -> list[str]:
     token = plan.token_file.read_text().strip()
 
     def held() -> list[dict[str, Any]]:
-        return list(Client(plan.ipam_url, token=token).addresses(
-            host=plan.hosts[0].name, limit=10000)["addresses"])
+        return Client(plan.ipam_url, token=token).all_addresses(host=plan.hosts[0].name)
 
     found += [f"IPAM {a['ip']} of {a['container_id'][:16]}"
               for a in in_netns(plan.gateway_ns, held)]

@@ -327,6 +327,46 @@ def test_gc_never_releases_what_an_add_in_flight_holds(lab: Lab) -> None:
         assert host_ifname_for(cid) not in ndv_links(lab.ns("h1"))
 
 
+def test_an_allowed_address_set_with_netctl_reaches_the_port_guard(lab: Lab) -> None:
+    """keepalived's VRRP address: refused by the guard until an operator allows it."""
+    vip = "198.18.0.240"
+    netctl = ["ip", "netns", "exec", lab.ns("gw"), bin_path("netctl"), "--server",
+              lab.manifest()["ipam_url"], "--token-file", str(lab.dir / "token")]
+    with containers(lab, "vrrp") as (netns,), agent_config(lab, sync_interval=0.3):
+        cid = f"{lab.prefix}-vrrp-{secrets.token_hex(3)}"
+        added = cni(lab, "ADD", cid, netns)
+        assert added.rc == 0
+        ip = added.doc["ips"][0]["address"].split("/")[0]
+        ns = os.path.basename(netns)
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{vip}/24", "dev", "eth0"],
+                       check=True)
+
+        def from_vip() -> bool:
+            return in_ns(ns, "ping", "-c", "1", "-W", "1", "-I", vip,
+                         GATEWAY).returncode == 0
+
+        assert not from_vip()  # the guard drops what the IPAM did not give it
+        for args in (["ip", "reserve", POOL, vip, "--note", "VIP of vrrp"],
+                     ["ip", "allow", ip, vip, "--owner", cid]):
+            proc = subprocess.run([*netctl, *args], capture_output=True, text=True,
+                                  timeout=60, check=False)
+            assert proc.returncode == 0, proc.stderr
+        wait_for("the VIP through the guard", from_vip, 15, 0.2)
+        assert pings_gateway(netns)
+        shown = json.loads(subprocess.run([*netctl, "--json", "ip", "show", ip],
+                                          capture_output=True, text=True, check=True).stdout)
+        assert shown["allowed"] == [vip]
+        history = subprocess.run([*netctl, "ip", "history", ip], capture_output=True,
+                                 text=True, check=True).stdout
+        assert f"allowed: {vip}" in history
+        subprocess.run([*netctl, "ip", "allow", ip, "--owner", cid, "--none"], check=True,
+                       capture_output=True)
+        wait_for("the VIP dropped again", lambda: not from_vip(), 15, 0.2)
+        assert cni(lab, "DEL", cid, netns).rc == 0
+        subprocess.run([*netctl, "ip", "unreserve", POOL, vip], check=True,
+                       capture_output=True)
+
+
 def test_agent_answers_status_over_its_socket(lab: Lab) -> None:
     st = agent_call(lab.socket("h1"), {"command": "AGENT_STATUS"}, timeout=10)["result"]
     assert st["mode"] == "l2" and st["host"] == "h1" and st["not_reconciled"] == []

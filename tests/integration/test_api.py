@@ -55,9 +55,9 @@ def snapshot(c: httpx.Client) -> list[tuple[str, bytes]]:
     out.append(("pools", pools.content))
     for p in pools.json()["pools"]:
         out.append((p["name"], c.get(f"/v1/pools/{p['name']}/addresses",
-                                     params={"limit": 100000}).content))
+                                     params={"limit": 1000}).content))
         out.append((p["name"] + "/blocks", c.get(f"/v1/pools/{p['name']}/blocks").content))
-    for path in ("/v1/history?limit=100000", "/v1/addresses?limit=100000", "/v1/hosts",
+    for path in ("/v1/history?limit=1000", "/v1/addresses?limit=1000", "/v1/hosts",
                  "/v1/blocks"):
         r = c.get(path)
         assert r.status_code == 200, r.text

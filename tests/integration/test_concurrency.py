@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, start_server
+from tests.conftest import Server, every_address, every_event, start_server
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -69,12 +69,12 @@ def check_consistent(c: httpx.Client, held: list[dict[str, Any]],
     for p in pools:
         assert p["free"] == p["size"] - p["reserved"] - p["allocated"]
         assert p["reserved"] == 1  # the gateway
-    listed = c.get("/v1/addresses", params={"limit": 100000}).json()["addresses"]
+    listed = every_address(c.get)
     assert {(a["pool"], a["ip"], a["mac"], a["container_id"]) for a in listed} == \
         {(a["pool"], a["ip"], a["mac"], a["container_id"]) for a in held}
     assert len(listed) == len(held)
 
-    events = c.get("/v1/history", params={"limit": 100000}).json()["events"]
+    events = every_event(c.get)
     by_action: dict[str, int] = defaultdict(int)
     for e in events:
         by_action[e["action"]] += 1

@@ -346,6 +346,8 @@ def test_check_finds_damage_and_repair_mends_it(lab: Lab) -> None:
     assert d.check(ep, a) == [] and ping(c1, GW_IP)
     d.detach(ep)
     assert d.check(ep, a) == [f"host interface {a.host_ifname} is missing",
+                              f"the port guard of {a.host_ifname} is missing (nft table "
+                              "bridge netd_br0)",
                               f"eth0 is missing in {c1}"]
     assert d.repair(ep, a) is True  # made again from the record
     assert d.check(ep, a) == [] and ping(c1, GW_IP)
@@ -440,7 +442,9 @@ def test_sweep_touches_only_this_drivers_objects(lab: Lab) -> None:
     assert {o.host_ifname for o in mine.owned()} == {keep.host_ifname, orphan.host_ifname}
     assert [o.host_ifname for o in theirs.owned()] == [other.host_ifname]
     removed = mine.sweep({keep.host_ifname})
-    assert len(removed) == 1 and orphan.host_ifname in removed[0]
+    assert removed == [f"removed orphaned interface {orphan.host_ifname} "
+                       f"(netd:br0:orphan:eth0)",
+                       f"removed the port guard of {orphan.host_ifname} (no record)"]
     with Netlink(lab.host) as nl:
         assert nl.link(keep.host_ifname) is not None
         assert nl.link(other.host_ifname) is not None

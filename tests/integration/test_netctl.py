@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from netd.ipam.client import Client
-from tests.conftest import Server, bin_path, free_port
+from tests.conftest import Server, bin_path, every_event, free_port
 
 pytestmark = pytest.mark.real
 
@@ -67,7 +67,7 @@ def fails(server: Server | None, code: int, *args: str, **kw: Any) -> str:
 
 def snapshot(server: Server) -> dict[str, Any]:
     """Everything an operator can see: pools, addresses and the whole event log."""
-    events = httpx.get(f"{server.url}/v1/history", params={"limit": 100000}).json()
+    events = every_event(lambda path, **kw: httpx.get(f"{server.url}{path}", **kw))
     return {"pools": js(server, "pool", "list"),
             "addresses": json.loads(ok(server, "ip", "list", "--json")),  # --json after too
             "hosts": js(server, "host", "list"),

@@ -221,8 +221,7 @@ class Lab:
         return self.ipam(lambda c: c.get_pool(POOL))
 
     def allocations(self, host: str | None = None) -> list[dict[str, Any]]:
-        return list(self.ipam(lambda c: c.addresses(pool=POOL, host=host,
-                                                    limit=10000))["addresses"])
+        return list(self.ipam(lambda c: c.all_addresses(pool=POOL, host=host)))
 
     def by_container(self) -> dict[str, dict[str, Any]]:
         return {a["container_id"]: a for a in self.allocations()}

@@ -176,5 +176,6 @@ def carries(payload: bytes) -> Callable[[bytes], bool]:
     return lambda f: payload in f
 
 
-__all__ = ["Watch", "arp_reply", "carries", "ether", "from_mac", "garp", "icmp_echo", "is_arp_claiming",
-           "is_icmp_from", "is_icmpv6_type", "neighbor_advert", "router_advert", "send"]
+__all__ = ["Watch", "arp_reply", "carries", "ether", "from_mac", "garp", "icmp_echo",
+           "is_arp_claiming", "is_icmp_from", "is_icmpv6_type", "neighbor_advert",
+           "router_advert", "send"]

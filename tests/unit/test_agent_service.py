@@ -385,3 +385,22 @@ def test_adopt_from_takes_over_a_provisional_owners_address(parts: Parts) -> Non
         network="dnet", container_id="e1", ifname="eth0", pool="lab", plugin="docker",
         netns=None, ip=held["ip"], adopt_from="pending-x"))
     assert again.ip == att.ip
+
+
+def test_allowed_addresses_follow_the_ipam(parts: Parts) -> None:
+    """netctl ip allow on a running container: the next sync pass hands it to the driver."""
+    res = parts.handle(request("ADD"))["result"]
+    ip = res["ips"][0]["address"].split("/")[0]
+    assert parts.agent.sync_allowed() == []
+    parts.ipam.reserve("lab", "198.18.0.200", note="VIP")
+    parts.client.set_allowed(ip, "c1", ["198.18.0.200"])
+    done = parts.agent.sync_allowed()
+    assert done and "198.18.0.200" in done[0]
+    host_ifname = host_ifname_for("c1")
+    assert parts.dp.configured[host_ifname].allowed == ("198.18.0.200",)
+    att = parts.agent.state.get("net1", "c1", "eth0")
+    assert att is not None and att.allowed == ["198.18.0.200"]
+    assert parts.agent.sync_allowed() == []  # nothing new
+    parts.client.set_allowed(ip, "c1", [])
+    parts.agent.sync_allowed()
+    assert parts.dp.configured[host_ifname].allowed == ()

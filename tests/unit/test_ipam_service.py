@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,8 @@ from netd.errors import (
     PoolNotFound,
     PoolOverlap,
 )
-from netd.ipam.model import mac_for_ipv4
-from netd.ipam.service import IPAM, AllocRequest, PoolSpec
+from netd.ipam.model import Allocation, Pool, mac_for_ipv4
+from netd.ipam.service import IPAM, MAX_PAGE, AllocRequest, PoolSpec, cursor
 from netd.ipam.store import SqliteStore
 
 
@@ -50,11 +51,23 @@ def alloc(ipam: IPAM, cid: str, pool: str = "p", **kw: object) -> str:
     return str(ipaddress.ip_address(a.ip))
 
 
+def every_allocation(ipam: IPAM, **kw: Any) -> list[tuple[Allocation, Pool]]:
+    """All rows, page after page (a page holds at most MAX_PAGE)."""
+    out: list[tuple[Allocation, Pool]] = []
+    after = None
+    while True:
+        page = ipam.addresses(limit=MAX_PAGE, after=after, **kw)
+        out += page
+        if len(page) < MAX_PAGE:
+            return out
+        after = cursor(*page[-1])
+
+
 def snapshot(ipam: IPAM) -> object:
     pools = [(p.to_dict(), s) for p, s in ipam.list_pools()]
-    addrs = [(a, p.name) for a, p in ipam.addresses(limit=100000)]
+    addrs = [(a, p.name) for a, p in every_allocation(ipam)]
     res = [ipam.reservations(p["name"]) for p, _ in pools]
-    return pools, addrs, res, ipam.history(limit=100000), ipam.blocks()
+    return pools, addrs, res, ipam.history(limit=MAX_PAGE), ipam.blocks()
 
 
 # --- pools -------------------------------------------------------------------
@@ -438,6 +451,101 @@ def test_range_reservations_show_in_each_address_history(ipam: IPAM) -> None:
         "pool-create", "reserve", "unreserve"]
     assert [e.action for e in ipam.history("10.0.0.107")] == ["pool-create", "reserve"]
     assert [e.action for e in ipam.history("10.0.0.200")] == ["pool-create"]
+
+
+def test_paging_goes_across_pools_with_a_cursor_and_pages_are_capped(ipam: IPAM) -> None:
+    ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/24"))
+    ipam.create_pool(PoolSpec(name="q", cidr="10.0.1.0/24"))
+    for i in range(3):
+        alloc(ipam, f"p{i}")
+        alloc(ipam, f"q{i}", pool="q")
+    page = ipam.addresses(pool="p", limit=2, after="10.0.0.3")
+    assert [a.ip & 255 for a, _ in page] == [4]
+    first = ipam.addresses(limit=4)
+    assert [(p.name, a.ip & 255) for a, p in first] == [("p", 2), ("p", 3), ("p", 4), ("q", 2)]
+    rest = ipam.addresses(limit=4, after=cursor(*first[-1]))
+    assert [(p.name, a.ip & 255) for a, p in rest] == [("q", 3), ("q", 4)]
+    assert cursor(*first[-1]) == "q/10.0.1.2"
+    assert len(every_allocation(ipam)) == 6
+    for bad in ("10.0.0.3", "p/nonsense", "NOPE/10.0.0.1"):
+        with pytest.raises(InvalidInput):
+            ipam.addresses(limit=2, after=bad)
+    with pytest.raises(InvalidInput, match="not in pool"):
+        ipam.addresses(pool="p", limit=2, after="q/10.0.1.2")
+    with pytest.raises(InvalidInput, match="limit must be 1-1000"):
+        ipam.addresses(limit=MAX_PAGE + 1)
+    # the history pages too, oldest first from an event id
+    events = ipam.history(limit=3, after=0)
+    assert [e.action for e in events] == ["pool-create", "reserve", "pool-create"]
+    assert ipam.history(limit=2, after=events[-1].id)[0].id > events[-1].id
+    with pytest.raises(InvalidInput):
+        ipam.history(limit=MAX_PAGE + 1)
+
+
+# --- allowed extra addresses (allowed-address-pairs) --------------------------
+
+
+def test_allowed_addresses_are_set_checked_and_recorded(ipam: IPAM) -> None:
+    ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/24"))
+    ipam.create_pool(PoolSpec(name="six", cidr="fd00:1::/64"))
+    mine, other = alloc(ipam, "db-0"), alloc(ipam, "db-1")
+    ipam.reserve("p", "10.0.0.200", note="VIP of db")
+    a, _ = ipam.set_allowed(mine, container_id="db-0", allowed=["10.0.0.200", "10.9.9.9"],
+                            actor="netctl:alice")
+    assert a.allowed == ("10.0.0.200", "10.9.9.9")  # outside every pool is fine
+    assert ipam.show(mine)["allowed"] == ["10.0.0.200", "10.9.9.9"]
+    event = ipam.history(mine)[-1]
+    assert (event.action, event.note, event.actor) == (
+        "allow", "allowed: 10.0.0.200, 10.9.9.9", "netctl:alice")
+    before = snapshot(ipam)
+    for allowed, error, text in [
+        (["10.0.0.201"], InvalidInput, "not reserved there"),  # free: a container could get it
+        ([other], AddressInUse, "allocated to db-1"),
+        ([mine], InvalidInput, "own address"),
+        (["fd00:1::5"], InvalidInput, "not IPv4"),
+        (["224.0.0.18"], InvalidInput, "not a unicast"),
+        (["127.0.0.1"], InvalidInput, "not a unicast"),
+        (["nonsense"], InvalidInput, "invalid allowed address"),
+        ([f"10.1.0.{i}" for i in range(17)], InvalidInput, "at most 16"),
+    ]:
+        with pytest.raises(error, match=text):
+            ipam.set_allowed(mine, container_id="db-0", allowed=allowed)
+    with pytest.raises(AddressInUse, match="held by db-0"):
+        ipam.set_allowed(mine, container_id="intruder", allowed=[])
+    assert snapshot(ipam) == before  # refused: nothing changed, nothing recorded
+    a, _ = ipam.set_allowed(mine, container_id="db-0", allowed=[])
+    assert a.allowed == () and ipam.history(mine)[-1].note == "allowed: none"
+    # the list goes with the allocation: released, it is gone
+    ipam.set_allowed(mine, container_id="db-0", allowed=["10.0.0.200"])
+    ipam.release(container_id="db-0")
+    assert ipam.show(mine)["state"] == "free"
+    assert ipam.show(alloc(ipam, "db-0"))["allowed"] == []
+
+
+def test_an_older_store_gains_the_allowed_column(tmp_path: Path, clock: Clock) -> None:
+    db = tmp_path / "ipam.db"
+    one = IPAM(SqliteStore(str(db)), clock=clock)
+    one.create_pool(PoolSpec(name="p", cidr="10.0.0.0/24"))
+    first = alloc(one, "a")
+    one.store.close()
+    import sqlite3
+
+    raw = sqlite3.connect(db)  # what the first release wrote: no 'allowed' column
+    raw.execute("ALTER TABLE allocations DROP COLUMN allowed")
+    raw.execute("UPDATE meta SET v='1' WHERE k='schema'")
+    raw.commit()
+    raw.close()
+    two = IPAM(SqliteStore(str(db)), clock=clock)
+    assert ipam_show_allowed(two, first) == []
+    two.reserve("p", "10.0.0.200")
+    two.set_allowed(first, container_id="a", allowed=["10.0.0.200"])
+    assert ipam_show_allowed(two, first) == ["10.0.0.200"]
+    meta = sqlite3.connect(db).execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+    assert meta == ("2",)
+
+
+def ipam_show_allowed(ipam: IPAM, ip_text: str) -> list[str]:
+    return list(ipam.show(ip_text)["allowed"])
 
 
 def test_paging_after_needs_a_pool(ipam: IPAM) -> None:
