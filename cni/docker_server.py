@@ -11,9 +11,12 @@ Every call is ``POST /<Interface>.<Method>`` with a JSON body (sometimes
 empty); the answer is JSON with status 200, or ``{"Err": "..."}`` with a
 non-200 status, which Docker shows to the user. Unknown calls get 404 (what
 dockerd expects for optional calls such as a capability query), malformed
-JSON 400. Requests are served concurrently, one thread per connection. The
-socket is 0600 and only root's (or the agent's own user's) connections are
-served (:mod:`.unixsock`). The meaning of the calls is in :mod:`.docker_driver`.
+JSON 400. Requests are served concurrently, one thread per connection, at
+most :data:`MAX_CONNECTIONS` at once (more are answered 503 at once); a
+connection that sends nothing for :data:`IDLE_TIMEOUT` seconds is closed
+(dockerd opens a new one when it needs to). The socket is 0600 and only
+root's (or the agent's own user's) connections are served (:mod:`.unixsock`).
+The meaning of the calls is in :mod:`.docker_driver`.
 """
 
 from __future__ import annotations
@@ -24,17 +27,20 @@ import logging
 import os
 import socket
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Protocol
 
 from .docker_driver import PluginError
-from .unixsock import peer_credentials, root_only_socket
+from .unixsock import BoundedThreads, peer_credentials, root_only_socket
 
 log = logging.getLogger("netd.cni.docker")
 
 DEFAULT_SOCKET = "/run/docker/plugins/netd.sock"
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 MAX_BODY = 1 << 20
+#: seconds a connection may stay silent (between requests, or within one) before it is closed
+IDLE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 128
 
 
 class Driver(Protocol):
@@ -44,6 +50,7 @@ class Driver(Protocol):
 class _Handler(BaseHTTPRequestHandler):
     server: PluginServer
     protocol_version = "HTTP/1.1"  # keep-alive: dockerd reuses its connections
+    timeout = IDLE_TIMEOUT  # the socket's timeout (StreamRequestHandler.setup)
 
     def address_string(self) -> str:  # AF_UNIX peers have no address
         return "dockerd"
@@ -98,16 +105,24 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = _not_allowed
 
 
-class PluginServer(ThreadingHTTPServer):
+class PluginServer(BoundedThreads, HTTPServer):
     address_family = socket.AF_UNIX
-    daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, path: str, driver: Driver) -> None:
+    def __init__(self, path: str, driver: Driver,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.path = path
         self.driver = driver
+        self.max_connections = max_connections
         with root_only_socket(path):
             super().__init__(path, _Handler)  # type: ignore[arg-type]
+
+    def busy(self, request: socket.socket) -> bytes:
+        body = json.dumps({"Err": f"netd: busy serving {self.max_connections} connections; "
+                                  "try again"}).encode()
+        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + CONTENT_TYPE.encode()
+                + b"\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n" + body)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up a host name, which a unix socket has not

@@ -17,7 +17,7 @@ from typing import Any
 from netd.agent.errors import DuplicateAddress, InterfaceInUse, NotAttached
 from netd.agent.service import Agent, EndpointRequest
 from netd.agent.state import Attachment
-from netd.dataplane.errors import DataplaneError, NetnsNotFound
+from netd.dataplane.errors import DataplaneError, NetnsNotFound, NotAContainerNetns
 from netd.errors import (
     AddressInUse,
     InvalidInput,
@@ -39,6 +39,8 @@ def cni_error(exc: NetdError) -> CniError:
     """Map a netd error to the CNI error code a runtime sees (docs/AGENT.md)."""
     if isinstance(exc, NetnsNotFound):
         return CniError(cni.UNKNOWN_CONTAINER, exc.message)
+    if isinstance(exc, NotAContainerNetns):
+        return CniError(cni.INVALID_ENVIRONMENT, exc.message)
     if isinstance(exc, NotAttached):
         return CniError(cni.CHECK_FAILED, exc.message)
     if isinstance(exc, InterfaceInUse):

@@ -18,8 +18,9 @@
  *
  * Standard C and Linux only (memfd_create); no JSON library. Built by
  * 'netd install-cni' (cni/install.py), which writes netd-cni-config.h next to
- * it: PYTHON (the interpreter of the fallback) and FALLBACK (the Python
- * plugin's code, run as 'PYTHON -IS -c FALLBACK NAME'). */
+ * it: PYTHON (the interpreter of the fallback), FALLBACK (the Python plugin's
+ * code, run as 'PYTHON -IS -c FALLBACK NAME') and the error codes this program
+ * prints itself, taken from the Python plugin's table (one table for both). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
@@ -34,9 +35,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "netd-cni-config.h" /* static const char PYTHON[], FALLBACK[] */
+#include "netd-cni-config.h" /* PYTHON[], FALLBACK[], the error codes (ERR_*) */
 
-#define MAX_INPUT (8 << 20)
 #define MAX_ANSWER (64 << 20)
 #define MAX_DEPTH 128
 #define DEFAULT_SOCKET "/run/netd/agent.sock"
@@ -66,18 +66,18 @@ static void fallback(void) {
         int fd = memfd_create("netd-cni-stdin", 0);
         if (fd < 0 || write_all(fd, input, input_len) != 0 || lseek(fd, 0, SEEK_SET) != 0 ||
             dup2(fd, 0) != 0) {
-            printf("{\"cniVersion\":\"%s\",\"code\":100,\"msg\":\"%s: cannot pass stdin to "
-                   "the python plugin: %s\",\"details\":\"\"}\n", LATEST_VERSION, plugin,
-                   strerror(errno));
+            printf("{\"cniVersion\":\"%s\",\"code\":%d,\"msg\":\"%s: cannot pass stdin to "
+                   "the python plugin: %s\",\"details\":\"\"}\n", LATEST_VERSION,
+                   ERR_INTERNAL, plugin, strerror(errno));
             exit(1);
         }
         if (fd != 0) close(fd);
     }
     char *argv[] = {(char *)PYTHON, "-IS", "-c", (char *)FALLBACK, (char *)plugin, NULL};
     execv(PYTHON, argv);
-    printf("{\"cniVersion\":\"%s\",\"code\":100,\"msg\":\"%s: cannot run %s: %s\","
-           "\"details\":\"run netd install-cni again\"}\n", LATEST_VERSION, plugin, PYTHON,
-           strerror(errno));
+    printf("{\"cniVersion\":\"%s\",\"code\":%d,\"msg\":\"%s: cannot run %s: %s\","
+           "\"details\":\"run netd install-cni again\"}\n", LATEST_VERSION, ERR_INTERNAL,
+           plugin, PYTHON, strerror(errno));
     exit(1);
 }
 
@@ -321,9 +321,9 @@ static void unreachable(const char *why, double timeout) {
     char reason[160];
     if (timeout > 0) snprintf(reason, sizeof reason, "no answer within %g s", timeout);
     else snprintf(reason, sizeof reason, "%s", why);
-    printf("{\"cniVersion\":\"%s\",\"code\":11,\"msg\":\"try again later: netd agent not "
+    printf("{\"cniVersion\":\"%s\",\"code\":%d,\"msg\":\"try again later: netd agent not "
            "reachable at %s: %s\",\"details\":\"the netd host agent ('netd agent') serves "
-           "this socket\"}\n", version, socket_path, reason);
+           "this socket\"}\n", version, ERR_TRY_AGAIN_LATER, socket_path, reason);
     exit(1);
 }
 
@@ -347,8 +347,8 @@ int main(int argc, char **argv) {
     input = malloc(cap);
     if (input == NULL) fallback();
     for (;;) {
+        if (input_len > MAX_CONFIG) fallback(); /* python refuses it: code 7 */
         if (input_len == cap) {
-            if (cap >= MAX_INPUT) fallback();
             char *p = realloc(input, cap * 2);
             if (p == NULL) fallback();
             input = p;

@@ -37,7 +37,8 @@ MIN_VERSION: Final[Mapping[str, str]] = {"CHECK": "0.4.0", "GC": "1.1.0", "STATU
 DEFAULT_AGENT_SOCKET: Final = "/run/netd/agent.sock"
 VALID_ATTACHMENTS_KEY: Final = "cni.dev/valid-attachments"
 LEGACY_ATTACHMENTS_KEY: Final = "cni.dev/attachments"  # the name a spec draft used
-IFNAME_MAX: Final = 15
+IFNAME_MAX: Final = 15  # bytes (IFNAMSIZ 16 with the NUL)
+CONTAINER_ID_MAX: Final = 200
 DNS_KEYS: Final[tuple[str, ...]] = ("nameservers", "domain", "search", "options")
 
 # --- error codes (CNI spec; 100+ are netd's, docs/AGENT.md) ---------------------------
@@ -212,6 +213,15 @@ def parse_cni_args(text: str) -> dict[str, str]:
 
 
 def validate_container_id(container_id: str) -> None:
+    """The spec's characters, and at most :data:`CONTAINER_ID_MAX` of them.
+
+    The limit is what every part of an attachment can hold: the IPAM takes 255
+    characters, the host end's alias (``netd:<scope>:<id>:<ifname>``, 255 bytes)
+    about 218; container ids of runtimes are 64.
+    """
+    if len(container_id) > CONTAINER_ID_MAX:
+        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_CONTAINERID {container_id[:40]!r}...",
+                       f"it is longer than {CONTAINER_ID_MAX} characters")
     if not _ID_RE.fullmatch(container_id):
         raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_CONTAINERID {container_id!r}",
                        "it must start with a letter or digit, followed by letters, digits, "
@@ -223,12 +233,14 @@ def validate_ifname(ifname: str) -> None:
     why = ""
     if not ifname:
         why = "it is empty"
-    elif len(ifname) > IFNAME_MAX:
-        why = f"it is longer than {IFNAME_MAX} characters"
+    elif len(ifname.encode("utf-8", "replace")) > IFNAME_MAX:
+        why = f"it is longer than {IFNAME_MAX} bytes"
     elif ifname in (".", ".."):
         why = "'.' and '..' are not interface names"
     elif "/" in ifname or ":" in ifname or any(c.isspace() for c in ifname):
         why = "it must not contain '/', ':' or whitespace"
+    elif any(not c.isprintable() for c in ifname):
+        why = "it must not contain control characters"
     if why:
         raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}", why)
 

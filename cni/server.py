@@ -21,11 +21,26 @@ import socket
 import socketserver
 from typing import Any, Protocol
 
-from .protocol import render_reply, request_version
-from .unixsock import peer_allowed, root_only_socket
+from .protocol import (
+    DECODING_FAILURE,
+    INVALID_CONFIG,
+    IO_FAILURE,
+    TRY_AGAIN_LATER,
+    render_reply,
+    request_version,
+)
+from .shim import MAX_CONFIG
+from .unixsock import BoundedThreads, peer_allowed, root_only_socket
 
 log = logging.getLogger("netd.cni.server")
-MAX_REQUEST = 4 << 20
+#: a request line: the plugins' config limit and room for the env
+MAX_REQUEST = MAX_CONFIG + (64 << 10)
+#: seconds a client has to send its request line; a silent one holds no worker longer
+READ_TIMEOUT = 5.0
+#: seconds an answer may take to be taken (a plugin that stopped reading)
+WRITE_TIMEOUT = 10.0
+#: connections served at once; more are answered "try again later" at once
+MAX_CONNECTIONS = 128
 
 
 class Handler(Protocol):
@@ -35,18 +50,37 @@ class Handler(Protocol):
 class _Conn(socketserver.StreamRequestHandler):
     server: AgentServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(READ_TIMEOUT)
+
     def handle(self) -> None:
-        if not self.server.peer_allowed(self.connection):
-            self._answer({"error": {"code": 4, "msg": "permission denied: root only"}})
+        # the request is read first, also from a caller refused below: closing with it
+        # unread would reset the connection before the caller reads why
+        try:
+            line = self.rfile.readline(MAX_REQUEST + 1)
+        except TimeoutError:
+            log.info("a client sent no request within %g s; closed", READ_TIMEOUT)
             return
-        line = self.rfile.readline(MAX_REQUEST)
+        except OSError:
+            return
+        if not self.server.peer_allowed(self.connection):
+            self._answer({"error": {"code": IO_FAILURE, "msg": "permission denied by the netd "
+                                    "agent's socket: root only"}})
+            return
+        if len(line) > MAX_REQUEST:
+            self._answer({"error": {"code": INVALID_CONFIG, "msg": "invalid network config: "
+                                    f"the request is larger than {MAX_REQUEST} bytes"}})
+            return
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("request is not a JSON object")
         except ValueError as exc:
-            self._answer({"error": {"code": 6, "msg": f"cannot decode request: {exc}"}})
+            self._answer({"error": {"code": DECODING_FAILURE,
+                                    "msg": f"cannot decode request: {exc}"}})
             return
+        self.connection.settimeout(WRITE_TIMEOUT)  # the work itself is not bounded here
         answer = self.server.target.handle(request)
         if request.get("reply") == "cni":
             # the native plugin prints what it gets: the exit status, then stdout as is
@@ -64,15 +98,25 @@ class _Conn(socketserver.StreamRequestHandler):
             self.wfile.write(data)
 
 
-class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class AgentServer(BoundedThreads, socketserver.UnixStreamServer):
+    """At most :data:`MAX_CONNECTIONS` connections at once, each for at most
+    :data:`READ_TIMEOUT` before its request is in: a flood of silent connections pins
+    no more threads than that; those beyond are told to try again later (CNI 11)."""
+
     request_queue_size = 256
 
-    def __init__(self, path: str, target: Handler) -> None:
+    def __init__(self, path: str, target: Handler,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.path = path
         self.target = target
+        self.max_connections = max_connections
         with root_only_socket(path):
             super().__init__(path, _Conn)
+
+    def busy(self, request: socket.socket) -> bytes:
+        return json.dumps({"error": {
+            "code": TRY_AGAIN_LATER, "msg": "try again later: the netd agent is serving "
+            f"{self.max_connections} connections"}}).encode() + b"\n"
 
     def peer_allowed(self, conn: socket.socket) -> bool:
         return peer_allowed(conn)

@@ -42,7 +42,10 @@ DEFAULT_AGENT_SOCKET = "/run/netd/agent.sock"
 ADD_TIMEOUT = 120.0  # seconds for the whole exchange with the agent
 OTHER_TIMEOUT = 30.0
 MAX_ANSWER = 64 * 1024 * 1024
+MAX_CONFIG = 4 * 1024 * 1024  # a network config larger than this is refused (7), not sent
 
+# The error codes both fronts (this shim, the native one: cni/netd-cni.c) use;
+# netd.cni.protocol has the same table (tests/unit/test_cni_shim.py holds them together).
 ERR_INVALID_ENV = 4
 ERR_IO = 5
 ERR_DECODE = 6
@@ -177,6 +180,10 @@ class AgentUnreachable(Exception):
     pass
 
 
+class AgentRefused(Exception):
+    """The socket is not ours to use (permission denied): permanent, not "try later"."""
+
+
 def exchange(path: str, payload: bytes, timeout: float) -> bytes:
     """Send one request line to the agent, return its answer line."""
     try:
@@ -194,6 +201,8 @@ def exchange(path: str, payload: bytes, timeout: float) -> bytes:
             sock.connect(path)
         except TimeoutError:
             raise AgentUnreachable(f"no connection within {timeout:g} s") from None
+        except PermissionError as exc:
+            raise AgentRefused(exc.strerror or str(exc)) from None
         except OSError as exc:
             raise AgentUnreachable(exc.strerror or str(exc)) from None
         chunks: list[bytes] = []
@@ -275,6 +284,10 @@ def handle(plugin: str, env: dict[str, str],
                             "expected one of ADD, DEL, CHECK, STATUS, GC, VERSION")
 
     raw = read_stdin()
+    if len(raw) > MAX_CONFIG:
+        return 1, error_doc(LATEST_VERSION, ERR_INVALID_CONFIG,
+                            f"invalid network config: larger than {MAX_CONFIG} bytes",
+                            f"got {len(raw)} bytes on stdin")
     try:
         config = json_loads(raw.decode("utf-8"))
     except Exception as exc:
@@ -306,6 +319,10 @@ def handle(plugin: str, env: dict[str, str],
     timeout = ADD_TIMEOUT if command == "ADD" else OTHER_TIMEOUT
     try:
         answer = exchange(path, payload, timeout)
+    except AgentRefused as exc:
+        return 1, error_doc(cni_version, ERR_IO, f"permission denied by the netd agent's "
+                            f"socket {path}: {exc}",
+                            "the socket is root's only: run the runtime as root")
     except AgentUnreachable as exc:
         if command == "STATUS":
             return 1, error_doc(cni_version, ERR_NOT_AVAILABLE,
@@ -323,7 +340,7 @@ def _read_stdin() -> bytes:
         return b""
     if stdin.isatty():  # a person typing 'netd-cni' by hand: do not wait
         return b""
-    return stdin.buffer.read()
+    return stdin.buffer.read(MAX_CONFIG + 1)  # more is refused anyway: never read GBs
 
 
 def main(plugin: str | None = None) -> int:

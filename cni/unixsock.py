@@ -3,7 +3,9 @@
 The agent's CNI socket and the Docker plugin socket both plumb containers as
 root, so both are created 0600 (no chmod race: the umask makes them so) and
 both check the connecting process's credentials (``SO_PEERCRED``): only root,
-or the agent's own user, is served.
+or the agent's own user, is served. Both serve a bounded number of connections
+at once (:class:`BoundedThreads`), each with a read timeout, so silent or slow
+clients cannot pin the agent's threads.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import socketserver
 import struct
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 _CREDS = struct.Struct("3i")
 
@@ -54,4 +59,42 @@ def peer_allowed(sock: socket.socket) -> bool:
     return peer_credentials(sock)[1] in (0, os.getuid())
 
 
-__all__ = ["peer_allowed", "peer_credentials", "root_only_socket"]
+class BoundedThreads(socketserver.ThreadingMixIn):
+    """One thread per connection, at most ``max_connections`` at once.
+
+    A connection beyond the bound is given :meth:`busy` (a "try again later" in
+    the socket's protocol) and closed at once, never queued behind the others.
+    """
+
+    daemon_threads = True
+    max_connections = 128
+    _slots: threading.BoundedSemaphore | None = None
+
+    def busy(self, request: socket.socket) -> bytes:
+        """What a connection over the bound is told before it is closed."""
+        raise NotImplementedError
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(self.max_connections)
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(self.busy(request))
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            assert self._slots is not None
+            self._slots.release()
+
+
+__all__ = ["BoundedThreads", "peer_allowed", "peer_credentials", "root_only_socket"]

@@ -27,10 +27,10 @@ from netd.agent.errors import DuplicateAddress, InterfaceInUse, NotAttached
 from netd.agent.locks import Owner, OwnerLocks
 from netd.agent.state import Attachment, StateStore
 from netd.dataplane.driver import Addressing, Driver, Endpoint, Owned, Prepared
-from netd.dataplane.errors import AddressConflict, NetnsNotFound
-from netd.dataplane.netns import netns_exists
+from netd.dataplane.errors import AddressConflict
+from netd.dataplane.netns import check_container_netns, netns_exists
 from netd.dataplane.veth import host_ifname_for, peer_ifname_for
-from netd.errors import AddressInUse, NetdError, PoolNotFound, Unavailable
+from netd.errors import AddressInUse, NetdError, PoolNotFound, Unauthorized, Unavailable
 from netd.ipam.client import IpamApi, all_addresses
 
 log = logging.getLogger("netd.agent")
@@ -106,9 +106,13 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, ipam: IpamApi, driver: Driver, state: StateStore, *,
                  release_ipam: IpamApi | None = None, clock: Callable[[], float] = time.time,
-                 netns_exists: Callable[[str], bool] = netns_exists) -> None:
+                 netns_exists: Callable[[str], bool] = netns_exists,
+                 check_netns: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.netns_exists = netns_exists
+        # what ADD and CHECK are given must be a container's namespace, never the host's
+        self.check_netns: Callable[[str], None] = check_netns or (
+            lambda netns: check_container_netns(netns, driver.host_netns))
         self.ipam = ipam
         # DEL must never hang on the network: a client with a short timeout
         self.release_ipam = release_ipam or ipam
@@ -153,8 +157,8 @@ class Agent:
                         and existing.pool == req.pool):
                     return existing
                 self._undo(existing, "replaced by a new ADD")
-            if req.netns is not None and not self.netns_exists(req.netns):
-                raise NetnsNotFound(f"network namespace {req.netns} does not exist")
+            if req.netns is not None:
+                self.check_netns(req.netns)  # a container's, not the host's own
             # A release queued by an earlier failed attempt of this owner must not
             # free what this ADD is about to get (the IPAM answers an owner's retry
             # with the address it already holds).
@@ -309,10 +313,17 @@ class Agent:
             try:
                 self.release_ipam.release(pool=pool, container_id=container_id, ifname=ifname)
                 return
-            except Unavailable as exc:
+            except (Unavailable, Unauthorized) as exc:  # may heal: the IPAM, the token
                 error = exc.message
             except PoolNotFound:
                 return  # the pool is gone, and its addresses with it
+            except NetdError as exc:
+                # a permanent refusal (the IPAM will never take this release): it must
+                # not wedge the DEL or the reconcile that asked; the IPAM's GC finds
+                # whatever it still holds
+                log.warning("the IPAM refuses to release %s/%s in pool %s (%s): %s; "
+                            "going on", container_id[:16], ifname, pool, why, exc.message)
+                return
         else:
             error = "IPAM unreachable"
         log.warning("IPAM unreachable; release of %s/%s queued (%s)", container_id[:16], ifname,
@@ -360,8 +371,8 @@ class Agent:
             if att is None or att.state != "ready":
                 raise NotAttached(f"no attachment of {container_id}/{ifname} on network "
                                   f"{network!r} on host {self.cfg.host}")
-            if netns is not None and not self.netns_exists(netns):
-                raise NetnsNotFound(f"network namespace {netns} does not exist")
+            if netns is not None:
+                self.check_netns(netns)
             problems: list[str] = []
             ep, attached = att.endpoint(), att.attached()
             if ep is not None and attached is not None:

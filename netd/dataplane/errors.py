@@ -19,6 +19,14 @@ class NetnsNotFound(DataplaneError):
     status = 404
 
 
+class NotAContainerNetns(DataplaneError):
+    """What was given as a container's namespace is not one: a file, a directory, another
+    kind of namespace, a relative path, or the host's own network namespace."""
+
+    code = "invalid_netns"
+    status = 422
+
+
 class LinkNotFound(DataplaneError):
     code = "link_not_found"
     status = 404

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import socket
 import threading
@@ -25,7 +26,7 @@ from typing import TypeVar
 
 from pyroute2 import netns as pr_netns
 
-from netd.dataplane.errors import NetnsNotFound
+from netd.dataplane.errors import NetnsNotFound, NotAContainerNetns
 
 T = TypeVar("T")
 
@@ -56,6 +57,57 @@ def open_netns(netns: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise NetnsNotFound(f"network namespace {netns!r} does not exist ({path})") from exc
+
+
+NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3)
+
+
+def _ident(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_container_netns(netns: str, host_netns: str | None = None) -> None:
+    """Refuse what is not a container's network namespace, before anything is made.
+
+    :class:`NetnsNotFound` when it does not exist (CNI error 3);
+    :class:`NotAContainerNetns` (error 4) for a relative path, a file or a
+    directory, a namespace of another kind, and for the host's own network
+    namespace (this process's, ``host_netns``, or init's): plumbing "a
+    container" there would put an interface and routes into the host itself.
+    """
+    if "/" in netns and not netns.startswith("/"):
+        raise NotAContainerNetns(f"CNI_NETNS {netns!r} is a relative path; give an absolute "
+                                 "path or a name in /run/netns")
+    path = netns_path(netns)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NetnsNotFound(f"network namespace {netns!r} does not exist ({path})") from exc
+    except OSError as exc:
+        raise NotAContainerNetns(f"CNI_NETNS {netns!r} cannot be opened: "
+                                 f"{exc.strerror}") from None
+    try:
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            raise NotAContainerNetns(f"CNI_NETNS {netns!r} is not a namespace (a file, a "
+                                     "directory or a device)") from None
+        if kind != CLONE_NEWNET:
+            raise NotAContainerNetns(f"CNI_NETNS {netns!r} is a namespace of another kind, "
+                                     "not a network namespace")
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    own = {_ident("/proc/self/ns/net"), _ident("/proc/1/ns/net")}
+    if host_netns is not None:
+        own.add(_ident(netns_path(host_netns)))
+    if (st.st_dev, st.st_ino) in own:
+        raise NotAContainerNetns(f"CNI_NETNS {netns!r} is the host's own network namespace, "
+                                 "not a container's")
 
 
 def netns_exists(netns: str) -> bool:
@@ -175,6 +227,7 @@ def pids_in_netns(names: Iterable[str], alive: Callable[[int], bool] = lambda _:
 
 __all__ = [
     "NETNS_RUN_DIR",
+    "check_container_netns",
     "create_netns",
     "list_netns",
     "netns_exists",

@@ -147,9 +147,10 @@ def check_handle(handle: str) -> str:
 
 
 def check_ifname(ifname: str) -> str:
-    if not IFNAME_RE.match(ifname) or ifname in (".", ".."):
+    if (not IFNAME_RE.match(ifname) or ifname in (".", "..")
+            or len(ifname.encode("utf-8", "replace")) > 15 or not ifname.isprintable()):
         raise InvalidInput(
-            f"invalid interface name {ifname!r}: 1-15 characters, no spaces, '/' or ':'"
+            f"invalid interface name {ifname!r}: 1-15 bytes, printable, no spaces, '/' or ':'"
         )
     return ifname
 

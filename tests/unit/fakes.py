@@ -14,7 +14,13 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from netd.dataplane.driver import Addressing, Attached, Driver, Endpoint, Hold, Owned
-from netd.dataplane.errors import AddressConflict, DataplaneError, LinkExists
+from netd.dataplane.errors import (
+    AddressConflict,
+    DataplaneError,
+    LinkExists,
+    NetnsNotFound,
+    NotAContainerNetns,
+)
 from netd.dataplane.veth import Mark
 from netd.errors import Unavailable
 from netd.ipam.api import create_app
@@ -64,6 +70,24 @@ def ipam_api(**pool: Any) -> Iterator[tuple[IPAM, FlakyIpam]]:
 def allocated(ipam: IPAM) -> dict[str, str]:
     """{ip: container id} of every allocation."""
     return {str(ipaddress.ip_address(a.ip)): a.container_id for a, _ in ipam.addresses()}
+
+
+class FakeNamespaces(set[str]):
+    """Namespaces a test pretends exist, and the host's own (which ADD must refuse)."""
+
+    def __init__(self, names: Collection[str], host: Collection[str] = ("/proc/self/ns/net",)
+                 ) -> None:
+        super().__init__(names)
+        self.host = set(host)
+
+    def exists(self, netns: str) -> bool:
+        return netns in self or netns in self.host
+
+    def check(self, netns: str) -> None:
+        if netns in self.host:
+            raise NotAContainerNetns(f"CNI_NETNS {netns!r} is the host's own network namespace")
+        if netns not in self:
+            raise NetnsNotFound(f"network namespace {netns!r} does not exist")
 
 
 class FakeVeth:

@@ -19,14 +19,14 @@ from netd.cni.handler import CniHandler
 from netd.dataplane.driver import Endpoint
 from netd.dataplane.veth import host_ifname_for
 from netd.ipam.service import IPAM
-from tests.unit.fakes import FakeDriver, FlakyIpam, allocated, ipam_api
+from tests.unit.fakes import FakeDriver, FakeNamespaces, FlakyIpam, allocated, ipam_api
 
 NETNS = {"/run/netns/c1", "/run/netns/c2", "/run/netns/c3"}
 
 
 class Parts:
     def __init__(self, agent: Agent, ipam: IPAM, client: FlakyIpam, dp: FakeDriver,
-                 netns: set[str]) -> None:
+                 netns: FakeNamespaces) -> None:
         self.agent, self.ipam, self.client, self.dp, self.netns = agent, ipam, client, dp, netns
         self.cni = CniHandler(agent)
 
@@ -40,11 +40,11 @@ class Parts:
 @pytest.fixture
 def parts(tmp_path: Path) -> Iterator[Parts]:
     with ipam_api() as (ipam, client):
-        netns = set(NETNS)
+        netns = FakeNamespaces(NETNS)
         dp = FakeDriver()
         state = StateStore(str(tmp_path))
         agent = Agent(AgentConfig(host="h1", state_dir=str(tmp_path)), client, dp,  # type: ignore[arg-type]
-                      state, netns_exists=netns.__contains__)
+                      state, netns_exists=netns.exists, check_netns=netns.check)
         yield Parts(agent, ipam, client, dp, netns)
         agent.close()
         state.close()
@@ -199,7 +199,7 @@ def test_lost_state_is_adopted_not_swept(parts: Parts, tmp_path: Path) -> None:
     # the state_dir is lost: a fresh agent with an empty database on the same kernel
     state = StateStore(str(tmp_path / "new"))
     fresh = Agent(parts.agent.cfg, parts.client, parts.dp, state,  # type: ignore[arg-type]
-                  netns_exists=parts.netns.__contains__)
+                  netns_exists=parts.netns.exists, check_netns=parts.netns.check)
     parts.netns.discard("/run/netns/c2")  # and c2 died meanwhile
     done = fresh.reconcile()
     assert any("adopted" in d and "c1" in d for d in done), done
@@ -404,3 +404,45 @@ def test_allowed_addresses_follow_the_ipam(parts: Parts) -> None:
     parts.client.set_allowed(ip, "c1", [])
     parts.agent.sync_allowed()
     assert parts.dp.configured[host_ifname].allowed == ()
+
+
+# --- what is not a container, and ids the IPAM refuses (issue 8) ----------------------------
+
+
+def test_the_hosts_own_namespace_is_refused_and_nothing_changes(parts: Parts) -> None:
+    before = parts.ipam.history()
+    err = parts.handle(request("ADD", netns="/proc/self/ns/net"))["error"]
+    assert err["code"] == 4 and "host's own" in err["msg"]
+    assert parts.owners() == [] and parts.dp.links == {} and parts.agent.state.all() == []
+    assert parts.ipam.history() == before  # nothing allocated, nothing reserved
+    res = parts.handle(request("ADD"))["result"]
+    check = parts.handle(request("CHECK", netns="/proc/self/ns/net", prevResult=res))["error"]
+    assert check["code"] == 4
+
+
+def test_container_ids_are_bounded_at_the_cni_boundary(parts: Parts) -> None:
+    longest = "c" * 200
+    assert "result" in parts.handle(request("ADD", cid=longest, netns="/run/netns/c1"))
+    assert parts.owners() == [longest]
+    assert parts.handle(request("DEL", cid=longest)) == {"result": {}}
+    for cid in ("d" * 201, "e" * 256):
+        err = parts.handle(request("ADD", cid=cid))["error"]
+        assert err["code"] == 4 and "longer than 200" in err["details"]
+    assert parts.owners() == [] and parts.dp.links == {} and parts.agent.state.all() == []
+
+
+def test_a_permanent_ipam_refusal_never_wedges_del_or_reconcile(parts: Parts) -> None:
+    """A record the IPAM will never release (its id is longer than the IPAM takes, left by
+    an agent before the limit): DEL and reconcile finish it instead of failing for ever."""
+    for n, state in enumerate(("deleting", "ready")):
+        cid = f"{n}" * 256
+        parts.agent.state.put(Attachment(network="net1", container_id=cid, ifname="eth0",
+                                         plugin="netd-ipam", state=state, netns=None,
+                                         pool="lab", ip=f"198.18.0.{60 + n}"))
+    assert parts.agent.state.pending() == []
+    parts.agent.reconcile()
+    assert [a.state for a in parts.agent.state.all()] == ["ready"]  # the "deleting" one done
+    parts.agent.delete("net1", "1" * 256, "eth0", pool="lab", plugin="netd-ipam")
+    assert parts.agent.state.all() == [] and parts.agent.state.pending() == []
+    # and the agent still serves
+    assert "result" in parts.handle(request("ADD"))

@@ -227,6 +227,8 @@ def test_command_needs_version(command: str, version: str, ok: bool) -> None:
 
 @pytest.mark.parametrize("ifname", [
     "x" * 16, "eth/0", "eth 0", "eth:0", ".", "..", "eth\t0", "eth\n", "\u2003eth",
+    "\u00e9" * 8,  # 8 characters, 16 bytes: the kernel counts bytes
+    "eth\x01", "eth\x7f", "eth\u202e0",  # control characters, a bidirectional override
 ])
 def test_invalid_ifname(ifname: str) -> None:
     with pytest.raises(CniError) as info:
@@ -235,12 +237,14 @@ def test_invalid_ifname(ifname: str) -> None:
     assert "CNI_IFNAME" in info.value.msg
 
 
-@pytest.mark.parametrize("ifname", ["x" * 15, "eth0", "net1.100", "a-b_c", "...", "e.."])
+@pytest.mark.parametrize("ifname", ["x" * 15, "eth0", "net1.100", "a-b_c", "...", "e..",
+                                    "\u00e9" * 7])
 def test_valid_ifname(ifname: str) -> None:
     assert cni.parse_request("netd-cni", "ADD", env(CNI_IFNAME=ifname), conf()).ifname == ifname
 
 
-@pytest.mark.parametrize("cid", ["-abc", "_abc", ".abc", "a b", "a/b", "ab\n", "ab;c", "é"])
+@pytest.mark.parametrize("cid", ["-abc", "_abc", ".abc", "a b", "a/b", "ab\n", "ab;c", "é",
+                                 "a" * 201, "a" * 256])
 def test_invalid_container_id(cid: str) -> None:
     with pytest.raises(CniError) as info:
         cni.parse_request("netd-cni", "DEL", env(CNI_CONTAINERID=cid), conf())
@@ -248,7 +252,7 @@ def test_invalid_container_id(cid: str) -> None:
     assert "CNI_CONTAINERID" in info.value.msg
 
 
-@pytest.mark.parametrize("cid", ["a", "0", "abc_1.2-x", "A" * 64])
+@pytest.mark.parametrize("cid", ["a", "0", "abc_1.2-x", "A" * 64, "b" * 200])
 def test_valid_container_id(cid: str) -> None:
     assert cni.parse_request("netd-cni", "DEL", env(CNI_CONTAINERID=cid), conf()).container_id \
         == cid
@@ -429,7 +433,8 @@ def test_error_codes_match_the_contract() -> None:
             cni.INVALID_ENVIRONMENT, cni.IO_FAILURE, cni.DECODING_FAILURE, cni.INVALID_CONFIG,
             cni.TRY_AGAIN_LATER, cni.PLUGIN_NOT_AVAILABLE) == (1, 2, 3, 4, 5, 6, 7, 11, 50)
     assert (cni.INTERNAL, cni.POOL_NOT_FOUND, cni.POOL_EXHAUSTED, cni.ADDRESS_IN_USE,
-            cni.DATAPLANE_FAILURE, cni.IPAM_REFUSED) == (100, 101, 102, 103, 104, 105)
+            cni.DATAPLANE_FAILURE, cni.IPAM_REFUSED, cni.INTERFACE_IN_USE) \
+        == (100, 101, 102, 103, 104, 105, 106)
     assert cni.SUPPORTED_VERSIONS == ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
 
@@ -656,8 +661,8 @@ def test_cni_args_round_trip(args: dict[str, str]) -> None:
 
 @given(st.text(max_size=20))
 def test_ifname_rule(ifname: str) -> None:
-    valid = (0 < len(ifname) <= 15 and ifname not in (".", "..")
-             and not any(c in "/:" or c.isspace() for c in ifname))
+    valid = (0 < len(ifname.encode("utf-8", "replace")) <= 15 and ifname not in (".", "..")
+             and not any(c in "/:" or c.isspace() or not c.isprintable() for c in ifname))
     try:
         cni.validate_ifname(ifname)
     except CniError as exc:

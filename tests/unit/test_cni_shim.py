@@ -12,6 +12,7 @@ import base64
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -219,6 +220,35 @@ def test_bad_cni_command_is_code_4(launcher_name: str, command: str | None) -> N
     assert doc["code"] == 4
     assert "CNI_COMMAND" in doc["msg"]
     assert set(doc) == {"cniVersion", "code", "msg", "details"}
+
+
+def test_one_table_of_codes_and_one_limit_for_both_fronts() -> None:
+    """The shim's codes are the protocol's; the native front's come from the shim's."""
+    from netd.cni import protocol as cni
+    assert (shim.ERR_INVALID_ENV, shim.ERR_IO, shim.ERR_DECODE, shim.ERR_INVALID_CONFIG,
+            shim.ERR_TRY_AGAIN_LATER, shim.ERR_NOT_AVAILABLE, shim.ERR_INTERNAL) == (
+        cni.INVALID_ENVIRONMENT, cni.IO_FAILURE, cni.DECODING_FAILURE, cni.INVALID_CONFIG,
+        cni.TRY_AGAIN_LATER, cni.PLUGIN_NOT_AVAILABLE, cni.INTERNAL)
+    header = cni_native.c_config(PYTHON, "pass\n")
+    for name in ("ERR_INTERNAL", "ERR_TRY_AGAIN_LATER", "MAX_CONFIG"):
+        assert f"#define {name} {getattr(shim, name)}\n" in header
+    source = (REPO / "cni" / "netd-cni.c").read_text()
+    printed = re.findall(r'code\\":([^,]*),', source)
+    assert printed and set(printed) == {"%d"}  # no code of its own: all from the header
+
+
+@pytest.mark.parametrize("launcher_name", LAUNCHERS)
+def test_a_config_over_4_mib_is_code_7_and_not_sent(launcher_name: str, agent: Any) -> None:
+    """Permanent (7), not "try again later" (11): a runtime must not retry it."""
+    fake = agent({"result": RESULT})
+    big = netconf(fake.path, pad="x" * shim.MAX_CONFIG)
+    code, out, _ = run(launcher(launcher_name), "ADD", big, **ATTACH)
+    doc = json.loads(out)
+    assert (code, doc["code"]) == (1, 7) and "larger than 4194304 bytes" in doc["msg"]
+    assert fake.requests == []
+    fits = netconf(fake.path, pad="x" * (shim.MAX_CONFIG - 1000))
+    assert run(launcher(launcher_name), "ADD", fits, **ATTACH)[0] == 0
+    assert len(fake.requests) == 1
 
 
 def test_invalid_agent_socket_is_code_7() -> None:

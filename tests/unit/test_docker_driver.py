@@ -569,6 +569,44 @@ def test_plugin_socket_protocol(tmp_path: Path) -> None:
     assert not os.path.exists(path)
 
 
+def test_plugin_socket_bounds_silent_connections(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silent connections: at most max_connections are served (the rest get 503 at once),
+    each is closed after the idle timeout, then dockerd's next call is served."""
+    from netd.cni import docker_server
+    monkeypatch.setattr(docker_server._Handler, "timeout", 0.5)
+    path = str(tmp_path / "netd.sock")
+    server = PluginServer(path, SlowDriver(), max_connections=8)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(50):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(path)
+            silent.append(s)
+        time.sleep(0.2)
+        assert sum("process_request_thread" in t.name for t in threading.enumerate()) <= 8
+        for s in silent[8:]:
+            assert s.recv(4096).startswith(b"HTTP/1.1 503 ")
+        started = time.monotonic()
+        for s in silent[:8]:
+            assert s.recv(4096) == b""  # closed by the plugin after the idle timeout
+        assert time.monotonic() - started < 5
+        for s in silent:
+            s.close()
+        deadline = time.monotonic() + 5
+        while (any("process_request_thread" in t.name for t in threading.enumerate())
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert post(path, "Plugin.Activate")[0] == 200
+    finally:
+        for s in silent:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
 def test_config_keys() -> None:
     cfg = parse_config({"host": "h1"})
     assert (cfg.docker_plugin, cfg.docker_socket, cfg.docker_host) == (
