@@ -76,17 +76,25 @@ class Server:
 
 
 def start_server(tmp: Path, *, token: str | None = None, db: Path | None = None,
-                 extra: list[str] | None = None) -> Server:
-    """Start ``netd ipam serve`` as a real process on loopback and wait for /healthz."""
+                 read_token: str | None = None, extra: list[str] | None = None) -> Server:
+    """Start ``netd ipam serve`` as a real process on loopback and wait for /healthz.
+
+    ``extra`` containing ``--no-token`` leaves ``--token-file`` out."""
     port = free_port()
     token = token if token is not None else secrets.token_hex(16)
     db = db or tmp / "ipam.db"
-    token_file = tmp / f"token-{port}"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
     log = tmp / f"server-{port}.log"
+    extra = list(extra or [])
     cmd = [bin_path("netd"), "ipam", "serve", "--listen", f"127.0.0.1:{port}",
-           "--store", f"sqlite:///{db}", "--token-file", str(token_file), *(extra or [])]
+           "--store", f"sqlite:///{db}"]
+    for flag, value in (("--token-file", token), ("--read-token-file", read_token)):
+        if value is None or (flag == "--token-file" and "--no-token" in extra):
+            continue
+        path = tmp / f"{flag[2:]}-{port}"
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+        cmd += [flag, str(path)]
+    cmd += [e for e in extra if e != "--no-token"]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -129,7 +129,11 @@ def ipam() -> None:
 @click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True, metavar="URL",
               help="Datastore: sqlite:///PATH.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="File holding the bearer token that mutations must present.")
+              help="File holding the bearer token every API request must present "
+                   "(/healthz, /metrics and /openapi.json stay open).")
+@click.option("--read-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding a second, read-only token (dashboards): it may read "
+                   "everything and change nothing. Needs --token-file.")
 @click.option("--cooldown", type=click.FloatRange(min=0), default=60.0, show_default=True,
               metavar="SECONDS", help="Released addresses rest this long before re-use.")
 @click.option("--vlan-range", default="2-4094", show_default=True, metavar="LO-HI",
@@ -139,14 +143,27 @@ def ipam() -> None:
                    "(SQLite serialises their writes).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               default="info", show_default=True)
-def serve(listen: str, store_url: str, token_file: Path | None, cooldown: float,
-          vlan_range: str, workers: int, log_level: str) -> None:
+def serve(listen: str, store_url: str, token_file: Path | None, read_token_file: Path | None,
+          cooldown: float, vlan_range: str, workers: int, log_level: str) -> None:
     """Serve the IPAM HTTP API (see docs/API.md)."""
-    from netd.ipam.store import open_store
+    from netd.ipam.store import check_store_url, open_store
 
     host, port = parse_listen(listen)
     vlans = parse_vlan_range(vlan_range)
+    try:
+        if check_store_url(store_url).memory and workers > 1:
+            raise click.ClickException(
+                "--store sqlite://:memory: gives each worker a database of its own (the "
+                "same addresses handed out twice): use a file with --workers > 1")
+    except NetdError as exc:
+        raise click.ClickException(f"--store: {exc.message}") from None
     token = read_token(token_file) if token_file is not None else None
+    reader = read_token(read_token_file) if read_token_file is not None else None
+    if reader is not None and token is None:
+        raise click.ClickException("--read-token-file needs --token-file: without a token "
+                                   "anyone may change what only token holders may read")
+    if reader is not None and reader == token:
+        raise click.ClickException("the read-only token must differ from the token")
     level = getattr(logging, log_level.upper())
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -160,22 +177,23 @@ def serve(listen: str, store_url: str, token_file: Path | None, cooldown: float,
         raise click.ClickException(f"cannot open store {redact_url(store_url)}: {why}") from None
     try:
         if token is None:
-            log.warning("no --token-file: mutations are accepted without authentication")
+            log.warning("no --token-file: anyone who reaches the API may read and change it")
         log.info("netd ipam %s serving on http://%s:%d (store %s, %d worker%s)", __version__,
                  f"[{host}]" if ":" in host else host, port, redact_url(store_url), workers,
                  "" if workers == 1 else "s")
         if workers == 1:
-            _serve_worker(sock, store_url, token, cooldown, vlans, level)
+            _serve_worker(sock, store_url, token, reader, cooldown, vlans, level)
         else:
             sys.exit(_supervise(workers, lambda: _serve_worker(
-                sock, store_url, token, cooldown, vlans, level)))
+                sock, store_url, token, reader, cooldown, vlans, level)))
         log.info("netd ipam stopped")
     finally:
         sock.close()
 
 
-def _serve_worker(sock: socket.socket, store_url: str, token: str | None, cooldown: float,
-                  vlans: tuple[int, int], level: int) -> None:
+def _serve_worker(sock: socket.socket, store_url: str, token: str | None,
+                  reader: str | None, cooldown: float, vlans: tuple[int, int],
+                  level: int) -> None:
     """One server process: its own store connection, app and event loop."""
     import uvicorn
 
@@ -186,7 +204,8 @@ def _serve_worker(sock: socket.socket, store_url: str, token: str | None, cooldo
 
     store = open_store(store_url)
     try:
-        app = create_app(IPAM(store, cooldown=cooldown, vlan_range=vlans), token, Metrics())
+        app = create_app(IPAM(store, cooldown=cooldown, vlan_range=vlans), token, Metrics(),
+                         read_token=reader)
         have = importlib.util.find_spec
         config = uvicorn.Config(
             app,

@@ -30,6 +30,7 @@ from netd.errors import (
     Unavailable,
 )
 from netd.ipam.client import DEFAULT_URL, Client
+from netd.text import escape
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -105,7 +106,8 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return " ".join(str(value).split())  # one line per row, whatever the data holds
+    # one line per row, and nothing that steers the terminal, whatever the data holds
+    return escape(" ".join(str(value).split()))
 
 
 def iso(ts: Any) -> str:
@@ -185,8 +187,8 @@ class State:
             click.echo(json.dumps(data, indent=2))
         else:
             text = human()
-            if text:
-                click.echo(text)
+            if text:  # cells are escaped already; this catches text built around them
+                click.echo("\n".join(escape(line) for line in text.split("\n")))
 
 
 pass_state = click.make_pass_decorator(State)
@@ -217,7 +219,8 @@ def _read_token_file(path: str) -> str:
 @click.option("--server", envvar="NETD_SERVER", default=DEFAULT_URL, show_default=True,
               metavar="URL", help="IPAM server URL [env NETD_SERVER].")
 @click.option("--token", envvar="NETD_TOKEN", metavar="T",
-              help="API token for changes [env NETD_TOKEN].")
+              help="API token (the server's, or its read-only one for reads) "
+                   "[env NETD_TOKEN].")
 @click.option("--token-file", metavar="F", help="Read the API token from file F.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.version_option(package_name="netd", prog_name="netctl")
@@ -691,7 +694,7 @@ def gc(dry_run: bool) -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"netctl: error: {' '.join(message.split())}", err=True)
+    click.echo(f"netctl: error: {escape(' '.join(message.split()))}", err=True)
     return code
 
 

@@ -8,11 +8,14 @@ allocation (each thread has its own SQLite connection; WAL lets readers run
 beside the writer), and their pages are capped (:data:`~netd.ipam.service.MAX_PAGE`).
 
 Cross-cutting concerns live in one pure-ASGI middleware (:class:`_Edge`):
-authentication of mutations, the request body limit, the latency histogram,
-the last-resort 500, and a fast path for the hot mutations (allocate,
-release) that skips FastAPI's routing for well-formed requests. Every error
-answer is built by :func:`error_response`; exceptions are mapped to it in
-:func:`_install_error_handlers` (and by the edge for 401/413/500).
+authentication (with a token configured, every request to the API needs the
+token, or the read-only token for reads; ``/healthz``, ``/metrics`` and the
+OpenAPI document stay open), the request body limits (size, JSON nesting),
+the latency histogram, the last-resort 500, and a fast path for the hot
+mutations (allocate, release) that skips FastAPI's routing for well-formed
+requests. Every error answer is built by :func:`error_response`; exceptions
+are mapped to it in :func:`_install_error_handlers` (and by the edge for
+401/403/413/422/500).
 """
 
 from __future__ import annotations
@@ -25,16 +28,25 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    field_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from netd import __version__
-from netd.errors import NetdError, PoolNotFound
+from netd.errors import InvalidInput, NetdError, PoolNotFound
 from netd.ipam import model
 from netd.ipam.metrics import Metrics
 from netd.ipam.service import IPAM, MAX_PAGE, AllocRequest, PoolSpec, cursor
@@ -44,6 +56,10 @@ log = logging.getLogger(__name__)
 MUTATING = frozenset({"POST", "DELETE", "PUT", "PATCH"})
 METHODS = frozenset({"GET", "HEAD", "OPTIONS", *MUTATING})
 MAX_BODY = 1 << 20
+MAX_DEPTH = 32  # JSON nesting of a request body; the API's own documents need 4
+#: paths anyone may read, token or not: liveness, metrics, the API's description
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc",
+                        "/docs/oauth2-redirect"})
 ACTOR_PATTERN = r"^[\x20-\x7e]{1,64}$"
 ACTOR_RE = re.compile(ACTOR_PATTERN)
 
@@ -51,7 +67,7 @@ ACTOR_RE = re.compile(ACTOR_PATTERN)
 # --- error mapping (the one place) -------------------------------------------
 
 _HTTP_CODES = {
-    400: "invalid_input", 401: "unauthorized", 404: "not_found",
+    400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 413: "invalid_input", 422: "invalid_input",
     503: "unavailable",
 }
@@ -112,6 +128,8 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # FastAPI could not parse the body: docs/API.md says 422
+            return error_response(422, "invalid_input", "malformed JSON body", metrics)
         code = _HTTP_CODES.get(exc.status_code, "error")
         if exc.status_code in (404, 405):
             what = "no such resource" if exc.status_code == 404 else "method not allowed"
@@ -144,20 +162,33 @@ class ErrorBody(BaseModel):
 
 class RouteModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dst: str = Field(description="destination CIDR")
-    gw: str | None = Field(None, description="next hop; default: the pool gateway",
+    dst: str = Field(max_length=64, description="destination CIDR")
+    gw: str | None = Field(None, max_length=64,
+                           description="next hop; default: the pool gateway",
                            exclude_if=lambda v: v is None)
 
 
 class Dns(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    nameservers: list[str] = Field(default_factory=list)
-    domain: str = ""
-    search: list[str] = Field(default_factory=list)
-    options: list[str] = Field(default_factory=list)
+    nameservers: list[str] = Field(default_factory=list, max_length=model.MAX_NAMESERVERS)
+    domain: str = Field("", max_length=model.MAX_DOMAIN)
+    search: list[str] = Field(default_factory=list, max_length=model.MAX_DNS_ITEMS)
+    options: list[str] = Field(default_factory=list, max_length=model.MAX_DNS_ITEMS)
 
 
 Vlan = Annotated[int, Field(strict=True, ge=1, le=4094)]
+
+
+def _query_bool(value: Any) -> Any:
+    """Query booleans are ``true`` or ``false``: "yes", "on" or "1" are not taken as true."""
+    if isinstance(value, str):
+        if value in ("true", "false"):
+            return value == "true"
+        raise ValueError("must be true or false")
+    return value
+
+
+QueryBool = Annotated[bool, BeforeValidator(_query_bool)]
 
 
 class PoolCreate(_In):
@@ -169,10 +200,11 @@ class PoolCreate(_In):
     mode: Literal["l2", "vlan", "bgp"] = "l2"
     labels: dict[str, str] = Field(default_factory=dict)
     reserved: list[str] = Field(default_factory=list, description="ranges: IP, A-B or CIDR")
-    routes: list[RouteModel] = Field(default_factory=list)
+    routes: list[RouteModel] = Field(default_factory=list, max_length=model.MAX_ROUTES)
     dns: Dns | None = None
     block_prefix: Annotated[int, Field(strict=True)] | None = Field(
-        None, description="host block prefix length (bgp pools only)")
+        None, description="host block prefix length (bgp pools only): from the pool's "
+                          "prefix to /31 (/127); default /26 (/122)")
     supernet: str | None = Field(None, description="generate the lowest free subnet in it")
     prefix_len: Annotated[int, Field(strict=True)] | None = None
     vlan_range: tuple[Vlan, Vlan] | None = None
@@ -300,7 +332,7 @@ class ReleaseIn(_In):
     container_id: str | None = Field(None, max_length=model.MAX_ID)
     ifname: str | None = Field(None, max_length=15)
     ip: str | None = None
-    force: bool = Field(False, description="release by ip without naming the owner")
+    force: StrictBool = Field(False, description="release by ip without naming the owner")
 
 
 class UpdateIn(_In):
@@ -489,12 +521,45 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def too_deep(body: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether a JSON text nests arrays and objects deeper than ``limit`` (strings skipped).
+
+    Checked before any parser sees the body: a deeply nested one would exhaust
+    the parser's recursion (a 500) instead of getting a clear 422.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:  # the common case, no scan
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
 class _Edge:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request).
 
-    Mutations are authenticated here, before anything reads or parses the
-    body, so a request without the token can change nothing and learns
-    nothing. The body is read once (bounded by ``MAX_BODY``).
+    With a token configured, requests to the API are authenticated here,
+    before anything reads or parses the body, so a request without the token
+    can change nothing and learns nothing: the token serves everything, the
+    read-only token (if any) serves reads and gets 403 on a mutation. A path
+    or method the API does not have is passed on unauthenticated, for the 404
+    or 405 that says so (it touches no data). The body of a mutation is read
+    once, bounded in size (``MAX_BODY``) and JSON nesting (``MAX_DEPTH``).
 
     The hot mutations (allocate, release) have a fast path that skips
     FastAPI's routing and dependency machinery. It only answers well-formed
@@ -504,19 +569,37 @@ class _Edge:
     """
 
     def __init__(self, app: ASGIApp, *, token: str | None, metrics: Metrics,
+                 read_token: str | None = None, router: Router | None = None,
                  fast: dict[str, FastHandler] | None = None) -> None:
         self.app = app
         self.token = token.encode() if token else None
+        self.read_token = read_token.encode() if read_token else None
         self.metrics = metrics
+        self.router = router
         self.fast = fast or {}
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _role(self, scope: Scope) -> Literal["write", "read"] | None:
+        """What the request's bearer token may do: everything, read, or nothing."""
         assert self.token is not None
         value = _header(scope, b"authorization")
         if value is None:
-            return False
+            return None
         scheme, _, given = value.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+        if scheme.lower() != b"bearer":
+            return None
+        given = given.strip()
+        # both compared, whichever matches: the time taken says nothing about either
+        write = hmac.compare_digest(given, self.token)
+        read = self.read_token is not None and hmac.compare_digest(given, self.read_token)
+        return "write" if write else "read" if read else None
+
+    def _routed(self, scope: Scope, method: str) -> bool:
+        """Whether a route of the API serves this path and method."""
+        if method == "POST" and scope["path"] in self.fast:
+            return True
+        if self.router is None:
+            return True
+        return any(route.matches(scope)[0] == Match.FULL for route in self.router.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -524,6 +607,12 @@ class _Edge:
             return
         start = time.perf_counter()
         method: str = scope["method"] if scope["method"] in METHODS else "OTHER"
+        if (self.token is not None and scope["path"] not in OPEN_PATHS
+                and self._routed(scope, method)):
+            refused = await self._refuse(scope, receive, send, method)
+            if refused is not None:
+                self.metrics.observe(refused, method, time.perf_counter() - start)
+                return
         if method in MUTATING:
             answered, body = await self._mutation(scope, receive, send, method)
             if answered is not None:
@@ -549,17 +638,27 @@ class _Edge:
         template = getattr(scope.get("route"), "path", None) or "<unmatched>"
         self.metrics.observe(template, method, time.perf_counter() - start)
 
-    async def _mutation(self, scope: Scope, receive: Receive, send: Send,
-                        method: str) -> tuple[str | None, bytes]:
-        """Auth, body and fast path of a mutation.
-
-        Returns (route label, b"") when answered here, else (None, body).
-        """
-        if self.token is not None and not self._authorized(scope):
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send,
+                      method: str) -> str | None:
+        """Answer 401 or 403 when the token does not allow the request; the route label."""
+        role = self._role(scope)
+        if role is None:
             await error_response(401, "unauthorized", "missing or wrong bearer token",
                                  self.metrics, {"WWW-Authenticate": "Bearer"}
                                  )(scope, receive, send)
-            return "<unauthorized>", b""
+            return "<unauthorized>"
+        if role == "read" and method in MUTATING:
+            await error_response(403, "forbidden", "the read-only token cannot change "
+                                 "anything", self.metrics)(scope, receive, send)
+            return "<forbidden>"
+        return None
+
+    async def _mutation(self, scope: Scope, receive: Receive, send: Send,
+                        method: str) -> tuple[str | None, bytes]:
+        """Body and fast path of a mutation (already authenticated).
+
+        Returns (route label, b"") when answered here, else (None, body).
+        """
         length = _header(scope, b"content-length")
         declared = int(length) if length is not None and length.isdigit() else 0
         try:
@@ -571,6 +670,10 @@ class _Edge:
                                  f"request body is larger than {MAX_BODY} bytes",
                                  self.metrics)(scope, receive, send)
             return "<too_large>", b""
+        if too_deep(body):
+            await error_response(422, "invalid_input", "malformed JSON body: nested deeper "
+                                 f"than {MAX_DEPTH} levels", self.metrics)(scope, receive, send)
+            return "<too_deep>", b""
         handler = self.fast.get(scope["path"]) if method == "POST" else None
         if handler is not None:
             try:
@@ -624,6 +727,7 @@ def _fast_handler(
 # --- the app -----------------------------------------------------------------
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "unauthorized (missing or wrong token)"},
     404: {"model": ErrorBody, "description": "pool_not_found, not_found"},
     409: {"model": ErrorBody, "description": "conflict: pool_exists, pool_overlap, "
           "pool_exhausted, pool_in_use, address_in_use, mac_in_use"},
@@ -631,8 +735,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "unavailable (datastore busy)"},
 }
 _MUTATION_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "unauthorized (missing or wrong token)"},
     **_ERRORS,
+    403: {"model": ErrorBody, "description": "forbidden (the read-only token)"},
+    413: {"model": ErrorBody, "description": "invalid_input (body larger than 1 MiB)"},
 }
 
 Actor = Annotated[str, Header(
@@ -643,8 +748,24 @@ Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"at most {MAX_PAGE}
                                                            "with 'after'")]
 
 
-def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
-    """Build the API app around an :class:`IPAM`; ``token=None`` disables auth."""
+def _query_names(doc: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
+    """(METHOD, path template) -> the query parameters the OpenAPI document lists."""
+    return {(method.upper(), path): frozenset(p["name"] for p in op.get("parameters", ())
+                                              if p.get("in") == "query")
+            for path, ops in doc.get("paths", {}).items() for method, op in ops.items()}
+
+
+def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
+               read_token: str | None = None) -> FastAPI:
+    """Build the API app around an :class:`IPAM`; ``token=None`` disables auth.
+
+    ``read_token``: an optional second token that may read but not change (dashboards).
+    """
+    if read_token is not None and token is None:
+        raise ValueError("a read-only token needs the token too (else anyone may change "
+                         "what only token holders may read)")
+    if read_token is not None and read_token == token:
+        raise ValueError("the read-only token must differ from the token")
     metrics.track(ipam)
 
     # the hot operations, shared by the routes and the edge's fast path
@@ -674,14 +795,35 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
         "/v1/allocate": _fast_handler(AllocateIn, do_allocate, TypeAdapter(Allocation), metrics),
         "/v1/release": _fast_handler(ReleaseIn, do_release, TypeAdapter(Released), metrics),
     }
+    known: dict[tuple[str, str], frozenset[str]] = {}
+
+    def known_query(request: Request) -> None:
+        """Refuse query parameters the call does not take (those its document lists):
+        ``?lmit=5`` is a typo, not a request for the default page size."""
+        if not request.query_params:
+            return
+        if not known:
+            known.update(_query_names(app.openapi()))
+        template = getattr(request.scope.get("route"), "path", "")
+        method = "GET" if request.method == "HEAD" else request.method
+        takes = known.get((method, template), frozenset())
+        unknown = sorted(set(request.query_params) - takes)
+        if unknown:
+            shown = ", ".join(repr(u[:40]) for u in unknown[:5])
+            raise InvalidInput(f"unknown query parameter {shown} (this call takes: "
+                               f"{', '.join(sorted(takes)) or 'none'})")
+
     app = FastAPI(
         title="netd IPAM", version=__version__, redirect_slashes=False,
+        dependencies=[Depends(known_query)],
         description="Central IPAM of netd: pools, allocations, reservations, history. "
-                    "Mutations (POST, DELETE) need `Authorization: Bearer <token>` when "
-                    "the server has a token.",
+                    "When the server has a token, every request under /v1 needs "
+                    "`Authorization: Bearer <token>`; the read-only token, if there is "
+                    "one, serves GETs. /healthz, /metrics and this document are open.",
     )
     _install_error_handlers(app, metrics)
-    app.add_middleware(_Edge, token=token, metrics=metrics, fast=fast)
+    app.add_middleware(_Edge, token=token, read_token=read_token, metrics=metrics,
+                       router=app.router, fast=fast)
 
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -689,9 +831,9 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
                                  description=app.description, routes=app.routes)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}}
-            for ops in schema.get("paths", {}).values():
-                for method, op in ops.items():
-                    if method.upper() in MUTATING:
+            for path, ops in schema.get("paths", {}).items():
+                for op in ops.values():
+                    if path not in OPEN_PATHS:
                         op["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
@@ -738,7 +880,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics) -> FastAPI:
 
     @app.delete("/v1/pools/{name}", response_model=PoolDeleted, tags=["pools"],
                 responses=_MUTATION_ERRORS)
-    async def delete_pool(name: PoolName, force: bool = False,
+    async def delete_pool(name: PoolName, force: QueryBool = False,
                           actor: Actor = "api") -> dict[str, Any]:
         dropped = ipam.delete_pool(name, force=force, actor=actor)
         return {"deleted": name, "dropped_allocations": dropped}

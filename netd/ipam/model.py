@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from netd.errors import InvalidInput
+from netd.text import describe, unsafe_char
 
 Mode = Literal["l2", "vlan", "bgp"]
 MODES: tuple[str, ...] = ("l2", "vlan", "bgp")
@@ -29,6 +30,22 @@ MAX_ID = 255
 MAX_NOTE = 255
 MAX_LABELS = 32
 MAX_ALLOWED = 16
+MAX_ROUTES = 32  # a pool's routes go into every allocation's answer
+MAX_NAMESERVERS = 8  # resolv.conf reads 3; room for runtimes that rotate
+MAX_DNS_ITEMS = 32  # search domains, options
+MAX_DOMAIN = 253
+
+#: ranges no pool may overlap: their addresses are never a container's (RFC 6890)
+SPECIAL_RANGES: dict[int, tuple[tuple[IPNetwork, str], ...]] = {
+    4: tuple((ipaddress.ip_network(n), why) for n, why in (
+        ("0.0.0.0/8", "'this network' (unspecified)"), ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"),
+        ("255.255.255.255/32", "the limited broadcast address"))),
+    6: tuple((ipaddress.ip_network(n), why) for n, why in (
+        ("::/128", "the unspecified address"), ("::1/128", "loopback"),
+        ("fe80::/10", "link-local"), ("ff00::/8", "multicast"),
+        ("::ffff:0:0/96", "IPv4-mapped"))),
+}
 
 
 # --- addresses -----------------------------------------------------------
@@ -43,19 +60,43 @@ def unkey(k: str) -> int:
     return int(k, 16)
 
 
+def _no_zone(text: str, what: str) -> None:
+    if isinstance(text, str) and "%" in text:  # fe80::1%eth0: a zone means one host's link
+        raise InvalidInput(f"invalid {what} {text!r}: zone ids ('%...') are not allowed")
+
+
 def parse_network(text: str) -> IPNetwork:
+    _no_zone(text, "CIDR")
     try:
         net = ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise InvalidInput(f"invalid CIDR {text!r}: {exc}") from None
     return net
 
 
 def parse_ip(text: str, what: str = "address") -> IPAddress:
+    _no_zone(text, what)
     try:
         return ipaddress.ip_address(text)
-    except ValueError:
+    except (ValueError, TypeError):
         raise InvalidInput(f"invalid {what} {text!r}") from None
+
+
+def check_pool_network(net: IPNetwork, what: str = "pool") -> IPNetwork:
+    """A pool's subnet must hold container addresses only: none of :data:`SPECIAL_RANGES`."""
+    for special, why in SPECIAL_RANGES[net.version]:
+        if net.overlaps(special):
+            raise InvalidInput(f"{what} {net} overlaps {special}, {why}: its addresses "
+                               "cannot be containers'")
+    return net
+
+
+def check_next_hop(addr: IPAddress, what: str) -> IPAddress:
+    """A gateway or next hop: a unicast address (link-local is fine for IPv6)."""
+    if addr.is_multicast or addr.is_unspecified or (
+            addr.version == 4 and int(addr) == 0xFFFFFFFF):
+        raise InvalidInput(f"{what} {addr} is not a unicast address")
+    return addr
 
 
 def ip_str(version: int, value: int) -> str:
@@ -133,8 +174,10 @@ def check_text(value: str, what: str, limit: int = MAX_ID, required: bool = True
         raise InvalidInput(f"{what} is required")
     if len(value) > limit:
         raise InvalidInput(f"{what} is longer than {limit} characters")
-    if any(ord(c) < 32 for c in value):
-        raise InvalidInput(f"{what} contains control characters")
+    bad = unsafe_char(value)
+    if bad is not None:
+        raise InvalidInput(f"{what} contains {describe(bad)}: control, format (bidirectional "
+                           "override, zero width) and separator characters are not allowed")
     return value
 
 
@@ -148,7 +191,8 @@ def check_handle(handle: str) -> str:
 
 def check_ifname(ifname: str) -> str:
     if (not IFNAME_RE.match(ifname) or ifname in (".", "..")
-            or len(ifname.encode("utf-8", "replace")) > 15 or not ifname.isprintable()):
+            or len(ifname.encode("utf-8", "replace")) > 15 or not ifname.isprintable()
+            or unsafe_char(ifname) is not None):
         raise InvalidInput(
             f"invalid interface name {ifname!r}: 1-15 bytes, printable, no spaces, '/' or ':'"
         )

@@ -33,6 +33,10 @@ from netd.errors import (
 )
 from netd.ipam.model import (
     MAX_ALLOWED,
+    MAX_DNS_ITEMS,
+    MAX_DOMAIN,
+    MAX_NAMESERVERS,
+    MAX_ROUTES,
     MODES,
     Allocation,
     Block,
@@ -47,6 +51,8 @@ from netd.ipam.model import (
     check_ifname,
     check_labels,
     check_name,
+    check_next_hop,
+    check_pool_network,
     check_text,
     check_vlan,
     ip_str,
@@ -173,10 +179,11 @@ class IPAM:
                     raise InvalidInput(f"invalid VLAN {spec.vlan!r}: a number 1-4094 or 'auto'")
                 spec.vlan = int(spec.vlan)
             check_vlan(spec.vlan)
-        net: IPNetwork | None = parse_network(spec.cidr) if spec.cidr else None
+        net: IPNetwork | None = check_pool_network(parse_network(spec.cidr)) if spec.cidr \
+            else None
         supernet: IPNetwork | None = None
         if spec.supernet:
-            supernet = parse_network(spec.supernet)
+            supernet = check_pool_network(parse_network(spec.supernet), "supernet")
             if spec.prefix_len is None:
                 raise InvalidInput("generating a pool from a supernet needs a prefix length")
             max_len = 32 if supernet.version == 4 else 128
@@ -187,6 +194,9 @@ class IPAM:
             self._check_prefix(supernet.version, spec.prefix_len)
         if net is not None:
             self._check_prefix(net.version, net.prefixlen)
+        if not isinstance(spec.routes, list) or len(spec.routes) > MAX_ROUTES:
+            raise InvalidInput(f"a pool has at most {MAX_ROUTES} routes (each allocation's "
+                               "answer carries them all)")
         routes = tuple(self._route(r, net or supernet) for r in spec.routes)  # type: ignore[arg-type]
         dns = self._dns(spec.dns)
         block_prefix = spec.block_prefix
@@ -225,12 +235,15 @@ class IPAM:
             else:
                 gateway = first
             if spec.mode == "bgp":
-                block_prefix = block_prefix or DEFAULT_BLOCK_PREFIX[net.version]
-                max_len = 32 if net.version == 4 else 128
+                if block_prefix is None:
+                    block_prefix = DEFAULT_BLOCK_PREFIX[net.version]
+                # a block of one address (/32, /128) is a host route per container, and
+                # the blocks of the network, gateway and broadcast addresses hold nothing
+                max_len = 31 if net.version == 4 else 127
                 if not net.prefixlen <= block_prefix <= max_len:
                     raise InvalidInput(
                         f"block prefix /{block_prefix} must lie between /{net.prefixlen} "
-                        f"and /{max_len}")
+                        f"(the pool) and /{max_len} (two addresses per block)")
             reserved = self._reserved_ranges(spec.reserved, net, gateway)
             pool = Pool(
                 name=spec.name, cidr=str(net), gateway=ip_str(net.version, gateway),
@@ -269,7 +282,7 @@ class IPAM:
         dst = parse_network(r["dst"])
         gw = r.get("gw")
         if gw:
-            g = parse_ip(gw, "route gateway")
+            g = check_next_hop(parse_ip(gw, "route gateway"), "route gateway")
             if g.version != dst.version:
                 raise InvalidInput(f"route {r['dst']} via {gw} mixes address families")
         if dst.version != net.version:
@@ -278,13 +291,38 @@ class IPAM:
 
     @staticmethod
     def _dns(dns: dict[str, Any]) -> dict[str, Any]:
+        """CNI's DNS block, bounded: it goes into every allocation's answer."""
         allowed = {"nameservers", "domain", "search", "options"}
         extra = set(dns) - allowed
         if extra:
             raise InvalidInput(f"unknown dns keys: {', '.join(sorted(extra))}")
-        for ns in dns.get("nameservers", []):
-            parse_ip(ns, "nameserver")
-        return dict(dns)
+        out: dict[str, Any] = {}
+        for name, limit in (("nameservers", MAX_NAMESERVERS), ("search", MAX_DNS_ITEMS),
+                            ("options", MAX_DNS_ITEMS)):
+            if name not in dns:
+                continue
+            items = dns[name]
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise InvalidInput(f"dns {name} must be a list of strings")
+            if len(items) > limit:
+                raise InvalidInput(f"dns {name}: at most {limit} entries")
+            for item in items:
+                if name == "nameservers":
+                    check_next_hop(parse_ip(item, "nameserver"), "nameserver")
+                elif not item or len(item) > MAX_DOMAIN or any(c.isspace() for c in item):
+                    raise InvalidInput(f"dns {name} entry {item[:40]!r}: 1-{MAX_DOMAIN} "
+                                       "characters without spaces")
+                else:
+                    check_text(item, f"dns {name} entry", MAX_DOMAIN)
+            out[name] = list(items)
+        if "domain" in dns:
+            domain = dns["domain"]
+            if not isinstance(domain, str) or len(domain) > MAX_DOMAIN or any(
+                    c.isspace() for c in domain):
+                raise InvalidInput(f"dns domain: at most {MAX_DOMAIN} characters without "
+                                   "spaces")
+            out["domain"] = check_text(domain, "dns domain", MAX_DOMAIN, required=False)
+        return out
 
     @staticmethod
     def _generate_subnet(supernet: IPNetwork, prefix_len: int, pools: list[Pool]) -> IPNetwork:
@@ -542,8 +580,10 @@ class IPAM:
         first, last = usable_bounds(net)
         holes = [(r.lo, r.hi) for r in tx.reservations_overlapping(pool.name, lo, hi)]
         holes += [(a.ip, a.ip) for a in tx.allocations_in(pool.name, lo, hi, size)]
-        for p_lo, p_hi in self._minus(max(lo, first), min(hi, last), holes):
-            tx.put_free(pool.name, key(lo), p_lo, p_hi)
+        u_lo, u_hi = max(lo, first), min(hi, last)
+        if u_lo <= u_hi:  # else the block holds only the network or broadcast address
+            for p_lo, p_hi in self._minus(u_lo, u_hi, holes):
+                tx.put_free(pool.name, key(lo), p_lo, p_hi)
         return block
 
     # --- release -------------------------------------------------------------

@@ -18,12 +18,14 @@ import ipaddress
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlsplit
 
 from netd.errors import InvalidInput, MacInUse, Unavailable
 from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
@@ -101,19 +103,58 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> Store:
-    """Open a store from a URL: ``sqlite:///path`` or ``sqlite://:memory:``."""
-    parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        path = parsed.path if parsed.netloc in ("", "localhost") else parsed.netloc + parsed.path
-        if url.startswith("sqlite://:memory:"):
-            path = ":memory:"
-        if not path:
-            raise InvalidInput(f"store URL {url!r} names no database file")
-        return SqliteStore(path)
+MEMORY_URL = "sqlite://:memory:"
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    """A checked store URL: ``sqlite:///ABSOLUTE/PATH`` or ``sqlite://:memory:``."""
+
+    path: str  # absolute, or ":memory:"
+
+    @property
+    def memory(self) -> bool:
+        return self.path == ":memory:"
+
+
+def check_store_url(url: str) -> StoreUrl:
+    """Parse a store URL, refusing what would silently mean something else (pure).
+
+    No user info (a SQLite file has no users; a password would only end up in
+    logs), no query options or fragments (none is supported: ``?mode=ro``
+    would be ignored), and an absolute path: ``sqlite://dir/ipam.db`` would be
+    relative to wherever the server happens to start.
+    """
+    if url == MEMORY_URL:
+        return StoreUrl(":memory:")
+    parsed = urlsplit(url)
     if parsed.scheme == "etcd":
         raise InvalidInput("the etcd store is not available yet; use sqlite:///PATH")
-    raise InvalidInput(f"unknown store URL {url!r}: expected sqlite:///PATH")
+    if parsed.scheme != "sqlite":
+        raise InvalidInput(f"unknown store URL {url[:80]!r}: expected sqlite:///PATH")
+    if "@" in parsed.netloc:
+        raise InvalidInput("the store URL carries user info: a SQLite database has no users "
+                           "(give sqlite:///PATH)")
+    if parsed.query or parsed.fragment:
+        raise InvalidInput(f"the store URL has options ({(parsed.query or parsed.fragment)[:40]!r}"
+                           "); sqlite:///PATH takes none")
+    if parsed.netloc:
+        raise InvalidInput(f"store URL {url[:80]!r} names a relative path "
+                           f"({parsed.netloc}{parsed.path}): write sqlite:///ABSOLUTE/PATH, "
+                           "with three slashes")
+    path = unquote(parsed.path)
+    if not path.startswith("/"):
+        raise InvalidInput(f"store URL {url[:80]!r} names a relative path: write "
+                           "sqlite:///ABSOLUTE/PATH")
+    if path.endswith("/") or "\0" in path:
+        raise InvalidInput(f"store URL {url[:80]!r} names no database file")
+    return StoreUrl("/" + os.path.normpath(path).lstrip("/"))  # sqlite:////x is /x too
+
+
+def open_store(url: str) -> Store:
+    """Open a store from a URL (:func:`check_store_url`); nothing is created or changed
+    when the URL or the file it names is refused."""
+    return SqliteStore(check_store_url(url).path)
 
 
 # --- SQLite ----------------------------------------------------------------
@@ -495,6 +536,61 @@ class SqliteTxn:
 
 
 SCHEMA_VERSION = 2
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_database_file(path: str) -> None:
+    """Refuse a path that is not a database netd may own: before anything is created.
+
+    A symbolic link (the database is chmod'ed 0600 and written: that would
+    change whatever the link points to), something other than a regular file,
+    and a file that is not SQLite's. A missing file is fine: it is created.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InvalidInput(f"cannot use {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidInput(f"{path} is a symbolic link: give the path of the database "
+                           f"itself ({os.path.realpath(path)})")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(f"{path} is not a regular file")
+    if st.st_size == 0:
+        return  # SQLite makes an empty file a new database
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+    if magic != SQLITE_MAGIC:
+        raise InvalidInput(f"{path} is not a SQLite database")
+    # read-only: a database of something else must not even be switched to WAL
+    try:
+        db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise InvalidInput(f"{path} cannot be used as a database: {exc}") from None
+    try:
+        _check_ours(db, path)
+    except sqlite3.DatabaseError as exc:
+        raise InvalidInput(f"{path} cannot be used as a database: {exc}") from None
+    finally:
+        db.close()
+
+
+def _check_ours(db: sqlite3.Connection, path: str) -> None:
+    """Refuse a SQLite database that holds something else (netd would add its tables)."""
+    tables = {r[0] for r in db.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+    if not tables:
+        return
+    ours = "meta" in tables and db.execute(
+        "SELECT 1 FROM meta WHERE k='schema'").fetchone() is not None
+    if not ours:
+        shown = ", ".join(sorted(tables)[:5])
+        raise InvalidInput(f"{path} is a SQLite database of something else (tables: {shown}); "
+                           "netd's IPAM needs a file of its own")
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -524,6 +620,7 @@ class SqliteStore:
         self._write_lock = threading.Lock()
         self._shared: sqlite3.Connection | None = None
         if path != ":memory:":
+            _check_database_file(path)
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, mode=0o700, exist_ok=True)
         db = self._conn()
@@ -537,8 +634,11 @@ class SqliteStore:
                 db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)",
                            (str(SCHEMA_VERSION),))
                 db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                self._rollback(db)
+                raise InvalidInput(f"{path} cannot be used as a database: {exc}") from None
             except BaseException:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise
         if path != ":memory:":
             os.chmod(path, 0o600)
@@ -561,12 +661,16 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise Unavailable(f"cannot open database {self.path}: {exc}") from None
         db.row_factory = sqlite3.Row
-        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-        if self.path != ":memory:":
-            db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a committed change survives any process crash;
-        # only an OS crash or power cut can lose the last commits.
-        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            if self.path != ":memory:":
+                db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a committed change survives any process crash;
+            # only an OS crash or power cut can lose the last commits.
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise InvalidInput(f"{self.path} cannot be used as a database: {exc}") from None
         return db
 
     def _begin(self, db: sqlite3.Connection, immediate: bool) -> None:

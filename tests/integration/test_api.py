@@ -94,11 +94,13 @@ def test_healthz_and_openapi(anon: httpx.Client) -> None:
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
-            if method in ("post", "delete"):
+            if path.startswith("/v1/"):  # reads too: who holds which address is sensitive
                 assert op.get("security") == [{"bearer": []}], (method, path)
                 assert "401" in op["responses"], (method, path)
             else:
                 assert "security" not in op, (method, path)
+            if method in ("post", "delete"):
+                assert "403" in op["responses"] and "413" in op["responses"], (method, path)
     alloc = schemas["Allocation"]["properties"]
     for field in ("pool", "ip", "prefix_len", "address", "gateway", "mac", "container_id",
                   "ifname", "host", "netns", "handle", "fixed", "labels", "vlan", "routes",
@@ -151,8 +153,8 @@ def test_pool_lifecycle(api: httpx.Client, anon: httpx.Client) -> None:
     assert p["utilisation"] == pytest.approx(11 / 254)
     assert p["block_prefix"] is None and p["created"] > 0
 
-    assert ok(anon.get("/v1/pools/web")) == p
-    assert [x["name"] for x in ok(anon.get("/v1/pools"))["pools"]] == ["web"]
+    assert ok(api.get("/v1/pools/web")) == p
+    assert [x["name"] for x in ok(api.get("/v1/pools"))["pools"]] == ["web"]
     err(api.post("/v1/pools", json={"name": "web", "cidr": "10.99.0.0/24"}), 409, "pool_exists")
     err(api.post("/v1/pools", json={"name": "web2", "cidr": "10.30.0.128/25"}), 409,
         "pool_overlap")
@@ -169,10 +171,10 @@ def test_pool_lifecycle(api: httpx.Client, anon: httpx.Client) -> None:
     err(api.delete("/v1/pools/web"), 409, "pool_in_use")
     assert ok(api.delete("/v1/pools/web", params={"force": "true"})) == {
         "deleted": "web", "dropped_allocations": 1}
-    err(anon.get("/v1/pools/web"), 404, "pool_not_found")
+    err(api.get("/v1/pools/web"), 404, "pool_not_found")
     err(api.delete("/v1/pools/web"), 404, "pool_not_found")
     assert ok(api.delete("/v1/pools/gen")) == {"deleted": "gen", "dropped_allocations": 0}
-    actions = [e["action"] for e in ok(anon.get("/v1/history", params={"pool": "web"}))["events"]]
+    actions = [e["action"] for e in ok(api.get("/v1/history", params={"pool": "web"}))["events"]]
     # the two reserved ranges and the gateway are recorded at creation
     assert actions == ["pool-create", "reserve", "reserve", "reserve", "allocate", "release",
                        "pool-delete"]
@@ -211,28 +213,28 @@ def test_allocate_release(api: httpx.Client, anon: httpx.Client) -> None:
         "pool_not_found")
 
     # queries
-    listed = ok(anon.get("/v1/addresses", params={"pool": "app"}))["addresses"]
+    listed = ok(api.get("/v1/addresses", params={"pool": "app"}))["addresses"]
     assert [x["ip"] for x in listed] == ["10.40.0.2", "10.40.0.77"]
     assert listed[0] == a
-    assert [x["ip"] for x in ok(anon.get("/v1/addresses", params={"host": "h1"}))[
+    assert [x["ip"] for x in ok(api.get("/v1/addresses", params={"host": "h1"}))[
         "addresses"]] == ["10.40.0.2"]
-    page = ok(anon.get("/v1/addresses", params={"pool": "app", "limit": 1,
+    page = ok(api.get("/v1/addresses", params={"pool": "app", "limit": 1,
                                                "after": "10.40.0.2"}))["addresses"]
     assert [x["ip"] for x in page] == ["10.40.0.77"]
-    pa = ok(anon.get("/v1/pools/app/addresses", params={"state": "allocated"}))
+    pa = ok(api.get("/v1/pools/app/addresses", params={"state": "allocated"}))
     assert [x["ip"] for x in pa["allocated"]] == ["10.40.0.2", "10.40.0.77"]
     assert pa["reserved"] == []
-    shown = ok(anon.get("/v1/addresses/10.40.0.2"))
+    shown = ok(api.get("/v1/addresses/10.40.0.2"))
     assert shown["state"] == "allocated" and shown["container_id"] == "ctr-1"
     assert shown["mac"] == a["mac"] and shown["host"] == "h1" and shown["pool"] == "app"
-    assert ok(anon.get("/v1/addresses/10.40.0.3"))["state"] == "free"
-    assert ok(anon.get("/v1/addresses/10.40.0.1"))["state"] == "reserved"
-    assert ok(anon.get("/v1/addresses/10.40.0.255"))["state"] == "unusable"
-    err(anon.get("/v1/addresses/192.0.2.1"), 404, "not_found")
-    err(anon.get("/v1/addresses/not-an-ip"), 422, "invalid_input")
-    hosts = ok(anon.get("/v1/hosts"))["hosts"]
+    assert ok(api.get("/v1/addresses/10.40.0.3"))["state"] == "free"
+    assert ok(api.get("/v1/addresses/10.40.0.1"))["state"] == "reserved"
+    assert ok(api.get("/v1/addresses/10.40.0.255"))["state"] == "unusable"
+    err(api.get("/v1/addresses/192.0.2.1"), 404, "not_found")
+    err(api.get("/v1/addresses/not-an-ip"), 422, "invalid_input")
+    hosts = ok(api.get("/v1/hosts"))["hosts"]
     assert {"host": "h1", "allocations": 1, "pools": {"app": 1}, "blocks": 0} in hosts
-    assert ok(anon.get("/v1/pools/app"))["allocated"] == 2
+    assert ok(api.get("/v1/pools/app"))["allocated"] == 2
 
     # release: by ip needs the owner or force; other owners release nothing
     err(api.post("/v1/release", json={"ip": "10.40.0.2"}), 422, "invalid_input")
@@ -245,10 +247,10 @@ def test_allocate_release(api: httpx.Client, anon: httpx.Client) -> None:
     r = ok(api.post("/v1/release", json={"ip": "10.40.0.77", "force": True},
                     headers={"X-Netd-Actor": "netctl:alice"}))
     assert [x["container_id"] for x in r["released"]] == ["ctr-2"]
-    assert ok(anon.get("/v1/pools/app"))["allocated"] == 0
+    assert ok(api.get("/v1/pools/app"))["allocated"] == 0
 
     # an address's history also shows the events of ranges and pools covering it
-    events = ok(anon.get("/v1/addresses/10.40.0.77/history"))["events"]
+    events = ok(api.get("/v1/addresses/10.40.0.77/history"))["events"]
     assert [(e["action"], e["actor"], e["ip"]) for e in events] == [
         ("pool-create", "api", "10.40.0.0/24"), ("allocate", "api", "10.40.0.77"),
         ("release", "netctl:alice", "10.40.0.77")]
@@ -256,9 +258,9 @@ def test_allocate_release(api: httpx.Client, anon: httpx.Client) -> None:
     assert events[0]["mac"] == "02:aa:bb:cc:dd:ee" and events[0]["container_id"] == "ctr-2"
     assert set(events[0]) == {"id", "ts", "pool", "ip", "action", "container_id", "ifname",
                               "host", "mac", "actor", "note"}
-    assert len(ok(anon.get("/v1/addresses/10.40.0.77/history",
+    assert len(ok(api.get("/v1/addresses/10.40.0.77/history",
                            params={"limit": 1}))["events"]) == 1
-    assert len(ok(anon.get("/v1/history", params={"limit": 2}))["events"]) == 2
+    assert len(ok(api.get("/v1/history", params={"limit": 2}))["events"]) == 2
 
 
 def test_exhausted(api: httpx.Client) -> None:
@@ -295,13 +297,13 @@ def test_reserve_unreserve_assign(api: httpx.Client, anon: httpx.Client) -> None
     assert one["range"] == "10.42.0.30" and one["count"] == 1
     err(api.post("/v1/pools/res/reserve", json={"range": "10.42.0.16/30"}), 409,
         "address_in_use")
-    st = ok(anon.get("/v1/addresses/10.42.0.12"))
+    st = ok(api.get("/v1/addresses/10.42.0.12"))
     assert st["state"] == "reserved" and st["note"] == "lb"
-    assert ok(anon.get("/v1/pools/res"))["reserved"] == 1 + 10 + 1
+    assert ok(api.get("/v1/pools/res"))["reserved"] == 1 + 10 + 1
 
     assert ok(api.post("/v1/pools/res/unreserve", json={"range": "10.42.0.18-10.42.0.30"})) == {
         "freed": 3}
-    reserved = ok(anon.get("/v1/pools/res/addresses", params={"state": "reserved"}))
+    reserved = ok(api.get("/v1/pools/res/addresses", params={"state": "reserved"}))
     assert reserved["allocated"] == []
     assert [x["range"] for x in reserved["reserved"]] == ["10.42.0.1", "10.42.0.10-10.42.0.17"]
 
@@ -317,12 +319,12 @@ def test_reserve_unreserve_assign(api: httpx.Client, anon: httpx.Client) -> None
     err(api.post("/v1/pools/res/assign", json={"ip": "10.42.0.51", "handle": "db-0"}), 409,
         "address_in_use")
     ok(api.post("/v1/release", json={"container_id": "db-0-abc"}))
-    assert ok(anon.get("/v1/addresses/10.42.0.50"))["handle"] == "db-0"
+    assert ok(api.get("/v1/addresses/10.42.0.50"))["handle"] == "db-0"
     a2 = ok(api.post("/v1/allocate", json={"pool": "res", "container_id": "db-0-def",
                                            "handle": "db-0"}))
     assert a2["ip"] == "10.42.0.50"
     err(api.post("/v1/pools/nope/reserve", json={"range": "10.42.0.60"}), 404, "pool_not_found")
-    actions = [e["action"] for e in ok(anon.get("/v1/history", params={"pool": "res"}))["events"]]
+    actions = [e["action"] for e in ok(api.get("/v1/history", params={"pool": "res"}))["events"]]
     assert actions == ["pool-create", "reserve", "reserve", "reserve", "unreserve", "assign",
                        "allocate", "release", "allocate"]
 
@@ -335,17 +337,17 @@ def test_bgp_blocks(api: httpx.Client, anon: httpx.Client) -> None:
     ok(api.post("/v1/allocate", json={"pool": "rack6", "container_id": "c3", "host": "h1"}))
     assert ipaddress.ip_address(a["ip"]) in ipaddress.ip_network("10.43.0.0/28")
     assert ipaddress.ip_address(b["ip"]) in ipaddress.ip_network("10.43.0.16/28")
-    assert ok(anon.get("/v1/pools/rack1/blocks"))["blocks"] == [
+    assert ok(api.get("/v1/pools/rack1/blocks"))["blocks"] == [
         {"pool": "rack1", "cidr": "10.43.0.0/28", "host": "h1"},
         {"pool": "rack1", "cidr": "10.43.0.16/28", "host": "h2"}]
-    assert ok(anon.get("/v1/pools/rack1/blocks", params={"host": "h2"}))["blocks"] == [
+    assert ok(api.get("/v1/pools/rack1/blocks", params={"host": "h2"}))["blocks"] == [
         {"pool": "rack1", "cidr": "10.43.0.16/28", "host": "h2"}]
-    assert ok(anon.get("/v1/blocks", params={"host": "h1"}))["blocks"] == [
+    assert ok(api.get("/v1/blocks", params={"host": "h1"}))["blocks"] == [
         {"pool": "rack1", "cidr": "10.43.0.0/28", "host": "h1"},
         {"pool": "rack6", "cidr": "2001:db8:43::/124", "host": "h1"}]
-    assert len(ok(anon.get("/v1/blocks"))["blocks"]) == 3
-    err(anon.get("/v1/pools/nope/blocks"), 404, "pool_not_found")
-    hosts = {h["host"]: h for h in ok(anon.get("/v1/hosts"))["hosts"]}
+    assert len(ok(api.get("/v1/blocks"))["blocks"]) == 3
+    err(api.get("/v1/pools/nope/blocks"), 404, "pool_not_found")
+    hosts = {h["host"]: h for h in ok(api.get("/v1/hosts"))["hosts"]}
     assert hosts["h1"]["blocks"] == 2 and hosts["h1"]["pools"] == {"rack1": 1, "rack6": 1}
 
 
@@ -364,28 +366,72 @@ MUTATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
 ]
 
 
+READS = ("/v1/pools", "/v1/pools/base", "/v1/pools/base/addresses", "/v1/pools/base/blocks",
+         "/v1/addresses", "/v1/history", "/v1/hosts", "/v1/blocks", "/v1/addresses/10.60.0.2",
+         "/v1/addresses/10.60.0.2/history")
+BAD_AUTH: tuple[dict[str, str], ...] = ({}, {"Authorization": "Bearer"},
+                                        {"Authorization": "Bearer x"})
+
+
 def test_auth(server: Server, api: httpx.Client, anon: httpx.Client) -> None:
     make_pool(api, name="base", cidr="10.60.0.0/24", reserved=["10.60.0.5"])
     ok(api.post("/v1/allocate", json={"pool": "base", "container_id": "c1"}))
-    before = snapshot(anon)
+    before = snapshot(api)
     wrong = {"Authorization": "Bearer " + "0" * len(server.token)}
+    refusals = (*BAD_AUTH, wrong, {"Authorization": server.token},
+                {"Authorization": f"Basic {server.token}"},
+                {"Authorization": f"Bearer {server.token}x"})
     for method, path, body in MUTATIONS:
-        for headers in ({}, wrong, {"Authorization": server.token},
-                        {"Authorization": f"Basic {server.token}"},
-                        {"Authorization": f"Bearer {server.token}x"}):
+        for headers in refusals:
             r = anon.request(method, path, json=body, headers=headers)
             err(r, 401, "unauthorized")
             assert r.headers["www-authenticate"] == "Bearer"
         # an unauthenticated request is refused before its body is even parsed
         err(anon.request(method, path, content=b"{not json", headers={
             "content-type": "application/json"}), 401, "unauthorized")
-    assert snapshot(anon) == before
-    # reads need no token; the scheme name is case-insensitive
-    for path in ("/v1/pools", "/v1/pools/base", "/v1/addresses", "/v1/history", "/v1/hosts",
-                 "/v1/blocks", "/v1/addresses/10.60.0.2", "/metrics", "/openapi.json"):
+    # reads need the token too (0.1.0 served them to anyone): nothing about who holds
+    # which address leaks, not even whether a pool exists
+    for path in (*READS, "/v1/pools/nope", "/v1/addresses/192.0.2.1"):
+        for headers in refusals:
+            err(anon.get(path, headers=headers), 401, "unauthorized")
+    assert snapshot(api) == before
+    # liveness, metrics and the API's description stay open; the scheme name is
+    # case-insensitive
+    for path in ("/healthz", "/metrics", "/openapi.json"):
         assert anon.get(path).status_code == 200, path
     ok(anon.post("/v1/allocate", json={"pool": "base", "container_id": "c9"},
                  headers={"Authorization": f"bearer {server.token}"}))
+    ok(anon.get("/v1/pools", headers={"Authorization": f"BEARER {server.token}"}))
+
+
+def test_read_only_token(tmp_path: Path) -> None:
+    """--read-token-file: a second token for dashboards; it reads everything and changes
+    nothing (403)."""
+    srv = start_server(tmp_path, read_token="r3ad-0nly")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=10,
+                          headers={"Authorization": f"Bearer {srv.token}"}) as admin, \
+                httpx.Client(base_url=srv.url, timeout=10,
+                             headers={"Authorization": "Bearer r3ad-0nly"}) as reader:
+            make_pool(admin, name="base", cidr="10.60.0.0/24", reserved=["10.60.0.5"])
+            ok(admin.post("/v1/allocate", json={"pool": "base", "container_id": "c1"}))
+            before = snapshot(admin)
+            for path in READS:
+                assert reader.get(path).content == admin.get(path).content, path
+            for method, path, body in MUTATIONS:
+                msg = err(reader.request(method, path, json=body), 403, "forbidden")
+                assert "read-only" in msg
+            assert snapshot(admin) == before
+            err(httpx.get(srv.url + "/v1/pools"), 401, "unauthorized")
+    finally:
+        srv.stop()
+
+
+def test_read_token_alone_or_equal_to_the_token_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="must differ"):
+        start_server(tmp_path, token="same", read_token="same")
+    with pytest.raises(RuntimeError, match="needs --token-file"):
+        start_server(tmp_path, token="", read_token="r", extra=["--no-token"])
 
 
 def test_empty_token_file_refused(tmp_path: Path) -> None:
@@ -418,7 +464,7 @@ def test_protocol_errors(api: httpx.Client, anon: httpx.Client) -> None:
     make_pool(api, name="proto", cidr="10.62.0.0/24")
     msg = err(anon.get("/nope"), 404, "not_found")
     assert "/nope" in msg
-    err(anon.get("/v1/pools/"), 404, "not_found")
+    err(api.get("/v1/pools/"), 404, "not_found")
     err(api.post("/v1/nope", json={}), 404, "not_found")
     err(api.put("/v1/pools", json={}), 405, "method_not_allowed")
     msg = err(api.post("/v1/allocate", content=b'{"pool": "proto",',
@@ -434,14 +480,29 @@ def test_protocol_errors(api: httpx.Client, anon: httpx.Client) -> None:
     err(api.post("/v1/allocate", json={"pool": "proto", "container_id": "c", "colour": 1}),
         422, "invalid_input")
     err(api.post("/v1/release"), 422, "invalid_input")
-    err(anon.get("/v1/addresses", params={"limit": 0}), 422, "invalid_input")
-    err(anon.get("/v1/addresses", params={"limit": "many"}), 422, "invalid_input")
-    err(anon.get("/v1/pools/proto/addresses", params={"state": "weird"}), 422, "invalid_input")
-    err(anon.get("/v1/addresses", params={"pool": "proto", "after": "x"}), 422, "invalid_input")
-    err(anon.get("/v1/addresses", params={"after": "10.62.0.9"}), 422, "invalid_input")
+    err(api.get("/v1/addresses", params={"limit": 0}), 422, "invalid_input")
+    err(api.get("/v1/addresses", params={"limit": "many"}), 422, "invalid_input")
+    err(api.get("/v1/pools/proto/addresses", params={"state": "weird"}), 422, "invalid_input")
+    err(api.get("/v1/addresses", params={"pool": "proto", "after": "x"}), 422, "invalid_input")
+    err(api.get("/v1/addresses", params={"after": "10.62.0.9"}), 422, "invalid_input")
     err(api.post("/v1/pools", json={"name": "big", "cidr": "10.63.0.0/24",
                                     "labels": {"k": "v" * (1 << 20)}}), 413, "invalid_input")
     assert ok(api.get("/v1/pools/proto"))["allocated"] == 0
+
+
+def test_wrong_methods_are_405_with_or_without_the_token(api: httpx.Client,
+                                                         anon: httpx.Client) -> None:
+    """0.1.0 answered 401 to a mutating method on any path: the route is checked first
+    (a 404 or 405 touches no data), then the token."""
+    make_pool(api, name="meth", cidr="10.62.8.0/24")
+    before = snapshot(api)
+    for client in (api, anon):
+        for method, path in (("DELETE", "/v1/allocate"), ("PUT", "/v1/pools"),
+                             ("PATCH", "/v1/pools/meth"), ("GET", "/v1/release"),
+                             ("POST", "/v1/hosts"), ("DELETE", "/v1/history")):
+            err(client.request(method, path), 405, "method_not_allowed")
+        err(client.post("/v1/nope", json={}), 404, "not_found")
+    assert snapshot(api) == before
 
 
 def test_fast_and_routed_paths_agree(api: httpx.Client) -> None:
@@ -576,6 +637,103 @@ BAD: list[tuple[str, str, str, Any, int, str]] = [
      422, "invalid_input"),
     ("extra-field", "POST", "/v1/pools/a/reserve", {"range": "10.70.0.9", "force": True}, 422,
      "invalid_input"),
+]
+
+
+def _pool(name: str, cidr: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "cidr": cidr, **more}
+
+
+DEEP_ARRAY = b"[" * 100_000 + b"]" * 100_000
+DEEP_OBJECT = b'{"a":' * 5_000 + b"1" + b"}" * 5_000
+#: mutations whose bodies must never reach a JSON parser's recursion limit
+BODY_PATHS = ("/v1/pools", "/v1/allocate", "/v1/release", "/v1/pools/a/reserve",
+              "/v1/pools/a/unreserve", "/v1/pools/a/assign", "/v1/addresses/10.70.0.2/update",
+              "/v1/addresses/10.70.0.2/allowed")
+
+# issue 8: what 0.1.0 took (or answered with 400/500) and must refuse, changing nothing
+BAD += [
+    # pools on ranges whose addresses are never a container's
+    *[(f"special-{cidr}", "POST", "/v1/pools", _pool("x", cidr), 422, "invalid_input")
+      for cidr in ("224.1.0.0/24", "239.255.255.0/24", "127.0.0.0/24", "169.254.7.0/24",
+                   "0.0.0.0/24", "255.255.255.0/24", "0.0.0.0/0", "ff02::/64", "fe80::/64",
+                   "::/120", "::ffff:10.0.0.0/120")],
+    ("special-supernet", "POST", "/v1/pools",
+     {"name": "x", "supernet": "224.0.0.0/8", "prefix_len": 24}, 422, "invalid_input"),
+    # IPv6 zone ids (were stored)
+    ("zone-cidr", "POST", "/v1/pools", _pool("x", "2001:db8:9::%eth0/64"), 422,
+     "invalid_input"),
+    ("zone-gateway", "POST", "/v1/pools",
+     _pool("x", "2001:db8:9::/64", gateway="2001:db8:9::1%eth0"), 422, "invalid_input"),
+    ("zone-route-gw", "POST", "/v1/pools",
+     _pool("x", "2001:db8:9::/64", routes=[{"dst": "::/0", "gw": "fe80::1%eth0"}]), 422,
+     "invalid_input"),
+    ("zone-nameserver", "POST", "/v1/pools",
+     _pool("x", "2001:db8:9::/64", dns={"nameservers": ["fe80::53%eth0"]}), 422,
+     "invalid_input"),
+    ("zone-reserved", "POST", "/v1/pools",
+     _pool("x", "2001:db8:9::/64", reserved=["2001:db8:9::5%eth0"]), 422, "invalid_input"),
+    ("zone-release-ip", "POST", "/v1/release", {"ip": "fe80::1%eth0", "force": True}, 422,
+     "invalid_input"),
+    # BGP blocks that leave nothing to hand out, or that are silently replaced
+    *[(f"block-prefix-{bp}", "POST", "/v1/pools",
+       _pool("x", "10.9.0.0/24", mode="bgp", block_prefix=bp), 422, "invalid_input")
+      for bp in (32, 33, 0, 23)],
+    ("block-prefix-128", "POST", "/v1/pools",
+     _pool("x", "2001:db8:9::/64", mode="bgp", block_prefix=128), 422, "invalid_input"),
+    # booleans are booleans
+    *[(f"force-{v!r}", "POST", "/v1/release", {"ip": "10.70.0.2", "force": v}, 422,
+       "invalid_input") for v in ("yes", "true", 1, "1")],
+    *[(f"query-force-{v}", "DELETE", f"/v1/pools/a?force={v}", None, 422, "invalid_input")
+      for v in ("yes", "1", "on")],
+    # characters that steer terminals, in ids, handles, labels and notes
+    ("id-bidi", "POST", "/v1/allocate", {"pool": "a", "container_id": "c\u202egpj.exe"}, 422,
+     "invalid_input"),
+    ("id-escape", "POST", "/v1/allocate", {"pool": "a", "container_id": "c\x1b[2J"}, 422,
+     "invalid_input"),
+    ("id-zero-width", "POST", "/v1/allocate", {"pool": "a", "container_id": "owner\u200b-a"},
+     422, "invalid_input"),
+    ("id-line-separator", "POST", "/v1/allocate", {"pool": "a", "container_id": "c\u2028x"},
+     422, "invalid_input"),
+    ("id-surrogate", "POST", "/v1/allocate",
+     b'{"pool": "a", "container_id": "c\\ud800"}', 422, "invalid_input"),
+    ("host-nul", "POST", "/v1/allocate", {"pool": "a", "container_id": "c", "host": "h\x00"},
+     422, "invalid_input"),
+    ("label-key-bidi", "POST", "/v1/allocate",
+     {"pool": "a", "container_id": "c", "labels": {"k\u202e": "v"}}, 422, "invalid_input"),
+    ("label-value-bell", "POST", "/v1/allocate",
+     {"pool": "a", "container_id": "c", "labels": {"k": "v\x07"}}, 422, "invalid_input"),
+    ("pool-label-bidi", "POST", "/v1/pools",
+     _pool("x", "10.9.0.0/24", labels={"owner": "\u2066team\u2069"}), 422, "invalid_input"),
+    ("note-osc", "POST", "/v1/pools/a/reserve", {"range": "10.70.0.9",
+                                                "note": "\x1b]0;pwned\x07"}, 422,
+     "invalid_input"),
+    ("update-label-bidi", "POST", "/v1/addresses/10.70.0.2/update",
+     {"container_id": "owner-a", "labels": {"x": "\u202e"}}, 422, "invalid_input"),
+    ("update-new-owner-bidi", "POST", "/v1/addresses/10.70.0.2/update",
+     {"container_id": "owner-a", "new_container_id": "n\u202e"}, 422, "invalid_input"),
+    # bounded routes and DNS (30,000 routes made every allocation answer 739 KB)
+    ("routes-33", "POST", "/v1/pools",
+     _pool("x", "10.9.0.0/24", routes=[{"dst": f"10.{i}.0.0/16"} for i in range(33)]), 422,
+     "invalid_input"),
+    ("nameservers-9", "POST", "/v1/pools",
+     _pool("x", "10.9.0.0/24", dns={"nameservers": [f"10.0.0.{i}" for i in range(9)]}), 422,
+     "invalid_input"),
+    ("search-33", "POST", "/v1/pools",
+     _pool("x", "10.9.0.0/24", dns={"search": [f"d{i}.corp" for i in range(33)]}), 422,
+     "invalid_input"),
+    ("nameserver-multicast", "POST", "/v1/pools",
+     _pool("x", "10.9.0.0/24", dns={"nameservers": ["224.0.0.251"]}), 422, "invalid_input"),
+    ("route-gw-multicast", "POST", "/v1/pools",
+     _pool("x", "10.9.0.0/24", routes=[{"dst": "0.0.0.0/0", "gw": "224.0.0.1"}]), 422,
+     "invalid_input"),
+    ("search-space", "POST", "/v1/pools",
+     _pool("x", "10.9.0.0/24", dns={"search": ["a b"]}), 422, "invalid_input"),
+    # deeply nested and undecodable bodies: 422 everywhere (were 500 and 400)
+    *[(f"deep-{kind}-{path}", "POST", path, body, 422, "invalid_input")
+      for path in BODY_PATHS for kind, body in (("array", DEEP_ARRAY), ("object", DEEP_OBJECT))],
+    *[(f"undecodable-{path}", "POST", path, b"\xff\xfe{\x00", 422, "invalid_input")
+      for path in ("/v1/pools", "/v1/allocate", "/v1/pools/a/reserve")],
 ]
 
 

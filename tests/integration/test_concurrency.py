@@ -114,7 +114,8 @@ def test_two_servers_one_store(tmp_path: Path) -> None:
         try:
             with httpx.Client(base_url=a.url, timeout=30,
                               headers={"Authorization": f"Bearer {token}"}) as ca, \
-                    httpx.Client(base_url=b.url, timeout=30) as cb:
+                    httpx.Client(base_url=b.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {token}"}) as cb:
                 assert ca.post("/v1/pools", json={"name": "shared",
                                                   "cidr": "10.101.0.0/21"}).status_code == 201
                 # 8 x 300 = 2400 allocations, every 4th released at once: the
@@ -160,7 +161,7 @@ def test_two_worker_processes_share_socket_and_store(tmp_path: Path) -> None:
         with concurrent.futures.ThreadPoolExecutor(16) as ex:
             ips = list(ex.map(alloc, range(400)))
         assert len(set(ips)) == 400
-        assert httpx.get(f"{srv.url}/v1/pools/w").json()["allocated"] == 400
+        assert httpx.get(f"{srv.url}/v1/pools/w", headers=headers).json()["allocated"] == 400
         srv.proc.send_signal(sig.SIGTERM)
         assert srv.proc.wait(20) == 0
         for child in children:

@@ -67,7 +67,9 @@ def fails(server: Server | None, code: int, *args: str, **kw: Any) -> str:
 
 def snapshot(server: Server) -> dict[str, Any]:
     """Everything an operator can see: pools, addresses and the whole event log."""
-    events = every_event(lambda path, **kw: httpx.get(f"{server.url}{path}", **kw))
+    auth = {"Authorization": f"Bearer {server.token}"}
+    events = every_event(lambda path, **kw: httpx.get(f"{server.url}{path}", headers=auth,
+                                                      **kw))
     return {"pools": js(server, "pool", "list"),
             "addresses": json.loads(ok(server, "ip", "list", "--json")),  # --json after too
             "hosts": js(server, "host", "list"),
@@ -418,8 +420,11 @@ def test_wrong_or_missing_token_is_refused(server: Server, tmp_path: Path) -> No
     wrong.write_text("nope\n")
     fails(server, 6, "--token-file", str(wrong), *mutations[0], env={"NETD_TOKEN": ""})
     assert snapshot(server) == before
-    # reads are open, with any token or none
-    assert run(server, "pool", "list", token="wrong-token").returncode == 0
+    # reads need the token too (the server has one): who holds what is not for anyone
+    for argv in (["pool", "list"], ["ip", "list"], ["ip", "show", "10.10.0.1"],
+                 ["ip", "history", "10.10.0.1"], ["host", "list"]):
+        assert "token" in fails(server, 6, *argv, token="wrong-token")
+        fails(server, 6, *argv, env={"NETD_TOKEN": ""})
     # the right token from a file, and from the environment
     right = tmp_path / "right"
     right.write_text(server.token + "\n")
@@ -435,7 +440,8 @@ def test_server_url_from_environment(server: Server) -> None:
               env={"NETD_SERVER": server.url, "NETD_TOKEN": server.token})
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["name"] == "web"
-    events = httpx.get(f"{server.url}/v1/history").json()["events"]
+    events = httpx.get(f"{server.url}/v1/history",
+                       headers={"Authorization": f"Bearer {server.token}"}).json()["events"]
     # pool-create, then the gateway's automatic reservation
     assert [e["action"] for e in events[-2:]] == ["pool-create", "reserve"]
     assert {e["actor"] for e in events[-2:]} == {"netctl:alice"}

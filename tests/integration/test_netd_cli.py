@@ -57,6 +57,62 @@ def test_serve_bad_flags(tmp_path: Path, args: list[str], message: str) -> None:
     assert "Traceback" not in r.stderr
 
 
+def tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root`` (links not followed): mode and content."""
+    out: dict[str, tuple[int, bytes]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        data = b"" if not stat.S_ISREG(st.st_mode) else path.read_bytes()
+        out[str(path.relative_to(root))] = (st.st_mode, data)
+    return out
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("sqlite://{rel}/ipam.db", "names a relative path"),
+    ("sqlite:ipam.db", "names a relative path"),
+    ("sqlite://admin:s3cret@/{dir}/new.db", "carries user info"),
+    ("sqlite:///{dir}/other.db?mode=ro", "takes none"),
+    ("sqlite:///{dir}/new.db?cache=shared", "takes none"),
+    ("sqlite:///{dir}/link.db", "is a symbolic link"),
+    ("sqlite:///{dir}/other.db", "is a SQLite database of something else"),
+    ("sqlite:///{dir}/notes.txt", "is not a SQLite database"),
+    ("sqlite:///{dir}/sub", "is not a regular file"),
+    ("sqlite:///{dir}/", "names no database file"),
+])
+def test_serve_refuses_store_urls_and_changes_nothing(tmp_path: Path, url: str,
+                                                      message: str) -> None:
+    """0.1.0: ?mode=ro was ignored, a symlink's target chmod'ed and given netd's tables, a
+    text file gave a traceback. Each is a one-line error, and nothing is created or changed."""
+    import sqlite3
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "sub").mkdir()
+    (d / "notes.txt").write_text("not a database\n")
+    db = sqlite3.connect(d / "other.db")
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.commit()
+    db.close()
+    (d / "other.db").chmod(0o644)
+    (d / "link.db").symlink_to(d / "other.db")
+    before = tree(tmp_path)
+    r = subprocess.run([bin_path("netd"), "ipam", "serve", "--listen", f"127.0.0.1:{free_port()}",
+                        "--store", url.format(dir=d, rel="data")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "s3cret" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert tree(tmp_path) == before
+
+
+def test_serve_refuses_a_memory_store_with_workers(tmp_path: Path) -> None:
+    """0.1.0: each worker had its own database: one pool created twice, addresses twice."""
+    r = netd("ipam", "serve", "--listen", f"127.0.0.1:{free_port()}", "--store",
+             "sqlite://:memory:", "--workers", "2")
+    assert r.returncode != 0
+    assert "gives each worker a database of its own" in r.stderr, r.stderr
+
+
 def test_serve_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +158,7 @@ def test_serve_without_token_and_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     text = log.read_text()
-    assert "mutations are accepted without authentication" in text
+    assert "anyone who reaches the API may read and change it" in text
     assert "netd ipam stopped" in text
     assert "Traceback" not in text
 

@@ -75,7 +75,7 @@ def test_datastore_busy_is_503(client: TestClient, ipam: IPAM,
     assert r.status_code == 503
     assert r.json()["error"] == {"code": "unavailable",
                                  "message": "datastore busy: database is locked"}
-    assert client.get("/v1/pools").json()["error"]["code"] == "unavailable"
+    assert client.get("/v1/pools", headers=AUTH).json()["error"]["code"] == "unavailable"
 
 
 def test_no_token_means_open(ipam: IPAM) -> None:

@@ -383,6 +383,43 @@ def test_bgp_blocks_affinity_claim_and_borrow(ipam: IPAM) -> None:
     assert stats.free == stats.size - stats.reserved - stats.allocated
 
 
+def test_one_address_blocks_of_an_older_store_never_hand_out_special_addresses(
+        ipam: IPAM) -> None:
+    """A /32-block pool (0.1.0 took them; now refused) handed out the network, gateway
+    and broadcast addresses, and showed free -2: its blocks of nothing now stay empty."""
+    with ipam.store.write() as tx:  # as 0.1.0 stored it
+        tx.insert_pool(Pool(name="p", cidr="10.0.0.0/29", gateway="10.0.0.1", mode="bgp",
+                            block_prefix=32))
+        tx.set_block_cursor("p", ip("10.0.0.0"))
+    ipam.reserve("p", "10.0.0.1", note="gateway")
+    got = []
+    with pytest.raises(PoolExhausted):
+        for n in range(10):
+            got.append(alloc(ipam, f"c{n}", host="h1"))
+    assert got == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+    stats = ipam.get_pool("p")[1]
+    assert stats.free == 0 and stats.utilisation == 1.0
+
+
+@pytest.mark.parametrize(("cidr", "block_prefix"), [
+    ("10.0.0.0/24", 32), ("10.0.0.0/24", 0), ("10.0.0.0/24", 23), ("fd00::/64", 128),
+    ("fd00::/64", 63)])
+def test_block_sizes_that_hold_nothing_or_are_not_blocks_are_refused(
+        ipam: IPAM, cidr: str, block_prefix: int) -> None:
+    before = snapshot(ipam)
+    with pytest.raises(InvalidInput, match="block prefix"):
+        ipam.create_pool(PoolSpec(name="p", cidr=cidr, mode="bgp", block_prefix=block_prefix))
+    assert snapshot(ipam) == before
+
+
+def test_smallest_blocks_are_two_addresses(ipam: IPAM) -> None:
+    ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/29", mode="bgp", block_prefix=31))
+    got = [alloc(ipam, f"c{n}", host="h1") for n in range(5)]
+    assert got == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+    with pytest.raises(PoolExhausted):
+        alloc(ipam, "c5", host="h1")
+
+
 def test_bgp_specific_ip_in_unclaimed_block(ipam: IPAM) -> None:
     ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/28", mode="bgp", block_prefix=30))
     assert alloc(ipam, "x", ip="10.0.0.6", host="h9") == "10.0.0.6"

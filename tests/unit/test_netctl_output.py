@@ -55,3 +55,18 @@ def test_usage_errors_need_no_server(capsys: pytest.CaptureFixture[str]) -> None
     err = capsys.readouterr().err
     assert err.startswith("netctl: error: Invalid value for '--route'")
     assert err.count("\n") == 1
+
+
+def test_what_netctl_prints_never_steers_the_terminal() -> None:
+    """Data the IPAM holds from before its checks (or from another writer) is shown with
+    escapes, never as escape sequences, bidi overrides or hidden characters."""
+    out = netctl.table(["ID", "NOTE"], [["c\u202egpj.exe", "\x1b]0;pwned\x07"],
+                                        ["ok\u200b", "fine"]])
+    assert "\x1b" not in out and "\u202e" not in out and "\u200b" not in out
+    assert "c\\u202egpj.exe" in out and "\\x1b]0;pwned\\x07" in out and "ok\\u200b" in out
+    assert netctl.details([("owner", "a\u2066b")]) == "owner:  a\\u2066b"
+
+
+def test_netctl_error_messages_are_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    netctl._fail("pool 'x\x1b[2J' not found", 3)
+    assert capsys.readouterr().err == "netctl: error: pool 'x\\x1b[2J' not found\n"
