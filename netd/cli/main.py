@@ -197,15 +197,20 @@ def _serve_worker(sock: socket.socket, store_url: str, token: str | None,
     """One server process: its own store connection, app and event loop."""
     import uvicorn
 
+    from netd.ipam import listings
     from netd.ipam.api import create_app
     from netd.ipam.metrics import Metrics
     from netd.ipam.service import IPAM
     from netd.ipam.store import open_store
 
     store = open_store(store_url)
+    ipam = IPAM(store, cooldown=cooldown, vlan_range=vlans)
+    # listing pages are built by a reader process of lower priority (a file store)
+    pages = listings.for_store(ipam, store_url)
     try:
-        app = create_app(IPAM(store, cooldown=cooldown, vlan_range=vlans), token, Metrics(),
-                         read_token=reader)
+        if isinstance(pages, listings.ReaderProcess):
+            pages.start()
+        app = create_app(ipam, token, Metrics(), read_token=reader, listings=pages)
         have = importlib.util.find_spec
         config = uvicorn.Config(
             app,
@@ -232,6 +237,7 @@ def _serve_worker(sock: socket.socket, store_url: str, token: str | None,
         signal.signal(signal.SIGINT, _stop)
         server.run(sockets=[sock])
     finally:
+        pages.close()
         store.close()
 
 

@@ -2,10 +2,11 @@
 
 Mutations are ``async def`` and call the synchronous :class:`~netd.ipam.service.IPAM`
 on the event loop: each is one short store transaction and the store serialises
-writers, so a thread pool would only add latency. Reads are plain ``def``:
-FastAPI runs them in its thread pool, so that a large listing never holds up an
-allocation (each thread has its own SQLite connection; WAL lets readers run
-beside the writer), and their pages are capped (:data:`~netd.ipam.service.MAX_PAGE`).
+writers, so a thread pool would only add latency. Small reads run in the thread
+pool (each thread has its own SQLite connection; WAL lets readers run beside the
+writer). Listings are paged and capped (:data:`~netd.ipam.service.MAX_PAGE`) and
+built where they cannot delay an allocation: in a reader process of lower
+priority when the server has a file store (:mod:`netd.ipam.listings`).
 
 Cross-cutting concerns live in one pure-ASGI middleware (:class:`_Edge`):
 authentication (with a token configured, every request to the API needs the
@@ -48,8 +49,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from netd import __version__
 from netd.errors import InvalidInput, NetdError, PoolNotFound
 from netd.ipam import model
+from netd.ipam.listings import InThreads, Listings, alloc_out, res_out
 from netd.ipam.metrics import Metrics
-from netd.ipam.service import IPAM, MAX_PAGE, AllocRequest, PoolSpec, cursor
+from netd.ipam.service import IPAM, MAX_PAGE, AllocRequest, PoolSpec
 
 log = logging.getLogger(__name__)
 
@@ -429,29 +431,6 @@ def _pool_out(pool: model.Pool, stats: model.PoolStats) -> dict[str, Any]:
     return d
 
 
-def _alloc_out(a: model.Allocation, pool: model.Pool) -> dict[str, Any]:
-    version, plen = _prefix(pool)
-    ip = model.ip_str(version, a.ip)
-    return {
-        "pool": a.pool, "ip": ip, "prefix_len": plen, "address": f"{ip}/{plen}",
-        "gateway": pool.gateway, "mac": a.mac, "container_id": a.container_id,
-        "ifname": a.ifname, "host": a.host, "netns": a.netns, "handle": a.handle,
-        "fixed": a.fixed, "labels": a.labels, "vlan": pool.vlan,
-        "routes": [r.to_dict() for r in pool.routes], "dns": pool.dns, "created": a.created,
-        "allowed": list(a.allowed),
-    }
-
-
-def _res_out(r: model.Reservation, pool: model.Pool) -> dict[str, Any]:
-    version, _ = _prefix(pool)
-    first, last = model.ip_str(version, r.lo), model.ip_str(version, r.hi)
-    return {
-        "pool": r.pool, "range": first if r.lo == r.hi else f"{first}-{last}",
-        "first": first, "last": last, "count": r.count, "note": r.note,
-        "handle": r.handle, "created": r.created,
-    }
-
-
 def _block_out(b: model.Block, version: int) -> dict[str, Any]:
     return {"pool": b.pool, "cidr": f"{model.ip_str(version, b.lo)}/{b.prefix}", "host": b.host}
 
@@ -756,10 +735,12 @@ def _query_names(doc: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
 
 
 def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
-               read_token: str | None = None) -> FastAPI:
+               read_token: str | None = None, listings: Listings | None = None) -> FastAPI:
     """Build the API app around an :class:`IPAM`; ``token=None`` disables auth.
 
     ``read_token``: an optional second token that may read but not change (dashboards).
+    ``listings``: where listing pages are built (default: the thread pool; the server
+    gives a reader process, :mod:`netd.ipam.listings`).
     """
     if read_token is not None and token is None:
         raise ValueError("a read-only token needs the token too (else anyone may change "
@@ -777,7 +758,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
         )
         alloc, pool = ipam.allocate(req, actor=actor)
         metrics.allocated(pool.name)
-        return _alloc_out(alloc, pool)
+        return alloc_out(alloc, pool)
 
     def do_release(body: ReleaseIn, actor: str) -> dict[str, Any]:
         result = ipam.release(pool=body.pool, container_id=body.container_id,
@@ -787,7 +768,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
         for a in result.released:
             if a.pool not in pools:
                 pools[a.pool] = _pool_after_release(ipam, a)
-            out.append(_alloc_out(a, pools[a.pool]))
+            out.append(alloc_out(a, pools[a.pool]))
             metrics.released(a.pool)
         return {"released": out, "message": result.message}
 
@@ -840,6 +821,12 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
 
     app.openapi = custom_openapi  # type: ignore[method-assign]
 
+    pages: Listings = listings if listings is not None else InThreads(ipam)
+
+    async def listing(kind: str, **params: Any) -> Response:
+        """A listing page, built where it cannot delay an allocation (netd.ipam.listings)."""
+        return Response(await pages.page(kind, **params), media_type="application/json")
+
     # --- health and metrics --------------------------------------------------
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
@@ -887,20 +874,15 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
 
     @app.get("/v1/pools/{name}/addresses", response_model=PoolAddresses, tags=["pools"],
              responses=_ERRORS)
-    def pool_addresses(
+    async def pool_addresses(
         name: PoolName,
         state: Literal["all", "allocated", "reserved"] = "all",
         host: str | None = None,
         limit: Limit = 1000,
         after: str | None = None,
-    ) -> dict[str, Any]:
-        pool, reservations = ipam.reservations(name)
-        rows = (ipam.addresses(name, _opt(host), limit, _opt(after))
-                if state in ("all", "allocated") else [])
-        reserved = ([_res_out(r, pool) for r in reservations]
-                    if state in ("all", "reserved") else [])
-        return {"allocated": [_alloc_out(a, p) for a, p in rows], "reserved": reserved,
-                "next": cursor(*rows[-1]) if len(rows) == limit else None}
+    ) -> Response:
+        return await listing("pool_addresses", name=name, state=state, host=_opt(host),
+                             limit=limit, after=_opt(after))
 
     @app.post("/v1/pools/{name}/reserve", response_model=Reservation, status_code=201,
               tags=["pools"], responses=_MUTATION_ERRORS)
@@ -908,7 +890,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
                       actor: Actor = "api") -> dict[str, Any]:
         r = ipam.reserve(name, body.range, body.note, actor=actor)
         pool, _ = ipam.get_pool(name)
-        return _res_out(r, pool)
+        return res_out(r, pool)
 
     @app.post("/v1/pools/{name}/unreserve", response_model=Freed, tags=["pools"],
               responses=_MUTATION_ERRORS)
@@ -921,7 +903,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     async def assign(name: PoolName, body: AssignIn, actor: Actor = "api") -> dict[str, Any]:
         r = ipam.assign(name, body.ip, body.handle, body.note, actor=actor)
         pool, _ = ipam.get_pool(name)
-        return _res_out(r, pool)
+        return res_out(r, pool)
 
     @app.get("/v1/pools/{name}/blocks", response_model=BlockList, tags=["pools"],
              responses=_ERRORS)
@@ -952,13 +934,12 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
 
     @app.get("/v1/addresses", response_model=AddressList, tags=["addresses"],
              responses=_ERRORS)
-    def addresses(
+    async def addresses(
         pool: str | None = None, host: str | None = None, limit: Limit = 1000,
         after: str | None = None,
-    ) -> dict[str, Any]:
-        rows = ipam.addresses(_opt(pool), _opt(host), limit, _opt(after))
-        return {"addresses": [_alloc_out(a, p) for a, p in rows],
-                "next": cursor(*rows[-1]) if len(rows) == limit else None}
+    ) -> Response:
+        return await listing("addresses", pool=_opt(pool), host=_opt(host), limit=limit,
+                             after=_opt(after))
 
     @app.get("/v1/addresses/{ip}", response_model=AddressState,
              response_model_exclude_unset=True, tags=["addresses"], responses=_ERRORS)
@@ -971,28 +952,27 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
         a, p = ipam.update(ip, container_id=body.container_id, ifname=body.ifname,
                            new_container_id=body.new_container_id, labels=body.labels,
                            actor=actor)
-        return _alloc_out(a, p)
+        return alloc_out(a, p)
 
     @app.post("/v1/addresses/{ip}/allowed", response_model=Allocation, tags=["addresses"],
               responses=_MUTATION_ERRORS)
     async def set_allowed(ip: str, body: AllowedIn, actor: Actor = "api") -> dict[str, Any]:
         a, p = ipam.set_allowed(ip, container_id=body.container_id, allowed=body.allowed,
                                 ifname=body.ifname, actor=actor)
-        return _alloc_out(a, p)
+        return alloc_out(a, p)
 
     @app.get("/v1/addresses/{ip}/history", response_model=EventList, tags=["addresses"],
              responses=_ERRORS)
-    def address_history(ip: str, limit: Limit = 100,
-                        after: Annotated[int | None, Query(ge=0)] = None) -> dict[str, Any]:
-        return {"events": [e.to_dict() for e in ipam.history(ip=ip, limit=limit, after=after)]}
+    async def address_history(ip: str, limit: Limit = 100,
+                              after: Annotated[int | None, Query(ge=0)] = None) -> Response:
+        return await listing("history", ip=ip, limit=limit, after=after)
 
     @app.get("/v1/history", response_model=EventList, tags=["history"], responses=_ERRORS)
-    def history(pool: str | None = None, limit: Limit = 100,
-                after: Annotated[int | None, Query(
-                    ge=0, description="page on: the events after this event id, oldest first"
-                )] = None) -> dict[str, Any]:
-        return {"events": [e.to_dict() for e in ipam.history(pool=_opt(pool), limit=limit,
-                                                               after=after)]}
+    async def history(pool: str | None = None, limit: Limit = 100,
+                      after: Annotated[int | None, Query(
+                          ge=0, description="page on: the events after this event id, "
+                                            "oldest first")] = None) -> Response:
+        return await listing("history", pool=_opt(pool), limit=limit, after=after)
 
     @app.get("/v1/hosts", response_model=HostList, tags=["hosts"], responses=_ERRORS)
     def hosts() -> dict[str, Any]:

@@ -24,6 +24,12 @@ up, a filled store that is not consistent, a phase that crashed.
    stays put (a /24 has too few free addresses for 2,000 allocations otherwise).
 3. Reference: the CNI ``host-local`` IPAM plugin, executed serially the way a
    runtime executes it (one process per ADD, net config on stdin).
+4. Listings under load: a real server on a pool of 58,000 allocations
+   (bulk-filled), one client allocating (paced, each allocation released
+   untimed) alone and while 8 client processes page through every address
+   (``GET /v1/addresses?limit=1000`` with ``after``) without pause, in rounds
+   taken in turn: the p99 ratio. The readers count the rows of each full pass
+   (it must be the pool's).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ TARGET_HTTP_PER_S = 2000.0
 TARGET_HTTP_P99_MS = 25.0
 TARGET_SIZE_RATIO = 1.2
 TARGET_VS_HOST_LOCAL = 10.0
+TARGET_LISTING_RATIO = 3.0  # allocation p99 with 8 clients paging / idle
 
 
 class BenchError(Exception):
@@ -479,7 +486,7 @@ _FILL_EVENTS = (
 # NULL: allocate() writes them only for range and pool events)
 FILL_COLUMNS = {
     "allocations": {"pool", "ip", "container_id", "ifname", "mac", "host", "netns", "handle",
-                    "fixed", "labels", "block", "created"},
+                    "fixed", "labels", "block", "created", "allowed"},
     "events": {"id", "ts", "pool", "ip", "action", "container_id", "ifname", "host", "mac",
                "actor", "note", "lo", "hi"},
 }
@@ -798,6 +805,177 @@ def bench_inproc(tmp: Path, args: argparse.Namespace,
     return out
 
 
+# --- 4. listings under load: allocation latency while clients page -----------------
+
+LIST_POOL = "listing"
+LIST_CIDR = "10.128.0.0/16"
+
+
+def _page_reader(url: str, token: str, stop: Any, paused: Any, pages: Any,
+                 passes: Any) -> None:
+    """A dashboard that pages through every address, again and again (own process);
+    it waits between pages while ``paused`` is set (the idle rounds)."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    headers = {"Authorization": f"Bearer {token}"}
+    after, rows = "", 0
+    while not stop.value:
+        if paused.value:
+            time.sleep(0.01)
+            continue
+        q = f"/v1/addresses?pool={LIST_POOL}&limit=1000" + (f"&after={after}" if after else "")
+        conn.request("GET", q, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            passes.put(("error", resp.status, body[:200]))
+            return
+        with pages.get_lock():
+            pages.value += 1
+        rows += body.count(b'"container_id"')
+        tail = body[body.rfind(b'"next":') + 7:-1]  # the last key: no JSON parse
+        if tail == b"null":
+            passes.put(("pass", rows))
+            after, rows = "", 0
+        else:
+            after = tail.strip(b'"').decode()
+
+
+def _probe(ep: Endpoint, n: int, pace_s: float) -> tuple[list[int], Counter[str]]:
+    """``n`` allocations one after the other (each released untimed), their latencies."""
+    headers = {"Authorization": f"Bearer {ep.token}", "Content-Type": "application/json",
+               "X-Netd-Actor": ACTOR}
+    conn = http.client.HTTPConnection(ep.host, ep.port, timeout=60)
+    lat: list[int] = []
+    statuses: Counter[str] = Counter()
+    try:
+        for _ in range(n):
+            cid = new_cid()
+            t0 = time.perf_counter_ns()
+            conn.request("POST", "/v1/allocate", body=alloc_body(ep.pool, cid), headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            dt = time.perf_counter_ns() - t0
+            statuses[str(resp.status)] += 1
+            if resp.status == 200:
+                lat.append(dt)
+            conn.request("POST", "/v1/release", headers=headers, body=json.dumps(
+                {"pool": ep.pool, "container_id": cid, "ifname": "eth0"}).encode())
+            r = conn.getresponse()
+            r.read()
+            statuses[f"release-{r.status}"] += 1
+            time.sleep(pace_s)
+    finally:
+        conn.close()
+    return lat, statuses
+
+
+def bench_listings(tmp: Path, args: argparse.Namespace,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Allocation latency while ``args.list_readers`` clients page through all addresses
+    of a pool of ``args.list_fill`` allocations, against the same probe idle."""
+    import multiprocessing
+
+    d = tmp / "listings"
+    d.mkdir()
+    db = d / "ipam.db"
+    store = SqliteStore(str(db))
+    IPAM(store).create_pool(PoolSpec(name=LIST_POOL, cidr=LIST_CIDR), actor=ACTOR)
+    store.close()
+    fill = bulk_fill(db, LIST_POOL, args.list_fill, log)
+    server = start_server(d, db=db)
+    try:
+        u = urlparse(server.url)
+        assert u.hostname is not None and u.port is not None
+        ep = Endpoint(u.hostname, u.port, server.token, LIST_POOL)
+        status, _ = api_call(ep, "GET", f"/v1/addresses?pool={LIST_POOL}&limit=100000")
+        t0 = time.perf_counter()
+        status_page, _ = api_call(ep, "GET", f"/v1/addresses?pool={LIST_POOL}&limit=1000")
+        one_page_ms = round((time.perf_counter() - t0) * 1e3, 1)
+        _probe(ep, max(10, args.list_probe // 10), args.list_pace)  # warm-up
+        ctx = multiprocessing.get_context("spawn")
+        stop, paused, pages = ctx.Value("i", 0), ctx.Value("i", 1), ctx.Value("i", 0)
+        passes = ctx.Queue()
+        readers = [ctx.Process(target=_page_reader, args=(server.url, server.token, stop,
+                                                           paused, pages, passes), daemon=True)
+                   for _ in range(args.list_readers)]
+        for r in readers:
+            r.start()
+        # idle and loaded rounds in turn, so that drift (WAL checkpoints, the machine's
+        # other work) lands in both alike
+        idle: list[int] = []
+        loaded: list[int] = []
+        st_idle: Counter[str] = Counter()
+        st_loaded: Counter[str] = Counter()
+        busy_s, busy_pages = 0.0, 0
+        each = max(1, args.list_probe // args.list_rounds)
+        for _ in range(args.list_rounds):
+            paused.value = 1
+            time.sleep(0.2)  # the pages in flight are done
+            lat, st = _probe(ep, each, args.list_pace)
+            idle += lat
+            st_idle += st
+            paused.value = 0
+            p0 = pages.value
+            deadline = time.monotonic() + 30
+            while pages.value < p0 + args.list_readers and time.monotonic() < deadline:
+                time.sleep(0.01)  # every reader is paging
+            p0, t0 = pages.value, time.perf_counter()
+            lat, st = _probe(ep, each, args.list_pace)
+            busy_s += time.perf_counter() - t0
+            busy_pages += pages.value - p0
+            loaded += lat
+            st_loaded += st
+        log(f"  idle p99 {summarize(idle)['p99_ms']} ms, loaded p99 "
+            f"{summarize(loaded)['p99_ms']} ms")
+        pages_per_s = round(busy_pages / busy_s, 1) if busy_s else 0.0
+        results: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + args.list_verify_s
+        while time.monotonic() < deadline:  # the readers finish a full pass each
+            while not passes.empty():
+                results.append(passes.get())
+            if sum(1 for x in results if x[0] == "pass") >= args.list_readers:
+                break
+            time.sleep(0.1)
+        stop.value = 1
+        for r in readers:
+            r.join(30)
+        while not passes.empty():
+            results.append(passes.get())
+        full = [x[1] for x in results if x[0] == "pass"]
+        errors = [x for x in results if x[0] == "error"]
+        li, ll = summarize(idle), summarize(loaded)
+        problems = []
+        bad = {k: v for k, v in (st_idle + st_loaded).items() if k not in ("200", "release-200")}
+        if bad:
+            problems.append(f"probe answers other than 200: {dict(bad)}")
+        if errors:
+            problems.append(f"reader errors: {errors[:3]}")
+        if full and (min(full) < args.list_fill or max(full) > args.list_fill + 1):
+            problems.append(f"a full pass listed {min(full)}-{max(full)} rows, want "
+                            f"{args.list_fill} (+1 probe)")
+        if not full:
+            problems.append(f"no reader finished a full pass in {args.list_verify_s} s")
+        if status != 422 or status_page != 200:
+            problems.append(f"limit=100000 answered {status} (want 422), limit=1000 "
+                            f"{status_page}")
+        return {
+            "server": "netd ipam serve (listing pages in its reader process), SQLite file "
+                      "store, token, loopback",
+            "pool": {"name": LIST_POOL, "cidr": LIST_CIDR, "allocations": args.list_fill},
+            "fill": fill, "readers": args.list_readers, "pace_ms": args.list_pace * 1e3,
+            "rounds": args.list_rounds,
+            "one_page_ms": one_page_ms, "limit_100000_status": status,
+            "idle": li, "loaded": ll, "p99_ratio": ratio(ll["p99_ms"], li["p99_ms"]),
+            "p50_ratio": ratio(ll["p50_ms"], li["p50_ms"]),
+            "pages_per_s": pages_per_s, "rows_per_s": round(pages_per_s * 1000),
+            "full_passes": len(full),
+            "verify": {"ok": not problems, "problems": problems},
+        }
+    finally:
+        server.stop()
+
+
 # --- 3. reference: CNI host-local --------------------------------------------------
 
 
@@ -891,6 +1069,11 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     add(f"16-client throughput >= {TARGET_VS_HOST_LOCAL:g}x serial host-local", v16,
         None if v16 is None else v16 >= TARGET_VS_HOST_LOCAL, "x",
         f"1 client: {ratio(t1, hl_s)}x")
+    ls = res.get("listings") or {}
+    lr = ls.get("p99_ratio")
+    add(f"allocation p99 with {ls.get('readers', 8)} clients paging all addresses <= "
+        f"{TARGET_LISTING_RATIO:g}x idle", lr, None if lr is None else lr <= TARGET_LISTING_RATIO,
+        "x", f"p50 {ls.get('p50_ratio')}x; {ls.get('pages_per_s')} pages/s")
     return out
 
 
@@ -985,6 +1168,26 @@ def render(res: dict[str, Any]) -> str:
     else:
         L.append(f"   not run: {res.get('errors', {}).get('host_local', 'skipped')}")
     L.append("")
+    ls = res.get("listings")
+    L.append("4. Listings under load: POST /v1/allocate (one client, paced, each released "
+             "untimed) while clients page through every address")
+    if ls:
+        L.append(f"   pool {ls['pool']['cidr']} with {ls['pool']['allocations']:,} allocations "
+                 f"(bulk-filled); one page of 1,000: {ls['one_page_ms']} ms; limit=100000: "
+                 f"{ls['limit_100000_status']}")
+        for k in ("idle", "loaded"):
+            lat = ls[k]
+            who = "idle" if k == "idle" else f"{ls['readers']} readers"
+            L.append(f"   {who:11s} {lat['n']:>5} allocs  p50 {fmt_ms(lat['p50_ms']):>6} ms  "
+                     f"p99 {fmt_ms(lat['p99_ms']):>6} ms  max {fmt_ms(lat['max_ms']):>7} ms")
+        L.append(f"   ratio loaded/idle: p99 {ls['p99_ratio']}x, p50 {ls['p50_ratio']}x; "
+                 f"readers: {ls['pages_per_s']} pages/s ({ls['rows_per_s']:,} rows/s), "
+                 f"{ls['full_passes']} full passes -> " + (
+                     "OK" if ls["verify"]["ok"] else
+                     "FAILED: " + "; ".join(ls["verify"]["problems"])))
+    else:
+        L.append(f"   not run: {res.get('errors', {}).get('listings', 'skipped')}")
+    L.append("")
     L.append("Targets (markers, not assertions)")
     for t in res["targets"]:
         v = t["value"]
@@ -1011,7 +1214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny counts, no targets: proves the benchmark runs (the test suite "
                          "does this)")
-    ap.add_argument("--only", choices=["http", "inproc", "host-local"], action="append",
+    ap.add_argument("--only", choices=["http", "inproc", "host-local", "listings"],
+                    action="append",
                     help="run only these parts (repeatable)")
     ap.add_argument("--workers", type=int, default=1,
                     help="server processes (netd ipam serve --workers); on this 2-core box "
@@ -1027,17 +1231,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="cap on bulk-filled rows for the /8 at 90%% (default: the full 90%%)")
     ap.add_argument("--host-local", type=int, default=300)
     ap.add_argument("--host-local-warmup", type=int, default=20)
+    ap.add_argument("--list-fill", type=int, default=58_000,
+                    help="allocations of the listing bench's pool (the issue's 58,000)")
+    ap.add_argument("--list-probe", type=int, default=2000)
+    ap.add_argument("--list-readers", type=int, default=8)
+    ap.add_argument("--list-pace", type=float, default=0.005,
+                    help="seconds between probe allocations")
+    ap.add_argument("--list-rounds", type=int, default=4,
+                    help="idle and loaded probe rounds, in turn")
+    ap.add_argument("--list-verify-s", type=float, default=120.0,
+                    help="time the readers get afterwards to finish a full pass each")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args(argv)
     if args.quick:
         args.n16, args.n1, args.calib, args.warmup = 1000, 200, 300, 100
         args.inproc, args.inproc_warmup, args.host_local = 300, 50, 50
         args.big_fill_rows = args.big_fill_rows or 1_000_000
+        args.list_probe = 500
     if args.smoke:
         args.n16, args.n1, args.calib, args.warmup, args.max_run_s = 64, 16, 32, 8, 20.0
         args.inproc, args.inproc_warmup, args.host_local, args.host_local_warmup = 20, 5, 5, 1
         args.big_fill_rows = 20_000
-    parts = set(args.only or ["http", "inproc", "host-local"])
+        args.list_fill, args.list_probe, args.list_readers, args.list_rounds = 3_000, 20, 2, 2
+    parts = set(args.only or ["http", "inproc", "host-local", "listings"])
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -1076,6 +1292,12 @@ def main(argv: list[str] | None = None) -> int:
                 res["inproc"] = bench_inproc(tmp, args, log)
             except Exception as exc:
                 res["errors"]["inproc"] = f"{type(exc).__name__}: {exc}"
+        if "listings" in parts:
+            log("listings under load ...")
+            try:
+                res["listings"] = bench_listings(tmp, args, log)
+            except Exception as exc:
+                res["errors"]["listings"] = f"{type(exc).__name__}: {exc}"
     finally:
         if args.keep:
             log(f"kept {tmp}")
@@ -1084,7 +1306,8 @@ def main(argv: list[str] | None = None) -> int:
     res["targets"] = [] if args.smoke else targets(res)
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
     res["out"] = str(out)
-    for part, key_ in (("http", "http"), ("host_local", "host_local")):
+    for part, key_ in (("http", "http"), ("host_local", "host_local"),
+                       ("listings", "listings")):
         v = (res.get(key_) or {}).get("verify")
         if v and not v["ok"]:
             res["errors"][f"{part}_verify"] = "; ".join(v["problems"])

@@ -215,3 +215,47 @@ def test_install_cni_unwritable(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.startswith("Error: cannot install into")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def reader_pids(server_pid: int) -> list[int]:
+    """The server's listing reader processes (its spawned children)."""
+    out = []
+    for pid in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split():
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"multiprocessing.spawn" in cmd:
+            out.append(int(pid))
+    return out
+
+
+def test_listing_reader_process_is_nicer_replaced_and_dies_with_the_server(
+        tmp_path: Path) -> None:
+    """Listings are built by a reader process of lower priority (so a flood of them does
+    not delay allocations: tests/bench/ipam_bench.py). It is replaced when it dies and
+    dies with the server, kill -9 included."""
+    srv = start_server(tmp_path)
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    try:
+        readers = reader_pids(srv.proc.pid)
+        assert len(readers) == 1
+        assert os.getpriority(os.PRIO_PROCESS, readers[0]) == 10
+        httpx.post(f"{srv.url}/v1/pools", json={"name": "p", "cidr": "10.91.0.0/24"},
+                   headers=headers).raise_for_status()
+        for n in range(3):
+            httpx.post(f"{srv.url}/v1/allocate", json={"pool": "p", "container_id": f"c{n}"},
+                       headers=headers).raise_for_status()
+        page = httpx.get(f"{srv.url}/v1/addresses", params={"pool": "p"}, headers=headers)
+        assert [a["container_id"] for a in page.json()["addresses"]] == ["c0", "c1", "c2"]
+        os.kill(readers[0], signal.SIGKILL)
+        time.sleep(0.2)
+        again = httpx.get(f"{srv.url}/v1/addresses", params={"pool": "p"}, headers=headers)
+        assert again.status_code == 200 and again.json() == page.json()
+        replaced = reader_pids(srv.proc.pid)
+        assert len(replaced) == 1 and replaced != readers
+        srv.proc.kill()
+        srv.proc.wait()
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{replaced[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{replaced[0]}").exists(), "the reader outlived the server"
+    finally:
+        srv.stop()
