@@ -198,18 +198,17 @@ class L2Driver(Driver):
         """The veth, on the bridge, before the address is known (the agent allocates meanwhile).
 
         Both ends get the bridge's MTU: a smaller port MTU would lower the bridge's.
+        With the guards on, the host end stays down until :meth:`attach` has put the
+        port's guard in place: a down port forwards nothing (fail closed, at the cost
+        of one link change instead of a guard transaction of its own).
         """
-        if self.settings.guard:  # fail closed: the port drops everything until attach
-            self.guards().block(ep.host_ifname, self._owner(ep))
         host = Netlink(self.host_netns)
         try:
             index, mtu = self._bridge(host)
             pair = veth.create(self._names(ep), self.mark(ep), host=host, master=index,
-                               mtu=mtu)
+                               mtu=mtu, host_up=not self.settings.guard)
         except BaseException:
             host.close()
-            if self.settings.guard:
-                self.guards().remove(ep.host_ifname)
             raise
         pair.own_host = True  # closed with the pair, after finish
         return pair
@@ -229,9 +228,11 @@ class L2Driver(Driver):
             if got is not None and got.master != self.settings.bridge:
                 pair.host.set_master(ep.host_ifname, self.settings.bridge)
         expected = self.expected(ep, addressing)
-        if self.settings.guard:  # before the container end comes up: no frame unchecked
+        if self.settings.guard:  # before the port comes up: no frame unchecked
             try:
                 self.guards().install(self.port_guard(ep, expected))
+                if pair.host is not None:
+                    pair.host.set_link(ep.host_ifname, up=True)
             except BaseException:
                 pair.remove()
                 pair.close()

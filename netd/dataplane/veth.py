@@ -320,15 +320,18 @@ def _sockets(with_packet: bool) -> tuple[socket.socket, socket.socket | None]:
 
 
 def create(names: Names, mark: Mark | None, *, host: HostArg = None, master: int | None = None,
-           mtu: int | None = None, mac: str | None = None, packet: bool = True) -> Veth:
+           mtu: int | None = None, mac: str | None = None, packet: bool = True,
+           host_up: bool = True) -> Veth:
     """Make the pair, container end down; returns the open :class:`Veth`.
 
     Enters the container's namespace once (one thread makes its netlink and
     packet sockets), creates the pair in one message (container end directly
-    in its namespace, down, with ``mac`` if given; host end up, enslaved to
-    ``master`` if given, both with ``mtu``) and marks the host end. An
-    existing pair of the same mark is taken over (``adopted``); a foreign one
-    raises :class:`LinkExists`. On failure nothing is left behind.
+    in its namespace, down, with ``mac`` if given; host end enslaved to
+    ``master`` if given, both with ``mtu``; the host end up unless
+    ``host_up`` is false: a down port forwards nothing, whatever the container
+    does with its end, until the caller brings it up) and marks the host end.
+    An existing pair of the same mark is taken over (``adopted``); a foreign
+    one raises :class:`LinkExists`. On failure nothing is left behind.
     """
     veth = Veth(names, mark)
     try:
@@ -346,14 +349,15 @@ def create(names: Names, mark: Mark | None, *, host: HostArg = None, master: int
             host_ns = veth.host.netns
             nl_sock, veth.packet = run_in_netns(host_ns, lambda: _sockets(packet))
             veth.ctr = Netlink(host_ns, sock=nl_sock)
-        _create_pair(veth, None if mac is None else normalize_mac(mac), mtu, master)
+        _create_pair(veth, None if mac is None else normalize_mac(mac), mtu, master, host_up)
     except BaseException:
         veth.close()
         raise
     return veth
 
 
-def _create_pair(veth: Veth, mac: str | None, mtu: int | None, master: int | None) -> None:
+def _create_pair(veth: Veth, mac: str | None, mtu: int | None, master: int | None,
+                 host_up: bool = True) -> None:
     host, ctr, names = veth.host, veth.ctr, veth.names
     assert host is not None and ctr is not None
     end = names.container_end
@@ -362,7 +366,7 @@ def _create_pair(veth: Veth, mac: str | None, mtu: int | None, master: int | Non
     try:
         host.create_veth(names.host_ifname, end, peer_netns=names.netns,
                          peer_netns_fd=veth.fd if veth.fd >= 0 else None, peer_mac=mac,
-                         mtu=mtu, master=master, up=True)
+                         mtu=mtu, master=master, up=host_up)
     except LinkExists:
         existing = host.link(names.host_ifname)
         if existing is None:
@@ -374,6 +378,8 @@ def _create_pair(veth: Veth, mac: str | None, mtu: int | None, master: int | Non
             if peer is not None and peer.kind == "veth":  # ours, from an interrupted attempt
                 if existing.alias != alias:  # a first-release mark: write the current one
                     host.set_link(names.host_ifname, alias=alias)
+                if not host_up:
+                    host.set_link(names.host_ifname, up=False)
                 veth.mtu = existing.mtu
                 veth.mac = normalize_mac(peer.mac) if peer.mac else None
                 veth.index = peer.index

@@ -30,7 +30,10 @@ per-run prefix, removed at the end, also after a failure or Ctrl-C):
 5. Concurrent: 32 ADDs at once from 32 threads, wall time (then the DELs, also
    concurrent, timed for information); ``--rounds`` rounds alternating which
    plugin goes first; the median wall time of each is compared.
-6. For information: the same sequential ADD/DEL with the agent restarted with
+6. The port guard's cost: sequential ADD/DEL with the agent restarted with
+   ``[l2] guard = true`` and ``false`` in blocks taken in turn; the p50
+   difference is what the guard costs an ADD (and a DEL).
+7. For information: the same sequential ADD/DEL with the agent restarted with
    duplicate address detection off (``[l2] dad_timeout = 0``), the Python
    plugin alone (``install-cni --no-native``), and the exec time of
    ``VERSION`` (interpreter or binary start-up alone) of each plugin.
@@ -78,6 +81,7 @@ from tests.bench.common import BenchError, log, mark, quiet_sigterm, ratio, run_
 REPO = Path(__file__).resolve().parents[2]
 REF_DIR = Path("/usr/lib/cni")
 REF_SUBNET = "198.18.64.0/24"
+GUARD_BLOCKS = 4  # on, off, on, off: drift hits both alike
 REF_GATEWAY = "198.18.64.1"
 IFNAME = "eth0"
 CNI_VERSION = "1.0.0"
@@ -273,8 +277,9 @@ def build(setup: Setup, slots_per_plugin: int, cooldown: float) -> None:
             create_netns(setup.slot_netns(kind, i))
 
 
-def restart_agent(setup: Setup, dad_timeout: float | None) -> None:
-    """Restart the lab's agent with ``[l2] dad_timeout`` set (None: the default)."""
+def restart_agent(setup: Setup, dad_timeout: float | None, guard: bool | None = None) -> None:
+    """Restart the lab's agent with ``[l2] dad_timeout`` and ``guard`` set (None: the
+    default)."""
     assert setup.plan is not None and setup.manifest is not None
     plan, manifest = setup.plan, setup.manifest
     host = plan.hosts[0]
@@ -283,6 +288,8 @@ def restart_agent(setup: Setup, dad_timeout: float | None) -> None:
     text = agent_config_text(plan, host)
     if dad_timeout is not None:
         text += f"dad_timeout = {dad_timeout}\n"  # the [l2] table is the last one
+    if guard is not None:
+        text += f"guard = {'true' if guard else 'false'}\n"
     host.config.write_text(text)
     host.socket.unlink(missing_ok=True)
     argv = [setup.netd_bin, "agent", "--config", str(host.config)]
@@ -293,6 +300,13 @@ def restart_agent(setup: Setup, dad_timeout: float | None) -> None:
         if not alive(pid) or time.monotonic() > deadline:
             raise BenchError(f"the agent did not come back:\n{host.log.read_text()[-2000:]}")
         time.sleep(0.02)
+
+
+def guard_table(netns: str) -> bool:
+    """Whether the agent's port guard table (nftables, bridge family) is in ``netns``."""
+    proc = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "tables", "bridge"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    return "netd_" in proc.stdout
 
 
 def leftovers(setup: Setup, slots: dict[str, list[Slot]]) -> list[str]:
@@ -395,6 +409,32 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
         res["dad_off"] = {c: summarize(v) for c, v in off[netd.name].items()}
         restart_agent(setup, None)
 
+    if args.guard:
+        log(f"the port guard's cost: {args.guard} ADD+DEL with it and without, in "
+            f"{GUARD_BLOCKS} blocks taken in turn ...")
+        on: dict[str, list[float]] = {"ADD": [], "DEL": []}
+        off: dict[str, list[float]] = {"ADD": [], "DEL": []}
+        each = min(max(1, args.guard // (GUARD_BLOCKS // 2)), len(slots[netd.name]))
+        for block in range(GUARD_BLOCKS):
+            guarded = block % 2 == 0
+            restart_agent(setup, None, guard=guarded)
+            sequential([netd], slots, 1)  # the restarted agent's first ADD
+            if guard_table(host.netns) != guarded:
+                raise BenchError(f"the agent restarted with guard = {guarded} but its nftables "
+                                 f"table is {'missing' if guarded else 'there'}")
+            got = sequential([netd], slots, each)[netd.name]
+            for command in ("ADD", "DEL"):
+                (on if guarded else off)[command] += got[command]
+        restart_agent(setup, None)
+        res["guard"] = {"on": {c: summarize(v) for c, v in on.items()},
+                        "off": {c: summarize(v) for c, v in off.items()}}
+        g = res["guard"]
+        res["guard"]["add_p50_cost_ms"] = round(g["on"]["ADD"]["p50_ms"]
+                                                - g["off"]["ADD"]["p50_ms"], 2)
+        res["guard"]["del_p50_cost_ms"] = round(g["on"]["DEL"]["p50_ms"]
+                                                - g["off"]["DEL"]["p50_ms"], 2)
+        res["guard"]["add_p50_ratio"] = ratio(g["on"]["ADD"]["p50_ms"], g["off"]["ADD"]["p50_ms"])
+
     if args.python_only:
         log(f"for information: the Python plugin alone ({args.python_only} ADD+DEL) ...")
         py_bin = setup.tmp / "bin-python"
@@ -490,6 +530,17 @@ def report(res: dict[str, Any]) -> str:
         lines += ["", f"information: netd-cni with DAD off (dad_timeout = 0), n={off['ADD']['n']}:"
                       f" ADD p50 {off['ADD']['p50_ms']:.1f} ms, DEL p50 "
                       f"{off['DEL']['p50_ms']:.1f} ms"]
+    if "guard" in res:
+        g = res["guard"]
+        lines += ["", f"the port guard ([l2] guard, nftables bridge table; n={g['on']['ADD']['n']}"
+                      f" each, in {GUARD_BLOCKS} blocks taken in turn):",
+                  f"  guard on   ADD p50 {g['on']['ADD']['p50_ms']:.1f} ms  p99 "
+                  f"{g['on']['ADD']['p99_ms']:.1f} ms   DEL p50 {g['on']['DEL']['p50_ms']:.1f} ms",
+                  f"  guard off  ADD p50 {g['off']['ADD']['p50_ms']:.1f} ms  p99 "
+                  f"{g['off']['ADD']['p99_ms']:.1f} ms   DEL p50 "
+                  f"{g['off']['DEL']['p50_ms']:.1f} ms",
+                  f"  cost per ADD (p50) {g['add_p50_cost_ms']:+.2f} ms ({g['add_p50_ratio']}x), "
+                  f"per DEL {g['del_p50_cost_ms']:+.2f} ms"]
     if "python_plugin" in res:
         py = res["python_plugin"]
         lines.append(f"information: the Python plugin alone (install-cni --no-native), "
@@ -517,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python-only", type=int, default=30,
                     help="sequential ADD+DELs of the Python plugin alone (install-cni "
                          "--no-native), for information (0: skip)")
+    ap.add_argument("--guard", type=int, default=60,
+                    help="sequential ADD+DELs with the port guard and as many without, to "
+                         "report its cost (0: skip)")
     ap.add_argument("--version-runs", type=int, default=20)
     ap.add_argument("--prefix", default=None, help="name prefix (default: ncb + 6 hex digits)")
     ap.add_argument("--quick", action="store_true", help="small counts: a quick look")
@@ -526,10 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.warmup, args.dad_off, args.version_runs = 20, 1, 2, 10, 5
-        args.python_only = 10
+        args.python_only, args.guard = 10, 20
     if args.smoke:
         args.n, args.rounds, args.warmup, args.dad_off, args.version_runs = 3, 1, 1, 2, 2
-        args.python_only, args.concurrency = 2, 4
+        args.python_only, args.concurrency, args.guard = 2, 4, 2
     if os.geteuid() != 0:
         log("cni_bench needs root (network namespaces)")
         return 1

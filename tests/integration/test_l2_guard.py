@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from netd.dataplane.driver import Addressing, Attached, Endpoint
-from netd.dataplane.guard import table_name
+from netd.dataplane.guard import PortGuard, table_name
 from netd.dataplane.l2driver import L2Driver, L2Settings
 from netd.dataplane.netlink import Netlink
 from netd.dataplane.nft import Nft, available
@@ -211,7 +211,8 @@ def test_guards_are_removed_on_detach_checked_and_repaired(pair: Pair) -> None:
     assert host_ifname_for("attacker") in listing
     # and the sweep removes a guard no record explains
     keep = {host_ifname_for("attacker")}
-    pair.driver.guards().block("ndvstale0000000", "stale/eth0")
+    pair.driver.guards().install(PortGuard("ndvstale0000000", "0a:58:c6:12:00:63",
+                                           ("198.18.0.99",), "stale/eth0"))
     assert any("ndvstale0000000" in line for line in pair.driver.sweep(keep))
     assert "ndvstale" not in in_ns(lab.host, "nft", "list", "table", "bridge",
                                    table_name("br0")).stdout
