@@ -155,13 +155,15 @@ def render_install(scope: str, guard: PortGuard) -> str:
     """One transaction: the port's chain (made or emptied), its rules, its map entry.
 
     The last rule carries the comment (owner, digest of the rules) that CHECK
-    reads back: nftables lists rule comments, not chain comments, as JSON.
+    reads back; the chain has none: "add chain" does not change an existing
+    chain's comment, so one would keep the first guard's digest.
     """
     t = table_name(scope)
     rules = guard.rules()
     rules[-1] += f" comment \"{guard.comment()}\""
     lines = [
-        f"add chain bridge {t} {guard.chain} {{ comment \"{guard.comment()}\"; }}",
+        # no chain comment: "add chain" keeps an existing chain's, which would go stale
+        f"add chain bridge {t} {guard.chain}",
         f"flush chain bridge {t} {guard.chain}",
         *(f"add rule bridge {t} {guard.chain} {rule}" for rule in rules),
         f"add element bridge {t} {MAP} {{ \"{guard.port}\" : jump {guard.chain} }}",
@@ -334,9 +336,7 @@ class GuardTable:
         out = {}
         for chain, body in _CHAIN.findall(table):
             lines = [line.strip() for line in body.splitlines() if line.strip()]
-            comment = next((m.group(1) for line in lines
-                            if (m := _RULE_COMMENT.search(line)) is not None), "")
-            rules = [line for line in lines if not line.startswith("comment ")]
+            comment, rules = _rule_comment(lines)
             port = ports.get(chain)
             out[port or chain] = Installed(port, chain, comment, len(rules))
         self._snapshot = (now, out)
@@ -351,9 +351,7 @@ class GuardTable:
         body = _CHAIN.search(text)
         lines = [line.strip() for line in (body.group(2) if body else "").splitlines()
                  if line.strip()]
-        comment = next((m.group(1) for line in lines
-                        if (m := _RULE_COMMENT.search(line)) is not None), "")
-        rules = [line for line in lines if not line.startswith("comment ")]
+        comment, rules = _rule_comment(lines)
         try:  # nftables 1.0 answers "get element" in text only, even when asked for JSON
             found = self.nft.run(f"get element bridge {self.table} {MAP} {{ \"{port}\" }}")
         except DataplaneError:
@@ -394,6 +392,15 @@ class GuardTable:
 _ELEMENT = re.compile(r'"([A-Za-z0-9_.\-]+)"\s*:\s*(?:jump|goto)\s+([A-Za-z0-9_]+)')
 _CHAIN = re.compile(rf"chain ({CHAIN_PREFIX}[A-Za-z0-9_]+) \{{\n(.*?)\n\t\}}", re.S)
 _RULE_COMMENT = re.compile(r'comment "(netd [^"]*)"')
+
+
+def _rule_comment(lines: list[str]) -> tuple[str, list[str]]:
+    """A listed chain's rules and the netd comment of its rules (a chain's own comment,
+    listed as a line ``comment "..."``, is not a rule and says nothing about them)."""
+    rules = [line for line in lines if not line.startswith("comment ")]
+    comment = next((m.group(1) for line in rules
+                    if (m := _RULE_COMMENT.search(line)) is not None), "")
+    return comment, rules
 
 
 def guard_for(port: str, mac: str, addresses: Sequence[str], owner: str = "") -> PortGuard:

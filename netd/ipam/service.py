@@ -666,13 +666,7 @@ class IPAM:
         merged_in = check_labels(labels or {})
         addr = parse_ip(ip)
         with self.store.write() as tx:
-            p = self._pool_for(tx, int(addr), addr.version, None)
-            a = tx.allocation(p.name, int(addr))
-            if a is None:
-                raise NotFound(f"{addr} is not allocated")
-            if a.container_id != container_id or (ifname is not None and a.ifname != ifname):
-                raise AddressInUse(f"{addr} is held by {a.container_id}/{a.ifname}, "
-                                   f"not {container_id}{'/' + ifname if ifname else ''}")
+            p, a = self._held_by(tx, addr, container_id, ifname)
             owner = new_container_id or a.container_id
             if owner != a.container_id:
                 other = tx.allocation_of(p.name, owner, a.ifname)
@@ -690,6 +684,19 @@ class IPAM:
                         if a.labels.get(k) != v]
             tx.add_event(self._event(p, new, "update", actor, "; ".join(changes)))
             return new, p
+
+    def _held_by(self, tx: Txn, addr: IPAddress, container_id: str,
+                 ifname: str | None) -> tuple[Pool, Allocation]:
+        """The allocation of ``addr``, which the caller must name as its holder: a stale
+        caller never changes someone else's address."""
+        p = self._pool_for(tx, int(addr), addr.version, None)
+        a = tx.allocation(p.name, int(addr))
+        if a is None:
+            raise NotFound(f"{addr} is not allocated")
+        if a.container_id != container_id or (ifname is not None and a.ifname != ifname):
+            raise AddressInUse(f"{addr} is held by {a.container_id}/{a.ifname}, "
+                               f"not {container_id}{'/' + ifname if ifname else ''}")
+        return p, a
 
     def set_allowed(self, ip: str, *, container_id: str, allowed: list[str],
                     ifname: str | None = None, actor: str = "api") -> tuple[Allocation, Pool]:
@@ -711,13 +718,7 @@ class IPAM:
         wanted = sorted({str(parse_ip(str(a), "allowed address")) for a in allowed},
                         key=ipaddress.ip_address)
         with self.store.write() as tx:
-            p = self._pool_for(tx, int(addr), addr.version, None)
-            a = tx.allocation(p.name, int(addr))
-            if a is None:
-                raise NotFound(f"{addr} is not allocated")
-            if a.container_id != container_id or (ifname is not None and a.ifname != ifname):
-                raise AddressInUse(f"{addr} is held by {a.container_id}/{a.ifname}, "
-                                   f"not {container_id}{'/' + ifname if ifname else ''}")
+            p, a = self._held_by(tx, addr, container_id, ifname)
             for text in wanted:
                 self._check_allowed(tx, addr, ipaddress.ip_address(text))
             if tuple(wanted) == a.allowed:

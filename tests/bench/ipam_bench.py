@@ -1274,30 +1274,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     tmp = Path(tempfile.mkdtemp(prefix="netd-ipam-bench-", dir=args.tmpdir))
     try:
-        if "host-local" in parts:
-            log("host-local reference ...")
-            try:
-                res["host_local"] = bench_host_local(tmp, args)
-            except Exception as exc:
-                res["errors"]["host_local"] = f"{type(exc).__name__}: {exc}"
-        if "http" in parts:
-            log("HTTP API ...")
-            try:
-                res["http"] = bench_http(tmp, args, log)
-            except Exception as exc:
-                res["errors"]["http"] = f"{type(exc).__name__}: {exc}"
-        if "inproc" in parts:
-            log("in-process pool-size bench ...")
-            try:
-                res["inproc"] = bench_inproc(tmp, args, log)
-            except Exception as exc:
-                res["errors"]["inproc"] = f"{type(exc).__name__}: {exc}"
-        if "listings" in parts:
-            log("listings under load ...")
-            try:
-                res["listings"] = bench_listings(tmp, args, log)
-            except Exception as exc:
-                res["errors"]["listings"] = f"{type(exc).__name__}: {exc}"
+        phases: list[tuple[str, str, str, Callable[[], dict[str, Any]]]] = [
+            ("host-local", "host-local reference", "host_local",
+             lambda: bench_host_local(tmp, args)),
+            ("http", "HTTP API", "http", lambda: bench_http(tmp, args, log)),
+            ("inproc", "in-process pool-size bench", "inproc",
+             lambda: bench_inproc(tmp, args, log)),
+            ("listings", "listings under load", "listings",
+             lambda: bench_listings(tmp, args, log)),
+        ]
+        for part, label, key_, phase in phases:
+            if part in parts:
+                log(f"{label} ...")
+                try:
+                    res[key_] = phase()
+                except Exception as exc:
+                    res["errors"][key_] = f"{type(exc).__name__}: {exc}"
     finally:
         if args.keep:
             log(f"kept {tmp}")

@@ -236,3 +236,23 @@ def test_a_port_is_dropped_until_its_guard_knows_its_addresses(pair: Pair) -> No
         nl.del_address("eth0", "198.18.0.23/24")
     att = driver.attach(ep, Addressing("198.18.0.23/24", "0a:58:c6:12:00:17", GW_IP))
     assert driver.check(ep, att) == [] and ping(ns, GW_IP)
+
+
+def test_a_replaced_guard_is_judged_by_its_new_rules(pair: Pair) -> None:
+    """Replacing a port's guard (an allowed address added, then taken away) leaves
+    nothing of the old one that CHECK could mistake for the new (a chain comment kept
+    the first guard's digest once)."""
+    guards = pair.driver.guards()
+    port = "ndvreplaced0000"
+    first = PortGuard(port, "0a:58:c6:12:00:64", ("198.18.0.100",), "r/eth0")
+    wider = PortGuard(port, "0a:58:c6:12:00:64", ("198.18.0.100", VIP), "r/eth0")
+    try:
+        guards.install(first)
+        assert guards.check(first) == [] and guards.check(wider) != []
+        guards.install(wider)
+        assert guards.check(wider) == [] and guards.check(first) != []
+        assert guards.check(wider, max_age=0.0) == [] and guards.check(first, max_age=0.0)
+        guards.install(first)
+        assert guards.check(first) == [] and guards.check(wider) != []
+    finally:
+        guards.remove(port)
