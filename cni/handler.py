@@ -17,7 +17,12 @@ from typing import Any
 from netd.agent.errors import DuplicateAddress, InterfaceInUse, NotAttached
 from netd.agent.service import Agent, EndpointRequest
 from netd.agent.state import Attachment
-from netd.dataplane.errors import DataplaneError, NetnsNotFound, NotAContainerNetns
+from netd.dataplane.errors import (
+    DataplaneError,
+    NetnsNotFound,
+    NotAContainerNetns,
+    PoolNotUsable,
+)
 from netd.errors import (
     AddressInUse,
     InvalidInput,
@@ -41,6 +46,8 @@ def cni_error(exc: NetdError) -> CniError:
         return CniError(cni.UNKNOWN_CONTAINER, exc.message)
     if isinstance(exc, NotAContainerNetns):
         return CniError(cni.INVALID_ENVIRONMENT, exc.message)
+    if isinstance(exc, PoolNotUsable):  # the config names a pool this mode cannot serve
+        return CniError(cni.INVALID_CONFIG, exc.message)
     if isinstance(exc, NotAttached):
         return CniError(cni.CHECK_FAILED, exc.message)
     if isinstance(exc, InterfaceInUse):

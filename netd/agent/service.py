@@ -36,6 +36,7 @@ from netd.ipam.client import IpamApi, all_addresses
 log = logging.getLogger("netd.agent")
 
 DAD_ATTEMPTS = 3
+POOL_CACHE_SECONDS = 30.0  # how long an ADD trusts a pool document it fetched
 PLUGIN_LABEL = "netd.plugin"
 NETWORK_LABEL = "netd.network"
 
@@ -128,6 +129,7 @@ class Agent:
         self.repaired: list[str] = []
         self.failed: dict[tuple[str, str, str], str] = {}  # records reconcile left, and why
         self.reconciled = False  # the first full pass (with the sweep) is done
+        self._pools: dict[str, tuple[float, Mapping[str, Any]]] = {}
 
     def close(self) -> None:
         self._background.shutdown(wait=False)
@@ -159,6 +161,8 @@ class Agent:
                 self._undo(existing, "replaced by a new ADD")
             if req.netns is not None:
                 self.check_netns(req.netns)  # a container's, not the host's own
+            if req.plumb and self.driver.checks_pools:
+                self.driver.check_pool(self._pool(req.pool))  # before anything is made
             # A release queued by an earlier failed attempt of this owner must not
             # free what this ADD is about to get (the IPAM answers an owner's retry
             # with the address it already holds).
@@ -223,6 +227,17 @@ class Agent:
     def _take(att: Attachment, alloc: Mapping[str, Any]) -> None:
         att.ip, att.mac = str(alloc["ip"]), str(alloc["mac"])
         att.dns = dict(alloc.get("dns") or {})
+
+    def _pool(self, name: str) -> Mapping[str, Any]:
+        """The IPAM's pool document, cached for :data:`POOL_CACHE_SECONDS` (a pool's VLAN
+        does not change)."""
+        now = self.clock()
+        cached = self._pools.get(name)
+        if cached is not None and now - cached[0] < POOL_CACHE_SECONDS:
+            return cached[1]
+        pool = dict(self.ipam.get_pool(name))
+        self._pools[name] = (now, pool)
+        return pool
 
     def _address(self, req: EndpointRequest) -> dict[str, Any]:
         """Allocate for the owner, or take over what ``adopt_from`` holds."""

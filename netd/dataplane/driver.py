@@ -161,6 +161,8 @@ class Driver(ABC):
     mode: ClassVar[str]
     #: the duplicate-address probe's wait in seconds (0: no probe), from the settings
     dad_timeout: float = 0.0
+    #: whether :meth:`check_pool` wants to see each pool before an ADD allocates from it
+    checks_pools: ClassVar[bool] = False
 
     def __init__(self, settings: Any, *, host_netns: str | None = None) -> None:
         self.settings = settings
@@ -190,6 +192,11 @@ class Driver(ABC):
         """Let go of what :meth:`start` opened (connections, threads); endpoints stay."""
 
     # --- endpoints ------------------------------------------------------------------
+
+    def check_pool(self, pool: Mapping[str, Any]) -> None:  # noqa: B027 (optional)
+        """Refuse (:class:`~netd.dataplane.errors.PoolNotUsable`) a pool this mode cannot
+        serve, given the IPAM's pool document; called before anything is allocated
+        when :attr:`checks_pools` is set."""
 
     def mark(self, ep: Endpoint) -> Mark:
         return Mark(self.scope, ep.container_id, ep.ifname)

@@ -27,6 +27,14 @@ class NotAContainerNetns(DataplaneError):
     status = 422
 
 
+class PoolNotUsable(DataplaneError):
+    """The pool cannot serve this mode (the vlan mode: no VLAN, a VLAN the trunk does not
+    carry); refused before anything is allocated or made."""
+
+    code = "pool_not_usable"
+    status = 422
+
+
 class LinkNotFound(DataplaneError):
     code = "link_not_found"
     status = 404

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from netd.dataplane.errors import DataplaneError
-from netd.dataplane.model import normalize_mac
+from netd.dataplane.model import eui64_link_local, normalize_mac
 from netd.dataplane.nft import Nft
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ MAP = "ports"
 BASE_CHAIN = "prerouting"
 PRIORITY = -300  # bridge "dstnat": before everything else at prerouting
 _IDENT = re.compile(r"[^A-Za-z0-9_]")
-
-
-def eui64_link_local(mac: str) -> str:
-    """The IPv6 link-local address the kernel gives an interface with ``mac`` (EUI-64)."""
-    b = bytes.fromhex(normalize_mac(mac).replace(":", ""))
-    iid = bytes([b[0] ^ 0x02, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
-    return str(ipaddress.IPv6Address(b"\xfe\x80" + b"\x00" * 6 + iid))
 
 
 @dataclass(frozen=True)

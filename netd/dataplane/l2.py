@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -33,8 +32,6 @@ from netd.dataplane.arp import gateway_answers_arp
 from netd.dataplane.errors import DataplaneError, LinkNotFound, PlanError, TakeoverFailed
 from netd.dataplane.model import (
     AF_INET,
-    RTPROT_KERNEL,
-    RTPROT_RA,
     Address,
     Link,
     Route,
@@ -42,6 +39,21 @@ from netd.dataplane.model import (
 )
 from netd.dataplane.netlink import Netlink
 from netd.dataplane.netns import run_in_netns
+from netd.dataplane.uplink import (
+    AddAddress,
+    DelAddress,
+    DeleteLink,
+    DelRoute,
+    Plan,
+    ReplaceRoute,
+    SetMac,
+    SetMaster,
+    SetUp,
+    Step,
+    apply_plan,
+    movable_addresses,
+    movable_routes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,161 +139,6 @@ class CreateBridge:
             nl.create_bridge(self.name, mac=self.mac, mtu=self.mtu)
 
 
-@dataclass(frozen=True)
-class SetMac:
-    ifname: str
-    mac: str
-    note: str = ""
-
-    def __str__(self) -> str:
-        return f"ip link set {self.ifname} address {self.mac}"
-
-    def apply(self, nl: Netlink) -> None:
-        nl.set_mac(self.ifname, self.mac)
-
-
-@dataclass(frozen=True)
-class SetUp:
-    ifname: str
-    up: bool = True
-    note: str = ""
-
-    def __str__(self) -> str:
-        return f"ip link set {self.ifname} {'up' if self.up else 'down'}"
-
-    def apply(self, nl: Netlink) -> None:
-        if self.up:
-            nl.set_up(self.ifname)
-        else:
-            nl.set_down(self.ifname)
-
-
-@dataclass(frozen=True)
-class SetMaster:
-    ifname: str
-    master: str | None
-    note: str = ""
-
-    def __str__(self) -> str:
-        if self.master:
-            return f"ip link set {self.ifname} master {self.master}"
-        return f"ip link set {self.ifname} nomaster"
-
-    def apply(self, nl: Netlink) -> None:
-        nl.set_master(self.ifname, self.master)
-
-
-@dataclass(frozen=True)
-class AddAddress:
-    ifname: str
-    address: Address
-    note: str = ""
-
-    def __str__(self) -> str:
-        return f"ip addr add {self.address} dev {self.ifname}"
-
-    def apply(self, nl: Netlink) -> None:
-        nl.add_address(self.ifname, self.address)
-
-
-@dataclass(frozen=True)
-class DelAddress:
-    ifname: str
-    address: Address
-    note: str = ""
-
-    def __str__(self) -> str:
-        return f"ip addr del {self.address.cidr} dev {self.ifname}"
-
-    def apply(self, nl: Netlink) -> None:
-        nl.del_address(self.ifname, self.address)
-
-
-@dataclass(frozen=True)
-class ReplaceRoute:
-    route: Route
-    note: str = ""
-
-    def __str__(self) -> str:
-        return f"ip route replace {self.route}"
-
-    def apply(self, nl: Netlink) -> None:
-        nl.replace_route(self.route)
-
-
-@dataclass(frozen=True)
-class DelRoute:
-    route: Route
-    note: str = ""
-
-    def __str__(self) -> str:
-        return f"ip route del {self.route}"
-
-    def apply(self, nl: Netlink) -> None:
-        nl.del_route(self.route)
-
-
-@dataclass(frozen=True)
-class DeleteLink:
-    ifname: str
-    note: str = ""
-
-    def __str__(self) -> str:
-        return f"ip link del {self.ifname}"
-
-    def apply(self, nl: Netlink) -> None:
-        nl.delete_link(self.ifname)
-
-
-Step = (CreateBridge | SetMac | SetUp | SetMaster | AddAddress | DelAddress | ReplaceRoute
-        | DelRoute | DeleteLink)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """An ordered list of changes; ``str(plan)`` is what ``netd agent --plan`` prints."""
-
-    steps: tuple[Step, ...] = ()
-    title: str = ""
-
-    def __bool__(self) -> bool:
-        return bool(self.steps)
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __iter__(self) -> Iterator[Step]:
-        return iter(self.steps)
-
-    def __str__(self) -> str:
-        if not self.steps:
-            return f"{self.title}: nothing to change" if self.title else "nothing to change"
-        width = min(60, max(len(str(s)) for s in self.steps))
-        lines = [f"{self.title}:"] if self.title else []
-        for n, step in enumerate(self.steps, 1):
-            text = str(step)
-            if step.note:
-                text = f"{text:<{width}}  # {step.note}"
-            lines.append(f"{n:3}. {text}")
-        return "\n".join(lines)
-
-
-def _movable_addresses(addresses: Iterable[Address]) -> list[Address]:
-    # IPv6 link-local addresses belong to the device (the bridge makes its own,
-    # identical since it carries the same MAC).
-    return [a for a in addresses if not a.link_local]
-
-
-def _movable_routes(routes: Iterable[Route]) -> list[Route]:
-    """Routes to move, in an order the kernel accepts: device routes before routes via gateways.
-
-    Kernel routes follow their address; RA routes are relearned on the bridge.
-    """
-    keep = [r for r in routes if r.proto not in (RTPROT_KERNEL, RTPROT_RA)
-            and not (r.family != AF_INET and r.network.is_link_local)]
-    return sorted(keep, key=lambda r: (r.gateway is not None, r.is_default))
-
-
 def plan_takeover(state: L2State) -> Plan:
     """The changes that make ``state.bridge_name`` own the uplink and its configuration.
 
@@ -315,13 +172,13 @@ def plan_takeover(state: L2State) -> Plan:
     if not up.up:
         steps.append(SetUp(up.name))
 
-    addresses = _movable_addresses(state.uplink_addresses)
+    addresses = movable_addresses(state.uplink_addresses)
     on_bridge = {a.cidr for a in state.bridge_addresses}
     for addr in addresses:
         if addr.cidr not in on_bridge:
             steps.append(AddAddress(bname, addr, note=f"from {up.name}"))
 
-    routes = _movable_routes(state.uplink_routes)
+    routes = movable_routes(state.uplink_routes)
     bridge_keys = {r.key() for r in state.bridge_routes}
     for route in routes:
         if route.key() not in bridge_keys:
@@ -346,20 +203,20 @@ def plan_rollback(before: L2State, current: L2State) -> Plan:
     if current.uplink.up != up.up:
         steps.append(SetUp(up.name, up.up))
     have = {a.cidr for a in current.uplink_addresses}
-    for addr in _movable_addresses(before.uplink_addresses):
+    for addr in movable_addresses(before.uplink_addresses):
         if addr.cidr not in have:
             steps.append(AddAddress(up.name, addr))
     have_routes = {r.key() for r in current.uplink_routes}
-    for route in _movable_routes(before.uplink_routes):
+    for route in movable_routes(before.uplink_routes):
         if route.key() not in have_routes:
             steps.append(ReplaceRoute(route))
     if current.bridge is not None:
         had = {a.cidr for a in before.bridge_addresses}
-        for addr in _movable_addresses(current.bridge_addresses):
+        for addr in movable_addresses(current.bridge_addresses):
             if addr.cidr not in had:
                 steps.append(DelAddress(bname, addr))
         had_routes = {r.key() for r in before.bridge_routes}
-        for route in _movable_routes(current.bridge_routes):
+        for route in movable_routes(current.bridge_routes):
             if route.key() not in had_routes:
                 steps.append(DelRoute(route))
         if before.bridge is None:
@@ -373,17 +230,6 @@ def plan_rollback(before: L2State, current: L2State) -> Plan:
 
 
 # --------------------------------------------------------------------------- apply
-
-
-def apply_plan(plan: Plan, *, netns: str | None = None) -> None:
-    """Make each step, in order. Steps are idempotent; a failure stops and raises."""
-    with Netlink(netns) as nl:
-        for step in plan.steps:
-            log.info("l2: %s", step)
-            try:
-                step.apply(nl)
-            except DataplaneError as exc:
-                raise DataplaneError(f"step '{step}' failed: {exc.message}") from exc
 
 
 def apply_takeover(plan: Plan, *, netns: str | None = None) -> None:

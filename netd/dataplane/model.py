@@ -169,3 +169,10 @@ def normalize_mac(mac: str) -> str:
     if len(digits) != 12 or any(c not in "0123456789abcdef" for c in digits):
         raise ValueError(f"not a MAC address: {mac!r}")
     return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
+
+
+def eui64_link_local(mac: str) -> str:
+    """The IPv6 link-local address the kernel gives an interface with ``mac`` (EUI-64)."""
+    b = bytes.fromhex(normalize_mac(mac).replace(":", ""))
+    iid = bytes([b[0] ^ 0x02, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + b"\x00" * 6 + iid))

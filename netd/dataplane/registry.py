@@ -14,6 +14,7 @@ from netd.errors import InvalidInput
 #: mode -> (module, class)
 DRIVERS: dict[str, tuple[str, str]] = {
     "l2": ("netd.dataplane.l2driver", "L2Driver"),
+    "vlan": ("netd.ovs.driver", "VlanDriver"),
 }
 
 

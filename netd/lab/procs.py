@@ -39,16 +39,19 @@ def ns_argv(netns_name: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", netns_name, *argv]
 
 
-def start_process(netns_name: str, argv: Sequence[str], log: Path) -> dict[str, Any]:
+def start_process(netns_name: str, argv: Sequence[str], log: Path,
+                  env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start ``argv`` inside a namespace, detached (own session), output to ``log``.
 
     ``ip netns exec`` execs the command in place, so the pid is the daemon's.
+    ``env``: variables added to this process's environment.
     """
     full = ns_argv(netns_name, argv)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env} if env else None)
     return {"pid": proc.pid, "argv": list(argv), "netns": netns_name, "log": str(log),
             "started": now()}
 

@@ -109,12 +109,13 @@ def test_addressing_and_what_a_driver_attached() -> None:
 
 
 def test_the_registry_knows_its_modes_and_refuses_others() -> None:
-    assert modes() == ("l2",)
+    assert modes() == ("l2", "vlan")
     assert driver_class("l2") is L2Driver
-    with pytest.raises(InvalidInput, match="unknown mode 'ovs': this agent knows 'l2'"):
+    assert driver_class("vlan").__name__ == "VlanDriver"
+    with pytest.raises(InvalidInput, match="unknown mode 'ovs': this agent knows 'l2', 'vlan'"):
         driver_class("ovs")
-    with pytest.raises(InvalidInput, match="unknown mode 'vlan'"):
-        parse_config({"host": "h1", "mode": "vlan"})
+    with pytest.raises(InvalidInput, match="unknown mode 'bgp'"):
+        parse_config({"host": "h1", "mode": "bgp"})
 
 
 def test_the_l2_table_belongs_to_the_l2_driver() -> None:
