@@ -131,6 +131,7 @@ class OpenFlow:
     def _send(self, msg: Any) -> int:
         assert self._sock is not None
         xid = next(self._xids) & 0xFFFFFFFF
+        msg.xid = None  # a message sent again after a reconnect gets a new xid
         msg.set_xid(xid)
         msg.serialize()
         self._sock.sendall(bytes(msg.buf))

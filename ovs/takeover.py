@@ -24,6 +24,7 @@ from typing import NoReturn
 
 from netd.dataplane.arp import gateway_answers_arp
 from netd.dataplane.errors import DataplaneError, LinkNotFound, PlanError, TakeoverFailed
+from netd.dataplane.ethtool import set_tx_checksum, tx_checksum
 from netd.dataplane.model import AF_INET, Address, Link, Route, normalize_mac
 from netd.dataplane.netlink import Netlink
 from netd.dataplane.uplink import (
@@ -70,6 +71,7 @@ class VlanState:
     internal_routes: tuple[Route, ...] = ()
     sysctls: tuple[tuple[str, str | None], ...] = ()
     unsupported: tuple[str, ...] = ()
+    internal_tx_off: bool = False  # the bridge's own port writes its checksums itself
 
     def __str__(self) -> str:
         lines = [str(self.uplink)]
@@ -96,8 +98,9 @@ def read_state(uplink: str, bridge: str, db: Ovsdb, *, netns: str | None = None)
         in_routes = tuple(r for r in routes if r.ifname == bridge) if internal else ()
         unsupported = tuple(nl.multipath_routes(uplink))
     sysctls = tuple((k, read_sysctl(k, netns)) for k in uplink_sysctls(uplink))
+    tx_off = internal is not None and not tx_checksum(bridge, netns)
     return VlanState(up, bridge, db.bridge(bridge), db.port(uplink), internal, up_addrs,
-                     up_routes, in_addrs, in_routes, sysctls, unsupported)
+                     up_routes, in_addrs, in_routes, sysctls, unsupported, tx_off)
 
 
 def default_gateway(state: VlanState) -> str | None:
@@ -160,6 +163,20 @@ class DelTrunk:
 
 
 @dataclass(frozen=True)
+class TxChecksumOff:
+    """``ethtool -K DEV tx off``: the userspace datapath leaves checksums to nobody."""
+
+    ifname: str
+    note: str = ""
+
+    def __str__(self) -> str:
+        return f"ethtool -K {self.ifname} tx off"
+
+    def apply(self, nl: Netlink) -> None:
+        set_tx_checksum(self.ifname, False, nl.netns)
+
+
+@dataclass(frozen=True)
 class DeleteBridge:
     name: str
     note: str = ""
@@ -216,6 +233,9 @@ def plan_takeover(state: VlanState, *, datapath_type: str, trunks: Sequence[int]
         steps.append(SetUp(up.name))
     if state.internal is None or not state.internal.up:
         steps.append(SetUp(bname, note="the host's own port"))
+    if datapath_type == "netdev" and not state.internal_tx_off:
+        steps.append(TxChecksumOff(bname, note="TCP through the userspace datapath needs "
+                                               "checksums written by the kernel"))
     steps += plan_move(up.name, bname, state.uplink_addresses, state.uplink_routes,
                        state.internal_addresses, state.internal_routes)
     only_flows = all(isinstance(s, BaseFlows) for s in steps)

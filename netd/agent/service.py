@@ -610,7 +610,14 @@ class Agent:
             "repaired_at_start": self.repaired,
             "not_reconciled": [{"network": k[0], "container_id": k[1], "ifname": k[2],
                                 "error": why} for k, why in self.failed.items()],
+            "driver": self._driver_status(),
         }
+
+    def _driver_status(self) -> dict[str, Any]:
+        try:
+            return dict(self.driver.status())
+        except NetdError as exc:  # the status must answer even when the mode is unwell
+            return {"error": exc.message}
 
 
 __all__ = ["Agent", "EndpointRequest", "addressing_of"]

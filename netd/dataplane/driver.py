@@ -191,6 +191,10 @@ class Driver(ABC):
     def stop(self) -> None:  # noqa: B027 (optional: most drivers open nothing to close)
         """Let go of what :meth:`start` opened (connections, threads); endpoints stay."""
 
+    def status(self) -> dict[str, Any]:
+        """What the mode reports in ``netd agent status`` (its own health)."""
+        return {}
+
     # --- endpoints ------------------------------------------------------------------
 
     def check_pool(self, pool: Mapping[str, Any]) -> None:  # noqa: B027 (optional)

@@ -21,6 +21,8 @@ from netd.dataplane.netns import run_in_netns
 SIOCETHTOOL = 0x8946
 ETHTOOL_GTXCSUM = 0x16
 ETHTOOL_STXCSUM = 0x17
+ETHTOOL_GGSO = 0x23
+ETHTOOL_SGSO = 0x24
 
 
 def _ethtool_value(ifname: str, cmd: int, value: int) -> int:
@@ -40,6 +42,16 @@ def set_tx_checksum(ifname: str, on: bool, netns: str | None = None) -> None:
                              f"{ifname}: {exc.strerror}") from None
 
 
+def set_gso(ifname: str, on: bool, netns: str | None = None) -> None:
+    """Generic segmentation offload of ``ifname`` on or off: off, the kernel hands the
+    device frames of the MTU, never 64 KiB segments a userspace datapath cannot send."""
+    try:
+        run_in_netns(netns, lambda: _ethtool_value(ifname, ETHTOOL_SGSO, int(on)))
+    except OSError as exc:
+        raise DataplaneError(f"cannot turn gso {'on' if on else 'off'} on {ifname}: "
+                             f"{exc.strerror}") from None
+
+
 def tx_checksum(ifname: str, netns: str | None = None) -> bool:
     try:
         return bool(run_in_netns(netns, lambda: _ethtool_value(ifname, ETHTOOL_GTXCSUM, 0)))
@@ -48,4 +60,4 @@ def tx_checksum(ifname: str, netns: str | None = None) -> bool:
             from None
 
 
-__all__ = ["set_tx_checksum", "tx_checksum"]
+__all__ = ["set_gso", "set_tx_checksum", "tx_checksum"]

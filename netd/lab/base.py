@@ -46,7 +46,7 @@ from netd.dataplane.netns import (
 )
 from netd.files import atomic_write
 from netd.lab import docker as lab_docker
-from netd.lab import l2
+from netd.lab import l2, vlan
 from netd.lab.containers import lab_containers, podman_available, reachability
 from netd.lab.docker import Dockerd, DockerdError
 from netd.lab.procs import (
@@ -74,7 +74,7 @@ DOCKER_ON = "h1"  # the host whose agent serves the Docker plugin (--docker, --d
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,9}$")
 
 #: mode -> the module that builds it
-MODES: dict[str, ModuleType] = {"l2": l2}
+MODES: dict[str, ModuleType] = {"l2": l2, "vlan": vlan}
 
 Manifest = dict[str, Any]
 
@@ -95,15 +95,25 @@ def mode_of(name: str) -> ModuleType:
 
 
 @dataclass(frozen=True)
+class NetworkPlan:
+    """One podman network of a host: its name, pool and conflist file."""
+
+    name: str  # PREFIX-h1 (l2), PREFIX-h1-v100 (vlan)
+    pool: str
+    conflist: Path
+
+
+@dataclass(frozen=True)
 class HostPlan:
     index: int
     name: str  # h1
     netns: str  # PREFIX-h1
     address: str  # 198.18.0.11
     dir: Path
-    network: str  # podman network PREFIX-h1
+    network: str  # the host's first podman network (PREFIX-h1)
     conflist: Path
     rack: str | None = None
+    networks: tuple[NetworkPlan, ...] = ()  # every podman network of the host
 
     @property
     def config(self) -> Path:
@@ -216,10 +226,14 @@ def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
     plans = []
     for i in range(1, hosts + 1):
         name = f"h{i}"
+        networks = tuple(
+            NetworkPlan(f"{prefix}-{name}{suffix}", pool,
+                        cni_conf_dir / f"{prefix}-{name}{suffix}.conflist")
+            for suffix, pool in impl.host_networks())
         plans.append(HostPlan(
             index=i, name=name, netns=f"{prefix}-{name}", address=impl.host_address(i),
-            dir=directory / name, network=f"{prefix}-{name}",
-            conflist=cni_conf_dir / f"{prefix}-{name}.conflist"))
+            dir=directory / name, network=networks[0].name, conflist=networks[0].conflist,
+            networks=networks))
     if docker:
         docker_host = Dockerd(prefix, f"{prefix}-{DOCKER_ON}",
                               directory / DOCKER_ON / "dockerd.log").host
@@ -251,12 +265,14 @@ def agent_config_text(plan: LabPlan, host: HostPlan) -> str:
     ])
 
 
-def conflist_doc(plan: LabPlan, host: HostPlan) -> dict[str, Any]:
-    """The podman network of one host: ``netd-cni`` on its pool via that host's agent."""
+def conflist_doc(plan: LabPlan, host: HostPlan,
+                 network: NetworkPlan | None = None) -> dict[str, Any]:
+    """A podman network of one host: ``netd-cni`` on its pool via that host's agent."""
+    net = network or host.networks[0]
     return {
         "cniVersion": "1.0.0",
-        "name": host.network,
-        "plugins": [{"type": "netd-cni", "pool": plan.impl.host_pool(plan, host),
+        "name": net.name,
+        "plugins": [{"type": "netd-cni", "pool": net.pool,
                      "agentSocket": str(host.socket),
                      "capabilities": {"ips": True, "mac": True}}],
     }
@@ -269,7 +285,8 @@ def is_lab_netns(prefix: str, name: str) -> bool:
 
 
 def is_lab_conflist(prefix: str, filename: str) -> bool:
-    return re.fullmatch(rf"{re.escape(prefix)}-h[0-9]+\.conflist", filename) is not None
+    return re.fullmatch(rf"{re.escape(prefix)}-h[0-9]+(-[a-z0-9]+)?\.conflist",
+                        filename) is not None
 
 
 def render_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -488,8 +505,11 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
         "namespaces": [], "conflists": [], "docker": None,
         "hosts": [{"name": h.name, "netns": h.netns, "address": h.address, "rack": h.rack,
                    "config": str(h.config), "socket": str(h.socket),
-                   "network": h.network, "pool": plan.impl.host_pool(plan, h),
-                   "conflist": str(h.conflist), "agent": None}
+                   "network": h.network, "pool": h.networks[0].pool,
+                   "conflist": str(h.conflist),
+                   "networks": [{"name": n.name, "pool": n.pool, "conflist": str(n.conflist)}
+                                for n in h.networks],
+                   "agent": None}
                   for h in plan.hosts],
     }
     save_manifest(plan.dir, manifest)
@@ -507,9 +527,11 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
         for host in plan.hosts:
             host.state_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(host.config, agent_config_text(plan, host))
-            manifest["conflists"].append(str(host.conflist))
-            save_manifest(plan.dir, manifest)
-            atomic_write(host.conflist, json.dumps(conflist_doc(plan, host), indent=2) + "\n")
+            for net in host.networks:
+                manifest["conflists"].append(str(net.conflist))
+                save_manifest(plan.dir, manifest)
+                atomic_write(net.conflist,
+                             json.dumps(conflist_doc(plan, host, net), indent=2) + "\n")
         if plan.docker_host:
             manifest["docker"] = {"on": DOCKER_ON, "docker_host": plan.docker_host,
                                   "plugin_socket": str(lab_docker.PLUGIN_SOCKET),
@@ -543,7 +565,7 @@ def _remove_dir_contents(directory: Path) -> None:
     for entry in list(directory.iterdir()) if directory.is_dir() else []:
         if entry.name in names or entry.name.startswith(f".{MANIFEST}."):
             entry.unlink(missing_ok=True)
-        elif entry.is_dir() and re.fullmatch(r"h[0-9]+", entry.name):
+        elif entry.is_dir() and re.fullmatch(r"h[0-9]+|ovs-[a-z]+", entry.name):
             shutil.rmtree(entry, ignore_errors=True)
     with contextlib.suppress(OSError):
         directory.rmdir()
@@ -590,6 +612,8 @@ def lab_down(directory: Path, prefix: str | None = None, *,
     # 2. processes: recorded ones, then anything else living in a lab namespace
     recorded = [(manifest or {}).get("ipam")]
     recorded += [h.get("agent") for h in (manifest or {}).get("hosts", [])]
+    for instance in ((manifest or {}).get("ovs") or {}).values():  # the vlan lab's OVS
+        recorded += list(((instance or {}).get("processes") or {}).values())
     pids = [p for p in map(recorded_process_alive, recorded) if p is not None]
     pids += pids_in_netns(namespaces, alive)
     removed += [f"process {p} ({' '.join(cmdline(p)[:4])})" for p in sorted(set(pids))]
@@ -651,9 +675,10 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
     ipam_ns = roles.get(impl.ipam_role(), f"{prefix}-gw")
     healthy = ipam_ns in present and http_status_in_netns(
         ipam_ns, str(impl.IPAM_ADDRESS), IPAM_PORT, "/healthz") == 200
-    networks = [h["network"] for h in manifest.get("hosts", [])]
+    nets = [(n, h) for h in manifest.get("hosts", []) for n in _host_networks(h)]
+    networks = [n["name"] for n, _ in nets]
     containers = lab_containers(networks)
-    host_of = {h["network"]: h["name"] for h in manifest.get("hosts", [])}
+    host_of = {n["name"]: h["name"] for n, h in nets}
     for c in containers:
         c["host"] = host_of.get(c["network"], "?")
     pools = manifest.get("pools") or [{"name": manifest.get("pool"),
@@ -666,9 +691,8 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
                  "running": recorded_process_alive(ipam) is not None, "healthy": healthy},
         "gateway": manifest.get("gateway"), "pool": manifest.get("pool"),
         "pools": pools,
-        "networks": [{"name": h.get("network"), "host": h.get("name"),
-                      "pool": h.get("pool") or manifest.get("pool")}
-                     for h in manifest.get("hosts", [])],
+        "networks": [{"name": n["name"], "host": h.get("name"),
+                      "pool": n.get("pool") or manifest.get("pool")} for n, h in nets],
         "namespaces": roles,
         "hosts": hosts, "containers": containers, "podman": podman_available(),
         "docker": _docker_status(manifest.get("docker")),
@@ -679,6 +703,12 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
             "sources": sources, "targets": targets,
             "results": [{"from": s, "to": t, "result": r} for (s, t), r in results.items()]}
     return status
+
+
+def _host_networks(host: dict[str, Any]) -> list[dict[str, Any]]:
+    """A host record's networks (a manifest written before hosts had several: its one)."""
+    return list(host.get("networks") or [{"name": host.get("network"),
+                                          "pool": host.get("pool")}])
 
 
 def _docker_status(docker: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -63,8 +63,9 @@ def pools(plan: LabPlan) -> list[dict[str, object]]:
                       "--reserve", RESERVED, "--label", f"lab={plan.prefix}"]}]
 
 
-def host_pool(plan: LabPlan, host: HostPlan) -> str:
-    return POOL
+def host_networks() -> list[tuple[str, str]]:
+    """Each host's podman networks: (name suffix, pool); one, ``PREFIX-hN`` on the pool."""
+    return [("", POOL)]
 
 
 def agent_table(plan: LabPlan, host: HostPlan) -> list[str]:

@@ -260,7 +260,10 @@ class Lab:
         with self._guard:
             manifest = self.manifest()
             rec = next(h for h in manifest["hosts"] if h["name"] == host)
-            old = rec["agent"]
+            old = rec["agent"] or {  # a lab up with --no-agents: start it as lab up would
+                "pid": 0, "netns": rec["netns"],
+                "log": str(Path(rec["config"]).parent / "agent.log"),
+                "argv": [bin_path("netd"), "agent", "--config", rec["config"]]}
             assert not labmod.alive(old["pid"]), "the agent still runs"
             rec["agent"] = labmod.start_process(old["netns"], old["argv"], Path(old["log"]))
             labmod.save_manifest(self.dir, manifest)
@@ -328,8 +331,10 @@ def reference_plugin_dir(name: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def running_lab(base: Path, tag: str, hosts: int = 2) -> Iterator[Lab]:
-    """``netd lab up --mode l2 --hosts N`` with a per-run prefix; everything removed after."""
+def running_lab(base: Path, tag: str, hosts: int = 2, mode: str = "l2",
+                extra: Sequence[str] = ()) -> Iterator[Lab]:
+    """``netd lab up --mode MODE --hosts N`` with a per-run prefix; everything removed
+    after."""
     require(os.geteuid() == 0, "CNI plugins, podman and the lab need root")
     require(subprocess.run([bin_path("netd"), "agent", "--help"], capture_output=True,
                            check=False, timeout=60).returncode == 0,
@@ -338,8 +343,8 @@ def running_lab(base: Path, tag: str, hosts: int = 2) -> Iterator[Lab]:
                   rootfs=pm.busybox_rootfs(base / "rootfs"))
     try:
         start = time.monotonic()
-        the_lab.cli("up", "--mode", "l2", "--hosts", str(hosts), "--prefix", the_lab.prefix,
-                    "--dir", str(the_lab.dir))
+        the_lab.cli("up", "--mode", mode, "--hosts", str(hosts), "--prefix", the_lab.prefix,
+                    "--dir", str(the_lab.dir), *extra)
         print(f"\nlab {the_lab.prefix} up in {time.monotonic() - start:.1f}s")
         require(os.access(NETD_CNI, os.X_OK) and os.access(NETD_IPAM, os.X_OK),
                 f"{NETD_CNI} / {NETD_IPAM} not installed by 'netd lab up'")

@@ -5,6 +5,7 @@ tests/integration/test_vlan_dataplane.py and test_vlan_lab.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from netd.ovs.takeover import (
     DeleteBridge,
     DelTrunk,
     EnsureBridge,
+    TxChecksumOff,
     VlanState,
     plan_rollback,
     plan_takeover,
@@ -143,7 +145,8 @@ def taken() -> VlanState:
     return VlanState(link("bond0"), "ovs0", bridge, port,
                      link("ovs0", index=7, kind="tun"), (), (), (ADDR,),
                      (DEFAULT.on("ovs0"),), sysctls=tuple((k, v) for k, v in
-                                                          uplink_sysctls("bond0").items()))
+                                                          uplink_sysctls("bond0").items()),
+                     internal_tx_off=True)
 
 
 def test_takeover_plan_order() -> None:
@@ -162,6 +165,18 @@ def test_takeover_plan_order() -> None:
 def test_a_taken_over_host_plans_nothing() -> None:
     assert not plan_takeover(taken(), datapath_type="netdev", trunks=(), mtu=1500,
                              scope="ovs0")
+
+
+def test_the_userspace_datapath_gets_the_bridge_port_writing_its_checksums() -> None:
+    """netdev only: a tap of the userspace datapath hands TCP over unchecksummed."""
+    def steps(datapath: str, state: VlanState) -> list[object]:
+        return [s for s in plan_takeover(state, datapath_type=datapath, trunks=(), mtu=1500,
+                                         scope="ovs0") if isinstance(s, TxChecksumOff)]
+
+    assert len(steps("netdev", fresh())) == 1
+    assert not steps("system", fresh())
+    lost = replace(taken(), internal_tx_off=False)  # ovs0 recreated with tx on
+    assert [s.ifname for s in steps("netdev", lost)] == ["ovs0"]
 
 
 @pytest.mark.parametrize(("change", "why"), [
