@@ -361,6 +361,10 @@ class DockerDriver:
         pool = next((p for p in self.ipam.list_pools()["pools"] if p["cidr"] == cidr), None)
         if pool is None:
             raise PluginError(f"no pool has subnet {cidr}", 404)
+        try:  # the vlan mode: a pool without a VLAN or off the trunk, refused now
+            self.agent.check_pool(pool)
+        except NetdError as exc:
+            raise PluginError(exc.message, 400) from None
         gateway = _ip_of(str(data.get("Gateway") or "")) or pool.get("gateway")
         self.state.put_docker_network(DockerNetwork(nid, pool["name"], cidr, gateway))
         with self._guard:

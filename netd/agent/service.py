@@ -228,6 +228,12 @@ class Agent:
         att.ip, att.mac = str(alloc["ip"]), str(alloc["mac"])
         att.dns = dict(alloc.get("dns") or {})
 
+    def check_pool(self, pool: Mapping[str, Any]) -> None:
+        """Refuse a pool the mode cannot serve (:class:`PoolNotUsable`): for a Docker
+        network at its creation rather than at its first container."""
+        if self.driver.checks_pools:
+            self.driver.check_pool(pool)
+
     def _pool(self, name: str) -> Mapping[str, Any]:
         """The IPAM's pool document, cached for :data:`POOL_CACHE_SECONDS` (a pool's VLAN
         does not change)."""

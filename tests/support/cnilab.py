@@ -220,8 +220,11 @@ class Lab:
     def pool(self) -> dict[str, Any]:
         return self.ipam(lambda c: c.get_pool(POOL))
 
-    def allocations(self, host: str | None = None) -> list[dict[str, Any]]:
-        return list(self.ipam(lambda c: c.all_addresses(pool=POOL, host=host)))
+    def allocations(self, host: str | None = None,
+                    pool: str | None = None) -> list[dict[str, Any]]:
+        """The allocations of ``pool`` (the lab's first pool by default)."""
+        name = pool or str(self.manifest().get("pool") or POOL)
+        return list(self.ipam(lambda c: c.all_addresses(pool=name, host=host)))
 
     def by_container(self) -> dict[str, dict[str, Any]]:
         return {a["container_id"]: a for a in self.allocations()}
@@ -332,14 +335,14 @@ def reference_plugin_dir(name: str) -> Path | None:
 
 @contextlib.contextmanager
 def running_lab(base: Path, tag: str, hosts: int = 2, mode: str = "l2",
-                extra: Sequence[str] = ()) -> Iterator[Lab]:
+                extra: Sequence[str] = (), prefix: str | None = None) -> Iterator[Lab]:
     """``netd lab up --mode MODE --hosts N`` with a per-run prefix; everything removed
     after."""
     require(os.geteuid() == 0, "CNI plugins, podman and the lab need root")
     require(subprocess.run([bin_path("netd"), "agent", "--help"], capture_output=True,
                            check=False, timeout=60).returncode == 0,
             "'netd agent' is not available")
-    the_lab = Lab(prefix=pm.run_prefix(tag), dir=base / "lab",
+    the_lab = Lab(prefix=prefix or pm.run_prefix(tag), dir=base / "lab",
                   rootfs=pm.busybox_rootfs(base / "rootfs"))
     try:
         start = time.monotonic()
