@@ -15,7 +15,7 @@ APT_PACKAGES := curl iproute2 iputils-ping iptables nftables containernetworking
 .PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup
 
 help:
-	@echo "make demo   a two-host L2 lab in namespaces with four podman containers: matrix + IPAM table"
+	@echo "make demo   a two-host lab (MODE=l2|vlan) in namespaces, four podman containers: matrix + IPAM table"
 	@echo "make test   install everything, lint (ruff, mypy), run the whole test suite"
 	@echo "make bench  run the benchmarks (tests/bench) and print the figures"
 
@@ -49,7 +49,7 @@ test-unit: venv
 	$(BIN)/pytest -q tests/unit
 
 demo: deps venv
-	@scripts/demo
+	@scripts/demo $(if $(MODE),--mode $(MODE))
 
 demo-down:
 	@scripts/demo down
@@ -58,6 +58,7 @@ bench: deps venv
 	$(BIN)/python -m tests.bench.ipam_bench
 	$(BIN)/python -m tests.bench.cni_bench
 	$(BIN)/python -m tests.bench.docker_bench
+	$(BIN)/python -m tests.bench.vlan_bench
 
 clean: demo-down
 	rm -rf $(VENV) .demo .bench *.egg-info

@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ from .ovsdb import ALLOWED, MARK, OWNER, Ovsdb, OvsdbError, OvsPort
 log = logging.getLogger(__name__)
 
 DEFAULT_DAD_TIMEOUT = 0.01
+DEAD_VLAN = 4095  # a prepared port's tag until attach (Neutron's DEAD_VLAN_TAG): no VLAN
 FIRST_OFPORT = 100  # container ports; below: the uplink (1) and anything an operator adds
 DATAPATHS = ("system", "netdev")
 
@@ -155,6 +157,7 @@ class VlanDriver(Driver):
         self._db: Ovsdb | None = None
         self._of: OpenFlow | None = None
         self._ofports = _Ofports()
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="netd-vlan-io")
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
         self._mtu = settings.mtu
@@ -244,6 +247,8 @@ class VlanDriver(Driver):
         if ids.get(MARK) != self.scope or OWNER not in ids or not port.ofport \
                 or port.ofport < 0:
             return None  # not a container port of this agent (the trunk has no owner)
+        if "ip" not in ids:
+            return None  # prepared while the IPAM allocates: no flows, everything dropped
         try:
             ip = str(ipaddress.ip_interface(ids["ip"]).ip)
             allowed = tuple(a for a in ids.get(ALLOWED, "").split(",") if a)
@@ -319,16 +324,40 @@ class VlanDriver(Driver):
         return veth.Names(ep.host_ifname, ep.ifname, ep.netns, ep.peer_ifname)
 
     def prepare(self, ep: Endpoint) -> veth.Veth:
-        """The veth while the IPAM allocates; not on the bridge yet (forwards nothing)."""
+        """The veth and its port while the IPAM allocates, without flows (fail_mode
+        secure: everything from it is dropped): adding a port is ovs-vswitchd's slow
+        part (a reconfiguration, 8-40 ms here). On the pool's VLAN when the agent knows
+        it (attach then only adds the flows), else on the dead VLAN 4095 as Neutron
+        wires a new port (nothing reaches it; attach moves it)."""
+        tag = ep.vlan if ep.vlan is not None and self.settings.carries(ep.vlan) \
+            else DEAD_VLAN
         pair = veth.create(self._names(ep), self.mark(ep), host=Netlink(self.host_netns),
                            mtu=self.mtu())
         pair.own_host = True
+        ofport = None
+        try:
+            if self.settings.datapath_type == "netdev":
+                self._userspace_offloads(pair.names.container_end,
+                                         ep.netns if ep.netns is not None else self.host_netns)
+            ofport = self._ofport(ep.host_ifname)
+            self.db.add_port(self.settings.bridge, ep.host_ifname, tag=tag,
+                             ofport=ofport, external_ids=self._owner_ids(ep))
+        except BaseException:
+            self._undo(ep.host_ifname, None)
+            pair.remove()
+            pair.close()
+            raise
+        finally:
+            if ofport is not None:
+                self._release_ofport(ofport)
         return pair
 
     def _ofport(self, name: str) -> int:
         existing = self.db.port(name)
-        if existing is not None and existing.ofport and existing.ofport > 0:
-            return existing.ofport
+        if existing is not None:  # assigned, or asked for (a port just prepared)
+            for n in (existing.ofport, existing.ofport_request):
+                if n and n > 0:
+                    return n
         with self._ofports.lock:
             used = self.db.ofports_in_use(self.settings.bridge) | self._ofports.reserved
             n = FIRST_OFPORT
@@ -341,10 +370,12 @@ class VlanDriver(Driver):
         with self._ofports.lock:
             self._ofports.reserved.discard(n)
 
-    def external_ids(self, ep: Endpoint, attached: Attached) -> dict[str, str]:
+    def _owner_ids(self, ep: Endpoint) -> dict[str, str]:
         owner = f"{ep.container_id}/{ep.ifname}"
-        return {MARK: self.scope, OWNER: owner, "iface-id": owner,
-                "attached-mac": attached.mac, "ip": attached.address,
+        return {MARK: self.scope, OWNER: owner, "iface-id": owner}
+
+    def external_ids(self, ep: Endpoint, attached: Attached) -> dict[str, str]:
+        return {**self._owner_ids(ep), "attached-mac": attached.mac, "ip": attached.address,
                 ALLOWED: ",".join(attached.allowed)}
 
     def security(self, ofport: int, attached: Attached) -> F.PortSecurity:
@@ -372,13 +403,24 @@ class VlanDriver(Driver):
             raise ValueError("the prepared veth is for another endpoint")
         ofport = self._ofport(ep.host_ifname)
         sec = self.security(ofport, expected)
+        ids = self.external_ids(ep, expected)
         try:
-            self.flows.apply(add=sec.flows())  # before the port exists: never unguarded
-            self.db.add_port(self.settings.bridge, ep.host_ifname, tag=addressing.vlan,
-                             ofport=ofport, external_ids=self.external_ids(ep, expected))
-            if self.settings.datapath_type == "netdev":
-                self._userspace_offloads(pair.names.container_end,
-                                         ep.netns if ep.netns is not None else self.host_netns)
+            port = self.db.port(ep.host_ifname)
+            if port is not None and port.bridge == self.settings.bridge \
+                    and port.tag == addressing.vlan and port.ofport == ofport:
+                # prepared on its VLAN: what the port carries changes nothing in the
+                # datapath, so it is recorded while the flows go in (each a few ms)
+                record = self._io.submit(self.db.set_port, ep.host_ifname,
+                                         tag=addressing.vlan, external_ids=ids, wait=False)
+                try:
+                    self.flows.apply(add=sec.flows())
+                finally:
+                    record.result()
+            else:  # flows first, then onto its VLAN (off the dead one, or added after a
+                # failed attempt), waiting for ovs-vswitchd: the probe goes out next
+                self.flows.apply(add=sec.flows())
+                self.db.add_port(self.settings.bridge, ep.host_ifname, tag=addressing.vlan,
+                                 ofport=ofport, external_ids=ids)
         except BaseException:
             self._undo(ep.host_ifname, ofport)
             pair.remove()
@@ -414,12 +456,16 @@ class VlanDriver(Driver):
         set_gso(ifname, False, netns)
 
     def _undo(self, host_ifname: str, ofport: int | None) -> None:
-        """The OVSDB port and the flows of a port (a failed attach, a detach)."""
-        with contextlib.suppress(OvsdbError):
-            self.db.del_port(host_ifname)
+        """The flows, then the OVSDB port of a port (a failed attach, a detach): in this
+        order, so that its ofport is free for another ADD only once the removal of its
+        flows is on the wire (the connection keeps the order). Waiting for neither:
+        once OVSDB has committed, the port is gone for every reader (waiting for
+        ovs-vswitchd cost a DEL 20-35 ms, measured); a port without flows drops all."""
         if ofport:
             with contextlib.suppress(OpenFlowError):
-                self.flows.delete(F.cookie(F.KIND_PORT, ofport))
+                self.flows.delete(F.cookie(F.KIND_PORT, ofport), wait=False)
+        with contextlib.suppress(OvsdbError):
+            self.db.del_port(host_ifname, wait=False)
 
     def expected(self, ep: Endpoint, addressing: Addressing) -> Attached:
         ifname = ep.peer_ifname if ep.handover and ep.peer_ifname else ep.ifname

@@ -169,6 +169,11 @@ class OpenFlow:
                     while True:
                         got: Any = self._recv()
                         if isinstance(got, parser.OFPErrorMsg):
+                            if got.xid not in xids:  # of a request sent without a barrier
+                                log.warning("openflow: %s refused request %d (type %d, "
+                                            "code %d)", self.mgmt, got.xid, got.type,
+                                            got.code)
+                                continue
                             errors[got.xid] = got
                             if got.xid == xids[-1]:
                                 return replies, errors
@@ -212,11 +217,23 @@ class OpenFlow:
             return
         self._barrier(msgs)
 
-    def delete(self, cookie: int, mask: int = 0xFFFFFFFFFFFFFFFF) -> None:
-        """Remove every flow whose cookie matches (in every table)."""
-        self._barrier([parser.OFPFlowMod(
-            self._dp, cookie=cookie, cookie_mask=mask, table_id=ofp.OFPTT_ALL,
-            command=ofp.OFPFC_DELETE, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY)])
+    def delete(self, cookie: int, mask: int = 0xFFFFFFFFFFFFFFFF, *, wait: bool = True) -> None:
+        """Remove every flow whose cookie matches (in every table). ``wait=False`` sends
+        the request without a barrier (a DEL: the flows of a port that is gone match
+        nothing; a later request on this connection is handled after it)."""
+        mod = parser.OFPFlowMod(self._dp, cookie=cookie, cookie_mask=mask,
+                                table_id=ofp.OFPTT_ALL, command=ofp.OFPFC_DELETE,
+                                out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY)
+        if wait:
+            self._barrier([mod])
+            return
+        with self._lock:
+            try:
+                self._connect()
+                self._send(mod)
+            except OSError as exc:
+                self._drop()
+                raise OpenFlowError(f"OpenFlow on {self.mgmt}: {exc}") from None
 
     def _barrier(self, msgs: list[Any]) -> None:
         msgs = [*msgs, parser.OFPBarrierRequest(self._dp)]

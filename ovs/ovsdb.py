@@ -46,6 +46,49 @@ def _api() -> Any:
     return connection, impl_idl
 
 
+#: what the replica holds: the tables and columns netd reads or writes. Not every
+#: table: ovs-vswitchd rewrites each Interface's statistics and status every few seconds,
+#: and the IDL decodes every update in Python (with 60 ports that slowed each of
+#: netd's transactions to 15-20 ms, against 2-3 ms with these columns)
+MONITORED: dict[str, tuple[str, ...] | None] = {
+    "Open_vSwitch": ("bridges", "cur_cfg", "next_cfg"),
+    "Bridge": None,  # every column: few rows, rarely changed
+    "Port": ("name", "interfaces", "tag", "trunks", "external_ids", "other_config"),
+    "Interface": ("name", "type", "ofport", "ofport_request", "external_ids", "mtu_request",
+                  "options", "error"),
+}
+
+
+def _schema_helper(url: str) -> Any:
+    from ovsdbapp.backend.ovs_idl import idlutils
+
+    helper = idlutils.get_schema_helper(url, "Open_vSwitch")
+    for table, columns in MONITORED.items():
+        if columns is None:
+            helper.register_table(table)
+        else:
+            helper.register_columns(table, list(columns))
+    return helper
+
+
+_NO_WAIT: Any = None
+
+
+def _no_wait_transaction() -> Any:
+    """ovsdbapp's ovs-vsctl-like transaction without its wait for ovs-vswitchd (what
+    ``ovs-vsctl --no-wait`` does); it still asks ovs-vswitchd to reconfigure."""
+    global _NO_WAIT
+    if _NO_WAIT is None:
+        _, impl_idl = _api()
+
+        class NoWait(impl_idl.OvsVsctlTransaction):  # type: ignore[misc, name-defined]
+            def do_post_commit(self, txn: Any) -> None:
+                return None
+
+        _NO_WAIT = NoWait
+    return _NO_WAIT
+
+
 @dataclass(frozen=True)
 class OvsPort:
     """A port of a bridge with its (first) interface."""
@@ -102,7 +145,7 @@ class Ovsdb:
             if self._api is None:
                 connection, impl_idl = _api()
                 try:
-                    idl = connection.OvsdbIdl.from_server(self.url, "Open_vSwitch")
+                    idl = connection.OvsdbIdl(self.url, _schema_helper(self.url))
                     conn = connection.Connection(idl=idl, timeout=self.timeout)
                     # ovsdbapp keeps the connection in a class attribute: one class per
                     # database, or a second Ovsdb (a test, a lab) would talk to the first's
@@ -121,12 +164,20 @@ class Ovsdb:
             except Exception:
                 log.debug("ovsdb: stopping the connection failed", exc_info=True)
 
-    def _txn(self, commands: Iterable[Any]) -> None:
+    def _txn(self, commands: Iterable[Any], *, wait: bool = True) -> None:
+        """One transaction; with ``wait``, returns when ovs-vswitchd has applied it
+        (what ``ovs-vsctl`` does; ``--no-wait`` otherwise)."""
         api = self.api
         try:
-            with api.transaction(check_error=True) as txn:
+            if wait:
+                with api.transaction(check_error=True) as txn:
+                    for c in commands:
+                        txn.add(c)
+            else:
+                txn = _no_wait_transaction()(api, api.ovsdb_connection, check_error=True)
                 for c in commands:
                     txn.add(c)
+                txn.commit()
         except Exception as exc:
             raise OvsdbError(f"OVSDB transaction failed: {exc}") from None
 
@@ -143,30 +194,40 @@ class Ovsdb:
                                  tuple(p.name for p in row.ports))
         return None
 
+    @staticmethod
+    def _port_of(row: Any, bridge: str) -> OvsPort:
+        iface = row.interfaces[0] if row.interfaces else None
+        return OvsPort(
+            name=row.name, bridge=bridge,
+            ofport=_one(iface.ofport) if iface is not None else None,
+            tag=_one(row.tag), trunks=tuple(row.trunks),
+            type=iface.type if iface is not None else "",
+            external_ids=dict(iface.external_ids) if iface is not None else {},
+            ofport_request=_one(iface.ofport_request) if iface is not None else None)
+
     def ports(self, bridge: str | None = None) -> list[OvsPort]:
         """Ports (of ``bridge``, or of every bridge), each with its first interface."""
-        out = []
-        for br in self._rows("Bridge"):
-            if bridge is not None and br.name != bridge:
-                continue
-            for port in br.ports:
-                iface = port.interfaces[0] if port.interfaces else None
-                out.append(OvsPort(
-                    name=port.name, bridge=br.name,
-                    ofport=_one(iface.ofport) if iface is not None else None,
-                    tag=_one(port.tag), trunks=tuple(port.trunks),
-                    type=iface.type if iface is not None else "",
-                    external_ids=dict(iface.external_ids) if iface is not None else {},
-                    ofport_request=_one(iface.ofport_request) if iface is not None else None))
-        return out
+        return [self._port_of(port, br.name) for br in self._rows("Bridge")
+                if bridge is None or br.name == bridge for port in br.ports]
 
     def port(self, name: str) -> OvsPort | None:
-        return next((p for p in self.ports() if p.name == name), None)
+        """One port by name: the IDL's name index, not a walk over every port (each
+        attribute of an IDL row is decoded when read: at 60 ports, reading them all
+        was a third of an ADD)."""
+        from ovsdbapp.backend.ovs_idl import idlutils
+
+        row = idlutils.row_by_value(self.api.idl, "Port", "name", name, None)
+        if row is None:
+            return None
+        bridge = next((br.name for br in self._rows("Bridge")
+                       if any(p.uuid == row.uuid for p in br.ports)), "")
+        return self._port_of(row, bridge)
 
     def ofports_in_use(self, bridge: str) -> set[int]:
+        """The ofports taken or asked for, on any bridge (a superset is safe)."""
         used = set()
-        for p in self.ports(bridge):
-            for n in (p.ofport, p.ofport_request):
+        for iface in self._rows("Interface"):
+            for n in (_one(iface.ofport), _one(iface.ofport_request)):
                 if isinstance(n, int) and n > 0:
                     used.add(n)
         return used
@@ -222,8 +283,9 @@ class Ovsdb:
     def add_port(self, bridge: str, name: str, *, tag: int | None = None,
                  trunks: Iterable[int] | None = None, ofport: int | None = None,
                  external_ids: Mapping[str, str] | None = None,
-                 mtu: int | None = None) -> OvsPort:
-        """Add (or update in place) a system port; returns it with its ofport.
+                 mtu: int | None = None, wait: bool = True) -> OvsPort:
+        """Add (or update in place) a system port; returns it with its ofport (with
+        ``wait``; without, ovs-vswitchd assigns it a moment later).
 
         An existing port of the same name is reconfigured in the same
         transaction (a stale port of the same owner is replaced, never doubled).
@@ -246,25 +308,28 @@ class Ovsdb:
         cmds.append(api.db_set("Port", name, *port))
         if iface:
             cmds.append(api.db_set("Interface", name, *iface))
-        self._txn(cmds)
+        self._txn(cmds, wait=wait)
         got = self.port(name)
-        if got is None or not got.ofport or got.ofport < 0:
+        if got is None or (wait and (not got.ofport or got.ofport < 0)):
             raise OvsdbError(f"ovs-vswitchd could not add {name} to {bridge}")
         return got
 
     def set_port(self, name: str, *, tag: int | None = None,
-                 external_ids: Mapping[str, str] | None = None) -> None:
+                 external_ids: Mapping[str, str] | None = None, wait: bool = True) -> None:
         cmds = [self.api.db_set("Port", name, ("tag", tag if tag is not None else []))]
         if external_ids is not None:
             cmds.append(self.api.db_set("Interface", name, ("external_ids",
                                                             dict(external_ids))))
-        self._txn(cmds)
+        self._txn(cmds, wait=wait)
 
-    def del_port(self, name: str) -> bool:
+    def del_port(self, name: str, *, wait: bool = True) -> bool:
+        """Remove a port; ``wait=False`` returns once OVSDB has committed (the port is
+        gone for every reader; ovs-vswitchd lets go of it a moment later)."""
         existing = self.port(name)
         if existing is None:
             return False
-        self._txn([self.api.del_port(name, bridge=existing.bridge, if_exists=True)])
+        self._txn([self.api.del_port(name, bridge=existing.bridge, if_exists=True)],
+                  wait=wait)
         return True
 
 

@@ -1,10 +1,12 @@
-"""`make demo`: a two-host L2 lab in network namespaces with four podman containers.
+"""`make demo [MODE=l2|vlan]`: a two-host lab in network namespaces, four podman containers.
 
-Brings up `netd lab` (switch, gateway + IPAM server, two hosts whose bond0 is
-taken over by br0, one agent each), starts two busybox containers per host on
-the hosts' netd networks, then prints the reachability matrix and the IPAM's
-table of who holds which address and MAC. Safe to run twice: the previous
-demo lab and its containers are removed first. `make demo-down` removes it.
+Brings up `netd lab` (switch, gateway + IPAM server, two hosts, one agent each;
+l2: bond0 taken over by br0; vlan: bond0 a trunk of ovs0, a router between
+VLAN 100 and 200), starts two busybox containers per host on the hosts' netd
+networks (vlan: one on each VLAN), then prints the reachability matrix and the
+IPAM's table of who holds which address and MAC. Safe to run twice: the
+previous demo lab and its containers are removed first. `make demo-down`
+removes it.
 """
 
 from __future__ import annotations
@@ -37,20 +39,29 @@ def down() -> None:
                    check=False, capture_output=True)
 
 
+#: each host's two containers: the podman network suffix of each (lab modules name them)
+NETWORKS = {"l2": ("", ""), "vlan": ("-v100", "-v200")}
+
+
 def main(argv: list[str]) -> int:
     down()
     if argv[:1] == ["down"]:
         print("demo lab removed")
         return 0
+    mode = argv[1] if argv[:1] == ["--mode"] and len(argv) > 1 else "l2"
+    if mode not in NETWORKS:
+        sys.exit(f"demo: mode {mode!r}: one of {', '.join(NETWORKS)}")
     podman.ensure_podman()
     podman.busybox_rootfs(ROOTFS)
-    sh(str(BIN / "netd"), "lab", "up", "--hosts", "2", "--prefix", PREFIX, "--dir", str(LAB_DIR))
+    sh(str(BIN / "netd"), "lab", "up", "--mode", mode, "--hosts", "2", "--prefix", PREFIX,
+       "--dir", str(LAB_DIR))
     names = []
     for host in ("h1", "h2"):
-        for n in (1, 2):
+        for n, suffix in enumerate(NETWORKS[mode], 1):
             name = f"{PREFIX}-{host}-c{n}"
-            podman.run_container(name, ROOTFS, ["sleep", "86400"], network=f"{PREFIX}-{host}")
-            print(f"started {name} on {host}")
+            network = f"{PREFIX}-{host}{suffix}"
+            podman.run_container(name, ROOTFS, ["sleep", "86400"], network=network)
+            print(f"started {name} on {host} (network {network})")
             names.append(name)
     print()
     sh(str(BIN / "netd"), "lab", "status", "--dir", str(LAB_DIR))

@@ -191,6 +191,8 @@ class Agent:
 
     def _add(self, req: EndpointRequest, att: Attachment) -> None:
         ep = att.endpoint()
+        if ep is not None and self.driver.checks_pools:  # the pool is cached by now
+            ep = replace(ep, vlan=self._pool(req.pool).get("vlan"))
         # the interface needs no address: the driver makes it while the IPAM allocates
         preparing = self._background.submit(self.driver.prepare, ep) if ep else None
         try:

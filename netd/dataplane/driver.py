@@ -39,6 +39,9 @@ class Endpoint:
     netns: str | None
     host_ifname: str
     peer_ifname: str | None = None
+    #: the pool's VLAN when the agent knows it before the IPAM answers: a hint for
+    #: :meth:`Driver.prepare` (the vlan mode puts the port on it at once)
+    vlan: int | None = None
 
     @property
     def owner(self) -> tuple[str, str]:

@@ -731,7 +731,9 @@ def format_status(status: dict[str, Any]) -> str:
     ipam = status["ipam"]
     out.append(f"ipam {ipam['url']}  pid {ipam['pid']}  "
                f"{'healthy' if ipam['healthy'] else 'NOT ANSWERING'}  "
-               f"gateway {status['gateway']}  pool {status['pool']}")
+               + "  ".join(f"pool {p['name']} {p.get('cidr', '')}"
+                           + (f" VLAN {p['vlan']}" if p.get("vlan") else "")
+                           + f" gateway {p.get('gateway', '')}" for p in status["pools"]))
     out.append("")
     rows = []
     for h in status["hosts"]:

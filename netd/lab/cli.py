@@ -72,13 +72,17 @@ def up_cmd(mode: str, hosts: int, prefix: str, directory: Path, agents: bool,
     manifest = lab_up(plan, agents=agents, install_cni=install_cni, cni_bin_dir=cni_bin_dir,
                       cooldown=cooldown, keep_on_failure=keep_on_failure)
     impl = plan.impl
+    pools = ", ".join(f"{p['name']} {p['cidr']}" + (f" VLAN {p['vlan']}" if p.get("vlan")
+                                                     else "") + f" (gateway {p['gateway']})"
+                      for p in manifest["pools"])
     click.echo(f"lab {plan.prefix} up in {manifest['up_seconds']}s: IPAM {plan.ipam_url} "
-               f"in {plan.ipam_ns}, pool {impl.POOL} {impl.SUBNET} (gateway {impl.GATEWAY})")
+               f"in {plan.ipam_ns}, pool{'s' if len(manifest['pools']) > 1 else ''} {pools}")
     for h in plan.hosts:
         agent = (f"agent pid {manifest['hosts'][h.index - 1]['agent']['pid']}" if agents
                  else "no agent")
+        nets = [n.name for n in h.networks] or [h.network]
         click.echo(f"  {h.name}: netns {h.netns}, {impl.UPLINK} {h.address}, {agent}, "
-                   f"podman network {h.network}")
+                   f"podman network{'s' if len(nets) > 1 else ''} {', '.join(nets)}")
     if plan.docker_host:
         started = "the lab's dockerd" if plan.start_dockerd else "your dockerd"
         click.echo(f"  docker: {DOCKER_ON}'s agent serves plugin netd for {started} at "

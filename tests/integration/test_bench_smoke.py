@@ -64,3 +64,18 @@ def test_docker_bench_smoke(tmp_path: Path) -> None:
     for driver in doc["run"].values():
         assert driver["n"] == 2
     assert doc["targets"] == {}
+
+
+def test_vlan_bench_smoke(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "the VLAN benchmark builds a lab (root)")
+    require(shutil.which("ovs-vswitchd") is not None or os.access("/usr/sbin/ovs-vswitchd",
+                                                                  os.X_OK),
+            "Open vSwitch (openvswitch-switch)")
+    require(shutil.which("iperf3") is not None, "iperf3")
+    doc = smoke("vlan_bench", tmp_path / "vlan.json", 600)
+    seq = doc["sequential"]
+    for plugin in ("netd-cni", "bridge+host-local"):
+        assert seq[plugin]["ADD"]["n"] == 3 and seq[plugin]["DEL"]["n"] == 3
+    assert len(doc["throughput_gbps"]) == 3
+    assert all(t["median"] > 0 for t in doc["throughput_gbps"].values())
+    assert doc["targets"] == {}
