@@ -194,7 +194,7 @@ def trunks_of(trunks: Sequence[int]) -> list[int]:
 
 
 def plan_takeover(state: VlanState, *, datapath_type: str, trunks: Sequence[int], mtu: int,
-                  scope: str) -> Plan:
+                  scope: str, tx_off: bool | None = None) -> Plan:
     """The changes that move the host onto ``ovs0`` with the uplink as its trunk (pure)."""
     up, bname = state.uplink, state.bridge_name
     if state.unsupported:
@@ -233,7 +233,9 @@ def plan_takeover(state: VlanState, *, datapath_type: str, trunks: Sequence[int]
         steps.append(SetUp(up.name))
     if state.internal is None or not state.internal.up:
         steps.append(SetUp(bname, note="the host's own port"))
-    if datapath_type == "netdev" and not state.internal_tx_off:
+    if tx_off is None:  # the userspace datapath without TSO (see VlanSettings.offloads_off)
+        tx_off = datapath_type == "netdev"
+    if tx_off and not state.internal_tx_off:
         steps.append(TxChecksumOff(bname, note="TCP through the userspace datapath needs "
                                                "checksums written by the kernel"))
     steps += plan_move(up.name, bname, state.uplink_addresses, state.uplink_routes,
@@ -304,11 +306,12 @@ def rollback(snapshot: VlanState, db: Ovsdb, flows: OpenFlow, *,
 
 def takeover(uplink: str, bridge: str, db: Ovsdb, flows: OpenFlow, *, datapath_type: str,
              trunks: Sequence[int], mtu: int, scope: str, netns: str | None = None,
-             gateway: str | None = None, arp_timeout: float = 10.0) -> tuple[Plan, VlanState]:
+             gateway: str | None = None, arp_timeout: float = 10.0,
+             tx_off: bool | None = None) -> tuple[Plan, VlanState]:
     """Take the uplink over; roll back when the gateway does not answer ARP on ovs0."""
     before = read_state(uplink, bridge, db, netns=netns)
     plan = plan_takeover(before, datapath_type=datapath_type, trunks=trunks, mtu=mtu,
-                         scope=scope)
+                         scope=scope, tx_off=tx_off)
     gw = gateway or default_gateway(before)
     if plan:
         try:

@@ -44,6 +44,9 @@ class OvsInstance:
 
     netns: str
     dir: Path
+    #: ``other_config:userspace-tso-enable`` before ovs-vswitchd starts (it reads it
+    #: only then): TSO and checksum offload through the userspace datapath
+    userspace_tso: bool = False
 
     @property
     def db_sock(self) -> Path:
@@ -86,6 +89,10 @@ class OvsInstance:
         self._wait("ovsdb-server", self._db_answers, server, timeout)
         subprocess.run([OVS_VSCTL, f"--db={self.url}", "--no-wait", "init"], check=True,
                        capture_output=True, timeout=30)
+        if self.userspace_tso:
+            subprocess.run([OVS_VSCTL, f"--db={self.url}", "--no-wait", "set",
+                            "Open_vSwitch", ".", "other_config:userspace-tso-enable=true"],
+                           check=True, capture_output=True, timeout=30)
         vswitchd = self.start_vswitchd(timeout)
         return {"ovsdb_server": server, "ovs_vswitchd": vswitchd}
 

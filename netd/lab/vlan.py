@@ -10,7 +10,8 @@
     PREFIX-sw  Linux bridge PREFIX-br: the "physical" switch; it forwards 802.1Q
        |       frames as they are (no VLAN filtering)
     PREFIX-h1  bond0 198.18.0.11/24, default via .1; its own ovsdb-server and
-    PREFIX-h2  ovs-vswitchd (netdev datapath); agent with [vlan] (ovs0 over bond0)
+    PREFIX-h2  ovs-vswitchd (netdev datapath, userspace TSO on); agent with [vlan]
+               (ovs0 over bond0)
 
 and the pools ``vlan100`` (198.18.100.0/24, VLAN 100) and ``vlan200``
 (198.18.200.0/24, VLAN 200), with a podman network per host and pool
@@ -99,6 +100,7 @@ def agent_table(plan: LabPlan, host: HostPlan) -> list[str]:
     return ["[vlan]", f'uplink = "{UPLINK}"', f'bridge = "{HOST_BRIDGE}"',
             f"trunks = [{', '.join(str(v) for _, v, _ in VLANS)}]",
             'datapath_type = "netdev"  # no openvswitch kernel module here',
+            "userspace_tso = true  # the lab's ovs-vswitchd starts with userspace-tso-enable",
             f'ovsdb = "unix:{d}/db.sock"', f'rundir = "{d}"']
 
 
@@ -133,7 +135,7 @@ def build(plan: LabPlan, manifest: Manifest) -> None:
             nl.add_address(UPLINK, f"{host.address}/{plen}")
             nl.add_route(Route("0.0.0.0/0", gateway=HOSTS_GATEWAY, ifname=UPLINK,
                                proto=STATIC))
-        ovs = OvsInstance(host.netns, host.dir / "ovs")
+        ovs = OvsInstance(host.netns, host.dir / "ovs", userspace_tso=True)
         manifest["ovs"][host.name] = {"netns": host.netns, "dir": str(ovs.dir),
                                       "processes": {}}
         manifest["ovs"][host.name]["processes"] = ovs.start()

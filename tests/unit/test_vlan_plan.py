@@ -45,6 +45,10 @@ def test_defaults_and_parsing() -> None:
     assert s.trunks == (200, 100) and s.carries(100) and not s.carries(300)
     assert s.mgmt == "/run/x/ovs0.mgmt"
     assert VlanSettings().carries(4094)  # no trunks: every VLAN
+    # the container ends write their own checksums on the userspace datapath without TSO
+    assert s.offloads_off and not VlanSettings().offloads_off
+    assert not parse_vlan_settings({"datapath_type": "netdev",
+                                    "userspace_tso": True}).offloads_off
 
 
 @pytest.mark.parametrize("table", [
@@ -52,7 +56,8 @@ def test_defaults_and_parsing() -> None:
     {"datapath_type": "dpdk"}, {"mtu": 100}, {"ovsdb": "tcp:1.2.3.4:6640"},
     {"rundir": "run"}, {"uplink": "bond0", "bridge": "bond0"}, {"bridge": "a/b"},
     {"takeover": "yes"}, {"controller": "tcp:127.0.0.1:6653"}, {"dad_timeout": 2},
-    {"flow_check_interval": 0},
+    {"flow_check_interval": 0}, {"userspace_tso": True}, {"userspace_tso": "yes",
+                                                          "datapath_type": "netdev"},
 ])
 def test_bad_settings_are_refused(table: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput):
@@ -175,6 +180,9 @@ def test_the_userspace_datapath_gets_the_bridge_port_writing_its_checksums() -> 
 
     assert len(steps("netdev", fresh())) == 1
     assert not steps("system", fresh())
+    assert not [s for s in plan_takeover(fresh(), datapath_type="netdev", trunks=(), mtu=1500,
+                                         scope="ovs0", tx_off=False)  # userspace TSO
+                if isinstance(s, TxChecksumOff)]
     lost = replace(taken(), internal_tx_off=False)  # ovs0 recreated with tx on
     assert [s.ifname for s in steps("netdev", lost)] == ["ovs0"]
 
