@@ -25,7 +25,7 @@ from typing import NoReturn
 from netd.dataplane.arp import gateway_answers_arp
 from netd.dataplane.errors import DataplaneError, LinkNotFound, PlanError, TakeoverFailed
 from netd.dataplane.ethtool import set_tx_checksum, tx_checksum
-from netd.dataplane.model import AF_INET, Address, Link, Route, normalize_mac
+from netd.dataplane.model import Address, Link, Route, normalize_mac
 from netd.dataplane.netlink import Netlink
 from netd.dataplane.uplink import (
     Plan,
@@ -36,6 +36,7 @@ from netd.dataplane.uplink import (
     plan_move_back,
     read_sysctl,
 )
+from netd.dataplane.uplink import default_gateway as uplink_default_gateway
 
 from .flows import base_flows
 from .openflow import OpenFlow
@@ -104,10 +105,7 @@ def read_state(uplink: str, bridge: str, db: Ovsdb, *, netns: str | None = None)
 
 
 def default_gateway(state: VlanState) -> str | None:
-    candidates = [r for r in (*state.uplink_routes, *state.internal_routes)
-                  if r.is_default and r.family == AF_INET and r.gateway and r.table == 254]
-    candidates.sort(key=lambda r: r.metric or 0)
-    return candidates[0].gateway if candidates else None
+    return uplink_default_gateway((*state.uplink_routes, *state.internal_routes))
 
 
 # --- the steps OVS adds to netlink's ---------------------------------------------------

@@ -31,7 +31,6 @@ from typing import NoReturn
 from netd.dataplane.arp import gateway_answers_arp
 from netd.dataplane.errors import DataplaneError, LinkNotFound, PlanError, TakeoverFailed
 from netd.dataplane.model import (
-    AF_INET,
     Address,
     Link,
     Route,
@@ -54,6 +53,7 @@ from netd.dataplane.uplink import (
     movable_addresses,
     movable_routes,
 )
+from netd.dataplane.uplink import default_gateway as uplink_default_gateway
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,7 @@ def read_state(uplink: str, bridge: str, *, netns: str | None = None) -> L2State
 
 def default_gateway(state: L2State) -> str | None:
     """The IPv4 default gateway in the main table (uplink or bridge), lowest metric first."""
-    candidates = [r for r in (*state.uplink_routes, *state.bridge_routes)
-                  if r.is_default and r.family == AF_INET and r.gateway and r.table == 254]
-    candidates.sort(key=lambda r: r.metric or 0)
-    return candidates[0].gateway if candidates else None
+    return uplink_default_gateway((*state.uplink_routes, *state.bridge_routes))
 
 
 # --------------------------------------------------------------------------- plan steps

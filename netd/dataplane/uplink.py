@@ -24,6 +24,15 @@ from netd.dataplane.netns import run_in_netns
 log = logging.getLogger(__name__)
 
 
+def default_gateway(routes: Iterable[Route]) -> str | None:
+    """The IPv4 default gateway of the main table among ``routes``, lowest metric first:
+    the address a takeover checks with ARP before it keeps the new layout."""
+    candidates = [r for r in routes
+                  if r.is_default and r.family == AF_INET and r.gateway and r.table == 254]
+    candidates.sort(key=lambda r: r.metric or 0)
+    return candidates[0].gateway if candidates else None
+
+
 @dataclass(frozen=True)
 class SetMac:
     ifname: str
@@ -292,5 +301,5 @@ def apply_plan(plan: Plan, *, netns: str | None = None) -> None:
 
 __all__ = ["AddAddress", "DelAddress", "DelRoute", "DeleteLink", "Plan", "ReplaceRoute",
            "SetMac", "SetMaster", "SetSysctl", "SetUp", "Step", "apply_plan",
-           "movable_addresses", "movable_routes", "plan_move", "plan_move_back",
-           "read_sysctl", "write_sysctl"]
+           "default_gateway", "movable_addresses", "movable_routes", "plan_move",
+           "plan_move_back", "read_sysctl", "write_sysctl"]

@@ -56,7 +56,6 @@ import json
 import math
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -72,11 +71,19 @@ from typing import Any
 from netd.cni import install as cni_install
 from netd.dataplane.l2driver import DEFAULT_DAD_TIMEOUT
 from netd.dataplane.netlink import Netlink
-from netd.dataplane.netns import create_netns, list_netns, remove_netns
-from netd.lab import SUBNET, LabPlan, lab_down, lab_up, plan_lab
+from netd.dataplane.netns import create_netns
+from netd.lab import SUBNET, LabPlan, lab_up, plan_lab
 from netd.lab.base import agent_config_text
 from netd.lab.procs import alive, start_process, stop_pids
-from tests.bench.common import BenchError, log, mark, quiet_sigterm, ratio, run_and_report
+from tests.bench.common import (
+    BenchError,
+    log,
+    mark,
+    quiet_sigterm,
+    ratio,
+    run_and_report,
+    teardown_lab,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 REF_DIR = Path("/usr/lib/cni")
@@ -249,20 +256,7 @@ class Setup:
         return f"{self.prefix}-{kind}{i}"
 
     def teardown(self) -> list[str]:
-        problems = []
-        if self.plan is not None:
-            try:
-                lab_down(self.plan.dir, self.prefix, cni_conf_dir=self.plan.cni_conf_dir,
-                         echo=lambda _: None)
-            except Exception as exc:
-                problems.append(f"lab down: {exc}")
-        for name in list_netns(f"{self.prefix}-"):
-            try:
-                remove_netns(name)
-            except Exception as exc:
-                problems.append(f"netns {name}: {exc}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return problems
+        return teardown_lab(self.plan, self.prefix, self.tmp)
 
 
 def build(setup: Setup, slots_per_plugin: int, cooldown: float) -> None:

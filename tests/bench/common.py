@@ -11,12 +11,16 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from netd.lab import LabPlan
 
 
 class BenchError(Exception):
@@ -97,3 +101,24 @@ def run_and_report(args: argparse.Namespace, setup: Any, prefix: str,
         print(report(res))
     print(f"(JSON: {out}; {res['elapsed_s']} s)")
     return code
+
+
+def teardown_lab(plan: LabPlan | None, prefix: str, tmp: Path) -> list[str]:
+    """``lab down`` of a bench's lab, every namespace of its prefix, its temp dir; the
+    problems met (a teardown that leaves something makes the run untrustworthy)."""
+    from netd.dataplane.netns import list_netns, remove_netns
+    from netd.lab import lab_down
+
+    problems = []
+    if plan is not None:
+        try:
+            lab_down(plan.dir, prefix, cni_conf_dir=plan.cni_conf_dir, echo=lambda _: None)
+        except Exception as exc:
+            problems.append(f"lab down: {exc}")
+    for name in list_netns(f"{prefix}-"):
+        try:
+            remove_netns(name)
+        except Exception as exc:
+            problems.append(f"netns {name}: {exc}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return problems

@@ -43,8 +43,8 @@ from socket import AF_INET
 from typing import Any
 
 from netd.dataplane.netlink import Netlink
-from netd.dataplane.netns import create_netns, list_netns, remove_netns
-from netd.lab import LabPlan, lab_down, lab_up, plan_lab
+from netd.dataplane.netns import create_netns
+from netd.lab import LabPlan, lab_up, plan_lab
 from netd.lab.ovs import available as ovs_available
 from netd.lab.vlan import VLANS
 from tests.bench.cni_bench import (
@@ -58,7 +58,15 @@ from tests.bench.cni_bench import (
     sequential,
     summarize,
 )
-from tests.bench.common import BenchError, log, mark, quiet_sigterm, ratio, run_and_report
+from tests.bench.common import (
+    BenchError,
+    log,
+    mark,
+    quiet_sigterm,
+    ratio,
+    run_and_report,
+    teardown_lab,
+)
 
 TARGET_ADD_RATIO = 1.5
 TARGET_DEL_RATIO = 1.0
@@ -78,24 +86,11 @@ class Setup:
         return f"{self.prefix}-{name}"
 
     def teardown(self) -> list[str]:
-        problems = []
         for proc in self.servers or []:
             with contextlib.suppress(Exception):
                 proc.kill()
                 proc.wait(timeout=10)
-        if self.plan is not None:
-            try:
-                lab_down(self.plan.dir, self.prefix, cni_conf_dir=self.plan.cni_conf_dir,
-                         echo=lambda _: None)
-            except Exception as exc:
-                problems.append(f"lab down: {exc}")
-        for name in list_netns(f"{self.prefix}-"):
-            try:
-                remove_netns(name)
-            except Exception as exc:
-                problems.append(f"netns {name}: {exc}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return problems
+        return teardown_lab(self.plan, self.prefix, self.tmp)
 
 
 # --- throughput -----------------------------------------------------------------------------
