@@ -1,4 +1,7 @@
-"""BGP "downward default" mode: exabgp speaker, route programming, FRR lab configs.
+"""BGP "downward default" mode (installed as ``netd.bgp``).
 
-Installed as ``netd.bgp``. Not implemented yet.
+``driver.py``: the container plumbing, Calico style (a /32 per container, the
+link-local gateway 169.254.1.1 answered by proxy ARP, strict reverse-path
+filtering on the host end). The routing half (exabgp speaker, routes from the
+ToRs, FRR configs for the fabric, the racks lab) follows.
 """

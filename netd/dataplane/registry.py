@@ -15,6 +15,7 @@ from netd.errors import InvalidInput
 DRIVERS: dict[str, tuple[str, str]] = {
     "l2": ("netd.dataplane.l2driver", "L2Driver"),
     "vlan": ("netd.ovs.driver", "VlanDriver"),
+    "bgp": ("netd.bgp.driver", "BgpDriver"),
 }
 
 

@@ -109,13 +109,15 @@ def test_addressing_and_what_a_driver_attached() -> None:
 
 
 def test_the_registry_knows_its_modes_and_refuses_others() -> None:
-    assert modes() == ("l2", "vlan")
+    assert modes() == ("l2", "vlan", "bgp")
     assert driver_class("l2") is L2Driver
     assert driver_class("vlan").__name__ == "VlanDriver"
-    with pytest.raises(InvalidInput, match="unknown mode 'ovs': this agent knows 'l2', 'vlan'"):
+    assert driver_class("bgp").__name__ == "BgpDriver"
+    with pytest.raises(InvalidInput,
+                       match="unknown mode 'ovs': this agent knows 'l2', 'vlan', 'bgp'"):
         driver_class("ovs")
-    with pytest.raises(InvalidInput, match="unknown mode 'bgp'"):
-        parse_config({"host": "h1", "mode": "bgp"})
+    with pytest.raises(InvalidInput, match="unknown mode 'calico'"):
+        parse_config({"host": "h1", "mode": "calico"})
 
 
 def test_the_l2_table_belongs_to_the_l2_driver() -> None:

@@ -1,0 +1,316 @@
+"""The BGP "downward default" mode's container plumbing (``mode = "bgp"``), Calico style.
+
+A container gets its address as a /32 and a default route via the link-local
+gateway 169.254.1.1, on-link; nothing else is on its link. The host end of its
+veth has a fixed MAC, proxy ARP (answering for 169.254.1.1, without the
+default 0.8 s delay), forwarding, and strict reverse-path filtering: a
+container can only send from its own address, since the host's only route to
+that address is the /32 through this very host end. That /32 is installed in
+netd's route protocol (:data:`RTPROT_NETD`), which is how the routing side
+(announcements, blackholes per block) tells netd's routes from everyone
+else's. No bridge, no duplicate-address probe: the IPAM is the only source of
+these addresses and nothing else shares the link.
+
+Routing (the host's blocks announced to its ToRs through exabgp, the default
+and the exceptions received and programmed) is the other half of the mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from netd.dataplane import veth
+from netd.dataplane.driver import Addressing, Attached, Driver, Endpoint, Hold, Owned, Prepared
+from netd.dataplane.model import RT_SCOPE_LINK, RTPROT_NETD, Route
+from netd.dataplane.netlink import Netlink
+from netd.dataplane.uplink import read_sysctl, write_sysctl
+from netd.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+GATEWAY = "169.254.1.1"  # every container's gateway: answered by the host end's proxy ARP
+HOST_MAC = "ee:ee:ee:ee:ee:ee"  # every host end's (Calico's): the container's ARP cache
+#: stays valid across a re-made veth
+SCOPE = "bgp"  # one BGP agent per host namespace: its marks
+MAX_ASN = 4294967294
+
+
+@dataclass(frozen=True)
+class Peer:
+    address: str
+    asn: int
+
+
+@dataclass(frozen=True)
+class BgpSettings:
+    """The ``[bgp]`` table. The session settings serve the speaker (routing half)."""
+
+    asn: int | None = None
+    router_id: str | None = None
+    peers: tuple[Peer, ...] = ()
+    restart_time: int = 120
+    hold_time: int = 90
+    mtu: int = 1500
+
+
+def host_sysctls(host_ifname: str) -> dict[str, str]:
+    """What a container's host end needs: answer ARP for anything routed elsewhere at once,
+    forward, and take from the container only what the host routes back to it."""
+    return {f"net.ipv4.conf.{host_ifname}.proxy_arp": "1",
+            f"net.ipv4.neigh.{host_ifname}.proxy_delay": "0",
+            f"net.ipv4.conf.{host_ifname}.forwarding": "1",
+            f"net.ipv4.conf.{host_ifname}.rp_filter": "1",
+            f"net.ipv6.conf.{host_ifname}.disable_ipv6": "1"}
+
+
+def _int(table: Mapping[str, Any], key: str, lo: int, hi: int, default: int | None
+         ) -> int | None:
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidInput(f"[bgp] {key}: an integer {lo}-{hi}, got {value!r}")
+    return value
+
+
+def _ipv4(value: Any, what: str) -> str:
+    try:
+        addr = ipaddress.ip_address(value) if isinstance(value, str) else None
+    except ValueError:
+        addr = None
+    if not isinstance(addr, ipaddress.IPv4Address) or addr.is_unspecified:
+        raise InvalidInput(f"[bgp] {what}: an IPv4 address, got {value!r}")
+    return str(addr)
+
+
+def parse_bgp_settings(table: Mapping[str, Any]) -> BgpSettings:
+    """``[bgp]`` of agent.toml -> :class:`BgpSettings` (pure)."""
+    known = {"asn", "router_id", "peers", "restart_time", "hold_time", "mtu"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InvalidInput(f"[bgp]: unknown keys {', '.join(unknown)} (known: "
+                           f"{', '.join(sorted(known))})")
+    peers_in = table.get("peers", [])
+    if not isinstance(peers_in, list):
+        raise InvalidInput("[bgp] peers: a list of {address, asn}")
+    peers = []
+    for i, p in enumerate(peers_in):
+        if not isinstance(p, Mapping) or set(p) != {"address", "asn"}:
+            raise InvalidInput(f"[bgp] peers[{i}]: exactly address and asn")
+        asn = _int(p, "asn", 1, MAX_ASN, None)
+        assert asn is not None
+        peers.append(Peer(_ipv4(p["address"], f"peers[{i}].address"), asn))
+    if len({p.address for p in peers}) != len(peers):
+        raise InvalidInput("[bgp] peers: an address appears twice")
+    router_id = table.get("router_id")
+    hold = _int(table, "hold_time", 3, 65535, 90)
+    if hold is not None and hold != 0 and hold < 3:
+        raise InvalidInput("[bgp] hold_time: 0 or 3-65535")
+    s = BgpSettings(
+        asn=_int(table, "asn", 1, MAX_ASN, None),
+        router_id=None if router_id is None else _ipv4(router_id, "router_id"),
+        peers=tuple(peers),
+        restart_time=_int(table, "restart_time", 1, 4095, 120) or 120,
+        hold_time=hold or 90,
+        mtu=_int(table, "mtu", 576, 9216, 1500) or 1500,
+    )
+    if s.peers and s.asn is None:
+        raise InvalidInput("[bgp] peers need the host's asn")
+    return s
+
+
+class BgpDriver(Driver):
+    """Containers routed as /32s from the host (no bridge)."""
+
+    mode = "bgp"
+    settings: BgpSettings
+
+    def __init__(self, settings: BgpSettings, *, host_netns: str | None = None) -> None:
+        super().__init__(settings, host_netns=host_netns)
+        self.dad_timeout = 0.0  # the IPAM is the only source of these addresses
+
+    @classmethod
+    def parse_settings(cls, table: Mapping[str, Any]) -> BgpSettings:
+        return parse_bgp_settings(table)
+
+    @property
+    def scope(self) -> str:
+        return SCOPE
+
+    # --- host -------------------------------------------------------------------------
+
+    def plan(self) -> list[str]:
+        return [f"sysctl -w net.ipv4.ip_forward=1  # {GATEWAY} and the /32s are routed"]
+
+    def start(self) -> list[str]:
+        if read_sysctl("net.ipv4.ip_forward", self.host_netns) != "1":
+            write_sysctl("net.ipv4.ip_forward", "1", self.host_netns)
+            return ["sysctl -w net.ipv4.ip_forward=1"]
+        return []
+
+    # --- endpoints --------------------------------------------------------------------
+
+    def _names(self, ep: Endpoint) -> veth.Names:
+        return veth.Names(ep.host_ifname, ep.ifname, ep.netns, ep.peer_ifname)
+
+    def _host_end(self, host: Netlink, host_ifname: str) -> None:
+        """The host end's MAC and sysctls (idempotent)."""
+        link = host.link(host_ifname)
+        if link is not None and (link.mac or "").lower() != HOST_MAC:
+            host.set_mac(host_ifname, HOST_MAC)
+        for key, value in host_sysctls(host_ifname).items():
+            write_sysctl(key, value, self.host_netns)
+
+    def prepare(self, ep: Endpoint) -> veth.Veth:
+        """The veth and its host end's settings while the IPAM allocates; no route yet
+        (nothing reaches the container, rp_filter drops what it sends)."""
+        host = Netlink(self.host_netns)
+        try:
+            pair = veth.create(self._names(ep), self.mark(ep), host=host,
+                               mtu=self.settings.mtu)
+            try:
+                self._host_end(host, ep.host_ifname)
+            except BaseException:
+                pair.remove()
+                pair.close()
+                raise
+        except BaseException:
+            host.close()
+            raise
+        pair.own_host = True
+        return pair
+
+    @staticmethod
+    def host_route(host_ifname: str, address: str) -> Route:
+        ip = veth.interface(address).ip
+        return Route(f"{ip}/{ip.max_prefixlen}", ifname=host_ifname, proto=RTPROT_NETD,
+                     scope=RT_SCOPE_LINK)
+
+    def expected(self, ep: Endpoint, addressing: Addressing) -> Attached:
+        ifname = ep.peer_ifname if ep.handover and ep.peer_ifname else ep.ifname
+        ip = veth.interface(addressing.address).ip
+        return Attached(ep.host_ifname, ifname, addressing.mac, f"{ip}/{ip.max_prefixlen}",
+                        GATEWAY, (), self.settings.mtu, None, {"gateway": "proxy-arp"},
+                        tuple(addressing.allowed))
+
+    def attach(self, ep: Endpoint, addressing: Addressing,
+               prepared: Prepared | None = None) -> Attached:
+        pair = prepared if isinstance(prepared, veth.Veth) else None
+        if prepared is not None and pair is None:
+            prepared.close()
+        if pair is None:
+            pair = self.prepare(ep)
+        elif pair.names != self._names(ep):
+            pair.close()
+            raise ValueError("the prepared veth is for another endpoint")
+        expected = self.expected(ep, addressing)
+        try:
+            assert pair.host is not None
+            pair.host.add_route(self.host_route(ep.host_ifname, expected.address))
+        except BaseException:
+            pair.remove()
+            pair.close()
+            raise
+        done = veth.finish(pair, expected.address, addressing.mac, GATEWAY, (),
+                           dad_timeout=0.0, announce=False)
+        return Attached(ep.host_ifname, done.ifname, done.mac, expected.address, GATEWAY,
+                        expected.routes, done.mtu, None, expected.data, expected.allowed)
+
+    def _ours(self, alias: str | None, ep: Endpoint | None) -> bool:
+        mark = veth.Mark.parse(alias)
+        if mark is None or mark.scope != self.scope:
+            return False
+        return ep is None or (mark.container_id, mark.ifname) == ep.owner
+
+    def detach(self, ep: Endpoint, *, owner_only: bool = False) -> bool:
+        """The veth; its /32 goes with its host end."""
+        with Netlink(self.host_netns) as host:
+            if owner_only:
+                link = host.link(ep.host_ifname)
+                if link is None:
+                    return False
+                if not self._ours(link.alias, ep):
+                    log.info("bgp: DEL of %s/%s: %s is not its (alias %r), left alone",
+                             ep.container_id[:12], ep.ifname, ep.host_ifname, link.alias)
+                    return False
+            return veth.detach(ep.host_ifname, host=host)
+
+    def check(self, ep: Endpoint, attached: Attached) -> list[str]:
+        problems: list[str] = []
+        with Netlink(self.host_netns) as host:
+            end, end_problems = veth.check_host_end(host, ep.host_ifname, None)
+            problems += end_problems
+            if end is not None:
+                want = self.host_route(ep.host_ifname, attached.address)
+                if not any(r.network == want.network and r.proto == RTPROT_NETD
+                           for r in host.routes(ep.host_ifname)):
+                    problems.append(f"route {want.dst} dev {ep.host_ifname} is missing")
+                if (end.mac or "").lower() != HOST_MAC:
+                    problems.append(f"{ep.host_ifname} has MAC {end.mac}, expected {HOST_MAC}")
+        if end is not None:
+            for key, value in host_sysctls(ep.host_ifname).items():
+                if read_sysctl(key, self.host_netns) not in (value, None):
+                    problems.append(f"{key} is not {value}")
+        if ep.handover:
+            return problems
+        return problems + veth.check_container(ep.netns or "", ep.ifname, attached.mac,
+                                               attached.address, attached.gateway,
+                                               attached.pool_routes())
+
+    def repair(self, ep: Endpoint, attached: Attached) -> bool:
+        if not self.check(ep, attached):
+            return False
+        if ep.handover:
+            with Netlink(self.host_netns) as host:
+                if host.link(ep.host_ifname) is None:
+                    log.warning("bgp: %s of %s is gone; its runtime must attach the "
+                                "container again", ep.host_ifname, ep.container_id[:12])
+                    return False
+                self._host_end(host, ep.host_ifname)
+                host.set_up(ep.host_ifname)
+                host.add_route(self.host_route(ep.host_ifname, attached.address))
+            return True
+        # the pair of this mark is taken over when it is there, made again when not
+        pair = veth.create(self._names(ep), self.mark(ep), host=self.host_netns,
+                           mtu=attached.mtu or self.settings.mtu, mac=attached.mac)
+        try:
+            assert pair.host is not None
+            self._host_end(pair.host, ep.host_ifname)
+            pair.host.set_up(ep.host_ifname)
+            pair.host.add_route(self.host_route(ep.host_ifname, attached.address))
+        except BaseException:
+            pair.close()
+            raise
+        veth.finish(pair, attached.address, attached.mac, GATEWAY, (), dad_timeout=0.0,
+                    announce=False)
+        return True
+
+    def owned(self) -> list[Owned]:
+        return [Owned(link.name, mark, link.index)
+                for link, mark in veth.marked_links(host=self.host_netns)
+                if mark is not None and mark.scope == self.scope
+                and not link.name.startswith(veth.PEER_PREFIX)]
+
+    def sweep(self, keep: Collection[str], *, hold: Hold | None = None) -> list[str]:
+        """Orphaned host ends of this scope (their /32s go with them)."""
+        removed = []
+        with Netlink(self.host_netns) as host:
+            for link, mark in veth.marked_links(host=host):
+                if mark is None or mark.scope != self.scope:
+                    continue
+                with hold(mark.owner) if hold is not None else contextlib.nullcontext():
+                    if link.name in keep:
+                        continue
+                    if veth.detach(link.name, host=host, index=link.index):
+                        removed.append(f"removed orphaned interface {link.name} "
+                                       f"({link.alias})")
+        return removed
+
+
+__all__ = ["GATEWAY", "HOST_MAC", "BgpDriver", "BgpSettings", "Peer", "host_sysctls",
+           "parse_bgp_settings"]
