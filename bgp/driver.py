@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from netd.dataplane import veth
 from netd.dataplane.driver import Addressing, Attached, Driver, Endpoint, Hold, Owned, Prepared
-from netd.dataplane.model import RT_SCOPE_LINK, RTPROT_NETD, Route
+from netd.dataplane.model import AF_INET, RT_SCOPE_LINK, RTN_BLACKHOLE, RTPROT_NETD, Route
 from netd.dataplane.netlink import Netlink
 from netd.dataplane.uplink import read_sysctl, write_sysctl
 from netd.errors import InvalidInput
@@ -129,10 +129,12 @@ class BgpDriver(Driver):
 
     mode = "bgp"
     settings: BgpSettings
+    follows_blocks = True
 
     def __init__(self, settings: BgpSettings, *, host_netns: str | None = None) -> None:
         super().__init__(settings, host_netns=host_netns)
         self.dad_timeout = 0.0  # the IPAM is the only source of these addresses
+        self._blocks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def parse_settings(cls, table: Mapping[str, Any]) -> BgpSettings:
@@ -152,6 +154,41 @@ class BgpDriver(Driver):
             write_sysctl("net.ipv4.ip_forward", "1", self.host_netns)
             return ["sysctl -w net.ipv4.ip_forward=1"]
         return []
+
+    # --- the host's blocks -------------------------------------------------------------
+
+    @staticmethod
+    def blackhole(cidr: str) -> Route:
+        """A block's blackhole: traffic to an unused address of it stops here (without
+        it, it loops between host and ToR until its TTL runs out); the /32s of the
+        containers are more specific."""
+        return Route(str(ipaddress.ip_network(cidr)), proto=RTPROT_NETD, type=RTN_BLACKHOLE)
+
+    def blackholes(self) -> set[str]:
+        with Netlink(self.host_netns) as nl:
+            return {r.dst for r in nl.routes(family=AF_INET)
+                    if r.type == RTN_BLACKHOLE and r.proto == RTPROT_NETD}
+
+    def sync_blocks(self, blocks: Sequence[str]) -> list[str]:
+        """One blackhole route per block this host owns (netd's protocol), and none for a
+        block it no longer owns."""
+        want = {str(ipaddress.ip_network(b)) for b in blocks
+                if ipaddress.ip_network(b).version == 4}
+        have = self.blackholes()
+        changes = []
+        with Netlink(self.host_netns) as nl:
+            for cidr in sorted(want - have):
+                nl.add_route(self.blackhole(cidr))
+                changes.append(f"ip route add blackhole {cidr} proto {RTPROT_NETD}")
+            for cidr in sorted(have - want):
+                nl.del_route(self.blackhole(cidr))
+                changes.append(f"ip route del blackhole {cidr}  # block released")
+        self._blocks = tuple(ipaddress.ip_network(b) for b in sorted(want))
+        return changes
+
+    def covers(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        return any(addr in b for b in self._blocks)
 
     # --- endpoints --------------------------------------------------------------------
 

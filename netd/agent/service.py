@@ -202,6 +202,8 @@ class Agent:
             raise
         self._take(att, alloc)
         addressing = addressing_of(alloc)
+        if self.driver.follows_blocks and not self.driver.covers(str(alloc["ip"])):
+            self.sync_quietly()  # a new block of this host: its blackhole now
         if ep is None:  # the address alone
             att.address, att.gateway = addressing.address, addressing.gateway
             att.routes, att.vlan = list(addressing.all_routes()), addressing.vlan
@@ -229,6 +231,13 @@ class Agent:
     def _take(att: Attachment, alloc: Mapping[str, Any]) -> None:
         att.ip, att.mac = str(alloc["ip"]), str(alloc["mac"])
         att.dns = dict(alloc.get("dns") or {})
+
+    def sync_quietly(self) -> None:
+        """:meth:`sync_blocks`, logging instead of raising (the next pass tries again)."""
+        try:
+            self.sync_blocks()
+        except NetdError as exc:
+            log.warning("sync of this host's blocks failed: %s", exc.message)
 
     def check_pool(self, pool: Mapping[str, Any]) -> None:
         """Refuse a pool the mode cannot serve (:class:`PoolNotUsable`): for a Docker
@@ -594,6 +603,21 @@ class Agent:
         for line in done:
             log.info("sync: %s", line)
         return done
+
+    def sync_blocks(self) -> list[str]:
+        """Follow the IPAM blocks of this host (the BGP mode's blackholes): one listing."""
+        if not self.driver.follows_blocks:
+            return []
+        doc = self.ipam.blocks(host=self.cfg.host)
+        done = self.driver.sync_blocks(sorted({str(b["cidr"]) for b in doc.get("blocks", [])
+                                               if b.get("host") == self.cfg.host}))
+        for line in done:
+            log.info("sync: %s", line)
+        return done
+
+    def sync(self) -> list[str]:
+        """What the agent follows from the IPAM while serving (every ``sync_interval``)."""
+        return [*self.sync_blocks(), *self.sync_allowed()]
 
     # --- status -------------------------------------------------------------------------------
 

@@ -87,13 +87,14 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
     agent = Agent(cfg, ipam, driver, state, release_ipam=fast)
     agent.reconcile()  # each record alone: one that fails is kept and retried
     agent.flush_releases()
+    agent.sync_quietly()  # the BGP mode's blackholes before the first ADD
     docker_server = _start_docker_plugin(cfg, agent) if cfg.docker_plugin else None
     server = AgentServer(cfg.socket, CniHandler(agent))
     stop = threading.Event()
     _background(stop, "release-flusher", 2.0, agent.flush_releases)
     _background(stop, "reconciler", cfg.reconcile_interval,
                 lambda: agent.reconcile(sweep=not agent.reconciled))
-    _background(stop, "ipam-sync", cfg.sync_interval, agent.sync_allowed)
+    _background(stop, "ipam-sync", cfg.sync_interval, agent.sync)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)

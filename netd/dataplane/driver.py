@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -166,6 +166,8 @@ class Driver(ABC):
     dad_timeout: float = 0.0
     #: whether :meth:`check_pool` wants to see each pool before an ADD allocates from it
     checks_pools: ClassVar[bool] = False
+    #: whether :meth:`sync_blocks` wants the IPAM blocks this host owns (the BGP mode)
+    follows_blocks: ClassVar[bool] = False
 
     def __init__(self, settings: Any, *, host_netns: str | None = None) -> None:
         self.settings = settings
@@ -204,6 +206,15 @@ class Driver(ABC):
         """Refuse (:class:`~netd.dataplane.errors.PoolNotUsable`) a pool this mode cannot
         serve, given the IPAM's pool document; called before anything is allocated
         when :attr:`checks_pools` is set."""
+
+    def sync_blocks(self, blocks: Sequence[str]) -> list[str]:
+        """Follow the IPAM blocks this host owns (CIDRs; the whole list each time) when
+        :attr:`follows_blocks` is set; returns what changed."""
+        return []
+
+    def covers(self, ip: str) -> bool:
+        """Whether ``ip`` lies in a block :meth:`sync_blocks` was last given."""
+        return True
 
     def mark(self, ep: Endpoint) -> Mark:
         return Mark(self.scope, ep.container_id, ep.ifname)

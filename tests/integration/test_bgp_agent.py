@@ -6,7 +6,8 @@ real IPAM server and a default route (proxy ARP answers for 169.254.1.1
 because the host routes it elsewhere). A BGP pool with per-host blocks: the
 container's address comes from h1's block, as a /32 with 169.254.1.1 on-link;
 it reaches the host's own address through the host end; CHECK passes; DEL
-removes the veth and the /32 and releases the address.
+removes the veth and the /32 and releases the address. The host's block gets
+its blackhole route with the ADD that claimed it.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def test_an_add_through_netd_cni_in_bgp_mode(agent: tuple[Lab, Path]) -> None:
         assert any(ipaddress.ip_interface(ip).ip in ipaddress.ip_network(b["cidr"])
                    for b in blocks), (ip, blocks)
         assert held(lab)[cid]["host"] == "h1"
+        # the block's blackhole, in netd's protocol, installed with the ADD
+        black = json.loads(subprocess.run(["ip", "-n", host_ns, "-j", "route", "show",
+                                           "type", "blackhole", "proto", "78"],
+                                          capture_output=True, text=True, check=True).stdout)
+        assert {r["dst"] for r in black} == {b["cidr"] for b in blocks}
         # the container reaches the host's own address through its host end
         assert in_ns(ns, "ping", "-c1", "-W2", "198.18.0.11").returncode == 0
         routes = json.loads(subprocess.run(["ip", "-n", host_ns, "-j", "route", "show",

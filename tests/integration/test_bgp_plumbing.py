@@ -149,3 +149,23 @@ def test_check_repair_and_sweep(host: Host) -> None:
     assert len(removed) == 1 and ep_c.host_ifname in removed[0]
     assert {o.host_ifname for o in host.driver.owned()} == {ep_a.host_ifname}
     assert host.driver.check(ep_a, a) == []
+
+
+def test_one_blackhole_per_block_and_only_netds(host: Host) -> None:
+    subprocess.run(["ip", "-n", host.netns, "route", "add", "blackhole", "10.66.0.0/24"],
+                   check=True)  # the operator's: not netd's protocol
+    drv = host.driver
+    assert drv.sync_blocks(["10.65.0.0/26", "10.65.0.64/26"])
+    assert drv.blackholes() == {"10.65.0.0/26", "10.65.0.64/26"}
+    assert drv.covers("10.65.0.70") and not drv.covers("10.65.1.1")
+    assert drv.sync_blocks(["10.65.0.0/26", "10.65.0.64/26"]) == []  # idempotent
+    attach(host, "a", "10.65.0.10", "0a:58:0a:41:00:0a")
+    # the container's /32 wins over its block's blackhole
+    assert in_ns(host.ns("a"), "ping", "-c1", "-W2", "198.18.77.2").returncode == 0
+    assert drv.sync_blocks(["10.65.0.0/26"]) == ["ip route del blackhole 10.65.0.64/26  "
+                                                "# block released"]
+    routes = {r["dst"]: r for r in ip_json(host.netns, "route", "show", "type", "blackhole")}
+    assert set(routes) == {"10.65.0.0/26", "10.66.0.0/24"}
+    drv.sync_blocks([])
+    assert set(r["dst"] for r in ip_json(host.netns, "route", "show", "type",
+                                         "blackhole")) == {"10.66.0.0/24"}
