@@ -22,6 +22,7 @@ import click
 
 from netd import __version__
 from netd.cli.agent import agent_cli
+from netd.cli.fabric import fabric_cli
 from netd.errors import NetdError
 from netd.lab import lab_cli
 
@@ -320,6 +321,7 @@ def install_cni(bin_dir: Path, python: str | None, native: bool) -> None:
 
 cli.add_command(lab_cli)
 cli.add_command(agent_cli)
+cli.add_command(fabric_cli)
 
 
 def main() -> None:
