@@ -1,0 +1,85 @@
+"""What the host installs from what its ToRs send (pure): the calculation stage.
+
+exabgp does not program the kernel; the agent does, from the routes each peer
+sent (:class:`RibIn`, fed with :class:`netd.bgp.exabgp.Event` s):
+
+* the default route, through every peer whose session is up and that sent
+  one (two ToRs: ECMP);
+* /32 exceptions inside the host's own blocks: addresses of its blocks that
+  other hosts borrowed (without them, the block's blackhole would eat their
+  traffic);
+* never a prefix the host announces itself, which the ToRs reflect back
+  (installing every received route overwrote a container's own /32 and made
+  a loop, measured); nothing else (the default covers it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .exabgp import Event
+
+DEFAULT = "0.0.0.0/0"
+
+
+@dataclass
+class RibIn:
+    """The routes one peer sent, and whether its session is up."""
+
+    up: bool = False
+    routes: dict[str, str] = field(default_factory=dict)  # prefix -> next hop
+
+    def apply(self, ev: Event) -> None:
+        if ev.kind == "state":  # the routes of a peer that went down stay, stale,
+            self.up = ev.state == "up"  # until the caller's restart timer says otherwise
+        elif ev.kind == "update":
+            for prefix in ev.withdrawn:
+                self.routes.pop(prefix, None)
+            self.routes.update(ev.announced)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """The kernel routes the host should have from BGP."""
+
+    default: tuple[str, ...]  # next hops of the default route (ECMP when several)
+    exceptions: Mapping[str, tuple[str, ...]]  # /32 -> next hops
+
+
+def wanted(ribs: Mapping[str, RibIn], own_blocks: Iterable[str],
+           own_announced: Iterable[str]) -> Wanted:
+    """From the peers' routes, what to install (see the module's rules)."""
+    blocks = [ipaddress.ip_network(b) for b in own_blocks]
+    mine = {str(ipaddress.ip_network(p)) for p in own_announced}
+    default: set[str] = set()
+    exceptions: dict[str, set[str]] = {}
+    for rib in ribs.values():
+        for prefix, nexthop in rib.routes.items():
+            if prefix in mine:
+                continue  # our own, reflected back
+            net = ipaddress.ip_network(prefix)
+            if prefix == DEFAULT:
+                default.add(nexthop)
+            elif net.prefixlen == 32 and any(net.network_address in b for b in blocks):
+                exceptions.setdefault(prefix, set()).add(nexthop)
+    return Wanted(tuple(sorted(default, key=ipaddress.ip_address)),
+                  {p: tuple(sorted(n, key=ipaddress.ip_address))
+                   for p, n in sorted(exceptions.items())})
+
+
+def announcements(own_blocks: Iterable[str], container_ips: Iterable[str]) -> set[str]:
+    """What the host announces: its blocks, and as /32s the addresses of its containers
+    that lie outside them (borrowed from another host's block)."""
+    blocks = {str(ipaddress.ip_network(b)) for b in own_blocks}
+    nets = [ipaddress.ip_network(b) for b in blocks]
+    out = set(blocks)
+    for ip in container_ips:
+        addr = ipaddress.ip_address(ip.split("/")[0])
+        if not any(addr in n for n in nets):
+            out.add(f"{addr}/{addr.max_prefixlen}")
+    return out
+
+
+__all__ = ["DEFAULT", "RibIn", "Wanted", "announcements", "wanted"]
