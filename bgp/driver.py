@@ -20,12 +20,16 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import threading
+import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from netd.dataplane import veth
 from netd.dataplane.driver import Addressing, Attached, Driver, Endpoint, Hold, Owned, Prepared
+from netd.dataplane.errors import DataplaneError
 from netd.dataplane.model import AF_INET, RT_SCOPE_LINK, RTN_BLACKHOLE, RTPROT_NETD, Route
 from netd.dataplane.netlink import Netlink
 from netd.dataplane.uplink import read_sysctl, write_sysctl
@@ -56,6 +60,9 @@ class BgpSettings:
     restart_time: int = 120
     hold_time: int = 90
     mtu: int = 1500
+    local_address: str | None = None  # the host's address the sessions use (default: kernel's)
+    rundir: str = "/run/netd/bgp"  # exabgp's configuration, socket, pid and log
+    metric: int = 20  # of the routes received (a management default with a lower one wins)
 
 
 def host_sysctls(host_ifname: str) -> dict[str, str]:
@@ -90,7 +97,8 @@ def _ipv4(value: Any, what: str) -> str:
 
 def parse_bgp_settings(table: Mapping[str, Any]) -> BgpSettings:
     """``[bgp]`` of agent.toml -> :class:`BgpSettings` (pure)."""
-    known = {"asn", "router_id", "peers", "restart_time", "hold_time", "mtu"}
+    known = {"asn", "router_id", "peers", "restart_time", "hold_time", "mtu",
+             "local_address", "rundir", "metric"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise InvalidInput(f"[bgp]: unknown keys {', '.join(unknown)} (known: "
@@ -118,10 +126,20 @@ def parse_bgp_settings(table: Mapping[str, Any]) -> BgpSettings:
         restart_time=_int(table, "restart_time", 1, 4095, 120) or 120,
         hold_time=hold or 90,
         mtu=_int(table, "mtu", 576, 9216, 1500) or 1500,
+        local_address=(None if table.get("local_address") is None
+                       else _ipv4(table["local_address"], "local_address")),
+        rundir=_abspath(table.get("rundir", "/run/netd/bgp"), "rundir"),
+        metric=_int(table, "metric", 0, 4294967295, 20) or 0,
     )
-    if s.peers and s.asn is None:
-        raise InvalidInput("[bgp] peers need the host's asn")
+    if s.peers and (s.asn is None or s.router_id is None):
+        raise InvalidInput("[bgp] peers need the host's asn and router_id")
     return s
+
+
+def _abspath(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise InvalidInput(f"[bgp] {key}: an absolute path, got {value!r}")
+    return value
 
 
 class BgpDriver(Driver):
@@ -135,6 +153,9 @@ class BgpDriver(Driver):
         super().__init__(settings, host_netns=host_netns)
         self.dad_timeout = 0.0  # the IPAM is the only source of these addresses
         self._blocks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        self.speaker: Any = None  # netd.bgp.speaker.Speaker, with [bgp] peers
+        self._program_lock = threading.Lock()
+        self._expiry: threading.Timer | None = None
 
     @classmethod
     def parse_settings(cls, table: Mapping[str, Any]) -> BgpSettings:
@@ -150,10 +171,119 @@ class BgpDriver(Driver):
         return [f"sysctl -w net.ipv4.ip_forward=1  # {GATEWAY} and the /32s are routed"]
 
     def start(self) -> list[str]:
+        changes = []
         if read_sysctl("net.ipv4.ip_forward", self.host_netns) != "1":
             write_sysctl("net.ipv4.ip_forward", "1", self.host_netns)
-            return ["sysctl -w net.ipv4.ip_forward=1"]
-        return []
+            changes.append("sysctl -w net.ipv4.ip_forward=1")
+        s = self.settings
+        if s.peers:
+            from .speaker import Speaker
+
+            assert s.router_id is not None
+            self.speaker = Speaker(s, Path(s.rundir), router_id=s.router_id,
+                                   local_address=s.local_address, netns=self.host_netns,
+                                   on_change=self._program_quietly)
+            self.speaker.start()
+            changes.append(f"exabgp (pid {self.speaker.pid}) speaking to "
+                           + ", ".join(f"{p.address} (AS {p.asn})" for p in s.peers))
+        return changes
+
+    def stop(self) -> None:
+        """exabgp killed without a NOTIFICATION: the peers keep the routes for the restart
+        time, so a restarting agent loses none (and one gone for good, all after it)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self.speaker is not None:
+            self.speaker.stop(graceful=True)
+            self.speaker = None
+
+    # --- routes from the peers (the agent programs the kernel; exabgp does not) ---------
+
+    def _learned(self, nl: Netlink) -> dict[str, Route]:
+        """netd's routes from BGP in the kernel: netd's protocol, with a next hop (the
+        containers' /32s and the blackholes have none)."""
+        return {r.dst: r for r in nl.routes(family=AF_INET)
+                if r.proto == RTPROT_NETD and (r.gateway or r.multipath)}
+
+    def _route(self, dst: str, hops: Sequence[str]) -> Route:
+        if len(hops) == 1:
+            return Route(dst, gateway=hops[0], proto=RTPROT_NETD, metric=self.settings.metric)
+        return Route(dst, proto=RTPROT_NETD, metric=self.settings.metric,
+                     multipath=tuple(hops))
+
+    def program(self) -> list[str]:
+        """The kernel's BGP routes as the peers' routes want them (netd.bgp.routes)."""
+        sp = self.speaker
+        if sp is None:
+            return []
+        from .routes import usable, wanted
+
+        now = time.monotonic()
+        stale = float(self.settings.restart_time)
+        with self._program_lock:
+            with sp._state:
+                ribs = {p: replace(r, routes=dict(r.routes)) for p, r in sp.ribs.items()}
+                announced = set(sp.announced)
+            want = wanted(ribs, [str(b) for b in self._blocks], announced, now=now,
+                          stale_after=stale)
+            desired = {} if not want.default else {"0.0.0.0/0": self._route("0.0.0.0/0",
+                                                                          want.default)}
+            desired |= {p: self._route(p, hops) for p, hops in want.exceptions.items()}
+            changes = []
+            with Netlink(self.host_netns) as nl:
+                present = self._learned(nl)
+                for dst, r in desired.items():
+                    have = present.get(dst)
+                    if have is None or have.gateway != r.gateway \
+                            or have.multipath != r.multipath or have.metric != r.metric:
+                        nl.replace_route(r)
+                        hops = r.multipath or (r.gateway or "",)
+                        changes.append(f"route {dst} via {', '.join(hops)}")
+                for dst, r in present.items():
+                    if dst not in desired:
+                        nl.del_route(Route(dst, proto=RTPROT_NETD, metric=r.metric))
+                        changes.append(f"route {dst} removed")
+            # a peer down within its restart time: look again when its routes go stale
+            pending = [r.down_since + stale - now for r in ribs.values()
+                       if not r.up and r.down_since is not None and usable(r, now, stale)]
+            if pending:
+                if self._expiry is not None:
+                    self._expiry.cancel()
+                self._expiry = threading.Timer(min(pending) + 0.05, self.program)
+                self._expiry.daemon = True
+                self._expiry.start()
+        for line in changes:
+            log.info("bgp: %s", line)
+        return changes
+
+    def _program_quietly(self) -> None:
+        try:
+            self.program()
+        except DataplaneError as exc:
+            log.warning("bgp: programming the received routes failed: %s", exc.message)
+
+    def container_routes(self) -> list[str]:
+        """The /32s of this host's containers (from the kernel: the source of truth)."""
+        with Netlink(self.host_netns) as nl:
+            return [r.dst for r in nl.routes(family=AF_INET)
+                    if r.proto == RTPROT_NETD and r.ifname and not r.gateway
+                    and r.type != RTN_BLACKHOLE and r.network.prefixlen == 32]
+
+    def announce(self) -> list[str]:
+        """What the host announces (its blocks, its borrowed addresses) to its peers."""
+        if self.speaker is None:
+            return []
+        from .routes import announcements
+
+        done: list[str] = self.speaker.set_announced(
+            announcements([str(b) for b in self._blocks], self.container_routes()))
+        return done
+
+    def _announce_quietly(self) -> None:
+        try:
+            self.announce()
+        except DataplaneError as exc:  # the next sync pass announces again
+            log.warning("bgp: announcing failed: %s", exc.message)
 
     # --- the host's blocks -------------------------------------------------------------
 
@@ -184,6 +314,9 @@ class BgpDriver(Driver):
                 nl.del_route(self.blackhole(cidr))
                 changes.append(f"ip route del blackhole {cidr}  # block released")
         self._blocks = tuple(ipaddress.ip_network(b) for b in sorted(want))
+        if self.speaker is not None:
+            changes += self.announce()
+            self.program()  # exceptions are judged against the blocks
         return changes
 
     def covers(self, ip: str) -> bool:
@@ -255,6 +388,8 @@ class BgpDriver(Driver):
             raise
         done = veth.finish(pair, expected.address, addressing.mac, GATEWAY, (),
                            dad_timeout=0.0, announce=False)
+        if self.speaker is not None and not self.covers(addressing.ip):
+            self._announce_quietly()  # a borrowed address: its /32 to the peers
         return Attached(ep.host_ifname, done.ifname, done.mac, expected.address, GATEWAY,
                         expected.routes, done.mtu, None, expected.data, expected.allowed)
 
@@ -275,7 +410,10 @@ class BgpDriver(Driver):
                     log.info("bgp: DEL of %s/%s: %s is not its (alias %r), left alone",
                              ep.container_id[:12], ep.ifname, ep.host_ifname, link.alias)
                     return False
-            return veth.detach(ep.host_ifname, host=host)
+            gone = veth.detach(ep.host_ifname, host=host)
+        if self.speaker is not None:
+            self._announce_quietly()  # a borrowed address's /32 withdrawn
+        return gone
 
     def check(self, ep: Endpoint, attached: Attached) -> list[str]:
         problems: list[str] = []

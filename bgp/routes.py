@@ -30,10 +30,16 @@ class RibIn:
 
     up: bool = False
     routes: dict[str, str] = field(default_factory=dict)  # prefix -> next hop
+    down_since: float | None = None  # monotonic time the session went down
 
-    def apply(self, ev: Event) -> None:
+    def apply(self, ev: Event, now: float = 0.0) -> None:
         if ev.kind == "state":  # the routes of a peer that went down stay, stale,
-            self.up = ev.state == "up"  # until the caller's restart timer says otherwise
+            was = self.up  # until its restart time has passed (graceful restart)
+            self.up = ev.state == "up"
+            if self.up:
+                self.down_since = None
+            elif was or self.down_since is None:
+                self.down_since = now
         elif ev.kind == "update":
             for prefix in ev.withdrawn:
                 self.routes.pop(prefix, None)
@@ -48,14 +54,23 @@ class Wanted:
     exceptions: Mapping[str, tuple[str, ...]]  # /32 -> next hops
 
 
+def usable(rib: RibIn, now: float, stale_after: float) -> bool:
+    """A peer's routes count while its session is up, and for ``stale_after`` seconds
+    after it went down (its restart time: it may come back with the same routes)."""
+    return rib.up or (rib.down_since is not None and now - rib.down_since < stale_after)
+
+
 def wanted(ribs: Mapping[str, RibIn], own_blocks: Iterable[str],
-           own_announced: Iterable[str]) -> Wanted:
+           own_announced: Iterable[str], *, now: float = 0.0,
+           stale_after: float = float("inf")) -> Wanted:
     """From the peers' routes, what to install (see the module's rules)."""
     blocks = [ipaddress.ip_network(b) for b in own_blocks]
     mine = {str(ipaddress.ip_network(p)) for p in own_announced}
     default: set[str] = set()
     exceptions: dict[str, set[str]] = {}
     for rib in ribs.values():
+        if not usable(rib, now, stale_after):
+            continue
         for prefix, nexthop in rib.routes.items():
             if prefix in mine:
                 continue  # our own, reflected back
@@ -82,4 +97,4 @@ def announcements(own_blocks: Iterable[str], container_ips: Iterable[str]) -> se
     return out
 
 
-__all__ = ["DEFAULT", "RibIn", "Wanted", "announcements", "wanted"]
+__all__ = ["DEFAULT", "RibIn", "Wanted", "announcements", "usable", "wanted"]

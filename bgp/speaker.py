@@ -71,8 +71,29 @@ class Speaker:
     def socket_path(self) -> Path:
         return self.dir / "speaker.sock"
 
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "exabgp.pid"
+
+    def kill_leftover(self) -> bool:
+        """An exabgp an earlier agent left running (it was killed -9): SIGKILL it, no
+        NOTIFICATION, so the peers treat it as a restart and keep the routes."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return False
+        if not any(b"exabgp" in part for part in cmdline) \
+                or str(self.dir / "exabgp.conf").encode() not in cmdline:
+            return False  # the pid went to someone else
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        log.info("bgp: killed the exabgp (pid %d) an earlier agent left", pid)
+        return True
+
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.kill_leftover()
         self.socket_path.unlink(missing_ok=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
@@ -98,6 +119,7 @@ class Speaker:
                                           start_new_session=True)
         finally:
             log_file.close()
+        self.pidfile.write_text(f"{self._proc.pid}\n")
         server.settimeout(CONNECT_TIMEOUT)
         try:
             self._conn, _ = server.accept()
@@ -113,9 +135,15 @@ class Speaker:
         self._reader.start()
         threading.Thread(target=self._refresher, name="netd-bgp-refresh", daemon=True).start()
 
-    def stop(self) -> None:
+    def stop(self, *, graceful: bool = True) -> None:
+        """``graceful``: SIGKILL, so that exabgp sends no NOTIFICATION and the peers keep
+        the routes for the restart time (an agent restart loses none; an agent gone for
+        good loses them after it). Otherwise SIGTERM: the sessions close, the routes go."""
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+            if graceful:
+                self._proc.kill()
+            else:
+                self._proc.terminate()
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -154,7 +182,7 @@ class Speaker:
         if ev.peer not in self.ribs:
             return
         with self._state:
-            self.ribs[ev.peer].apply(ev)
+            self.ribs[ev.peer].apply(ev, time.monotonic())
         if ev.kind == "state":
             log.info("bgp: session with %s %s%s", ev.peer, ev.state,
                      f" ({ev.reason})" if ev.reason else "")

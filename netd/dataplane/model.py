@@ -119,6 +119,9 @@ class Route:
     type: int = RTN_UNICAST
     tos: int = 0
     onlink: bool = False
+    #: next hops of an ECMP route (gateways; the kernel finds their devices);
+    #: ``gateway`` is None then
+    multipath: tuple[str, ...] = ()
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -51,6 +51,7 @@ from netd.dataplane.model import (
     RT_TABLE_LOCAL,
     RT_TABLE_MAIN,
     RTNH_F_ONLINK,
+    RTPROT_NETD,
     Address,
     Link,
     Route,
@@ -112,12 +113,14 @@ RTA_OIF = 4
 RTA_GATEWAY = 5
 RTA_PRIORITY = 6
 RTA_PREFSRC = 7
+RTA_MULTIPATH = 9
 RTA_TABLE = 15
 NLA_TYPE_MASK = 0x3FFF
 
 _HDR = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefix length, flags, scope, index
+_RTNH = struct.Struct("=HBBi")  # rtnexthop: length, flags, hops, ifindex
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst len, src len, tos, table,
 #                                       protocol, scope, type, flags
 _NLA = struct.Struct("=HH")
@@ -651,6 +654,14 @@ class Netlink:
                     devs = {names.get(int(h["oif"]), "") for h in hops if h.get("oif")}
                     multipath.append((f"{dst} table {tbl} multipath via "
                                       f"{', '.join(sorted(devs))}", devs))
+                    gws = tuple(sorted(str(h.get("gateway")) for h in hops
+                                       if h.get("gateway")))
+                    if int(msg["proto"]) == RTPROT_NETD and gws:  # netd's own ECMP routes
+                        routes.append(Route(
+                            dst=str(ipaddress.ip_network(dst, strict=False)),
+                            metric=msg.get("priority"), proto=int(msg["proto"]),
+                            scope=int(msg["scope"]), table=tbl, type=int(msg["type"]),
+                            multipath=gws))
                     continue
                 oif = msg.get("oif")
                 routes.append(Route(
@@ -687,6 +698,12 @@ class Netlink:
             body += _nla_u32(RTA_OIF, oif if oif is not None else self.index(route.ifname))
         if route.gateway:
             body += _nla_ip(RTA_GATEWAY, route.gateway)
+        if route.multipath and not for_delete:
+            hops = b""
+            for gw in route.multipath:  # struct rtnexthop, then its gateway
+                attr = _nla_ip(RTA_GATEWAY, gw)
+                hops += _RTNH.pack(_RTNH.size + len(attr), 0, 0, 0) + attr
+            body += _nla(RTA_MULTIPATH, hops)
         if route.metric is not None:
             body += _nla_u32(RTA_PRIORITY, route.metric)
         if route.prefsrc and not for_delete:

@@ -73,7 +73,10 @@ def fabric(tmp_path: Path) -> Iterator[Fabric]:
             "frr defaults datacenter", "hostname tor", "router bgp 65001",
             f" bgp router-id {TOR}", " no bgp ebgp-requires-policy", " bgp graceful-restart",
             f" neighbor {HOST} remote-as 64512", " address-family ipv4 unicast",
-            f"  neighbor {HOST} default-originate", " exit-address-family", ""]))
+            f"  neighbor {HOST} default-originate",
+            "  network 10.65.0.9/32",  # another host's address borrowed from our block
+            "  network 10.70.0.0/24",  # somewhere else: the default covers it
+            " exit-address-family", ""]))
         subprocess.run(["ip", "netns", "exec", tor_ns, BGPD, "-d", "-Z", "-S", "-f",
                         str(frr / "bgpd.conf"), "-i", str(frr / "bgpd.pid"),
                         "--vty_socket", str(frr), "-l", TOR], check=True, timeout=30)
@@ -88,6 +91,7 @@ def fabric(tmp_path: Path) -> Iterator[Fabric]:
 def test_the_speaker_announces_to_frr_and_decodes_what_it_sends(fabric: Fabric,
                                                                 tmp_path: Path) -> None:
     settings = parse_bgp_settings({"asn": 64512, "hold_time": 9, "restart_time": RESTART,
+                                   "router_id": HOST,
                                    "peers": [{"address": TOR, "asn": 65001}]})
     changes: list[float] = []
     sp = Speaker(settings, tmp_path / "speaker", router_id=HOST, local_address=HOST,
@@ -123,3 +127,54 @@ def test_the_speaker_announces_to_frr_and_decodes_what_it_sends(fabric: Fabric,
     print(f"routes kept {time.monotonic() - stopped:.1f} s after the speaker stopped "
           f"(restart time {RESTART} s)")
     assert RESTART - 1 <= gone <= RESTART + 3
+
+
+def kernel_routes(ns: str) -> dict[str, dict[str, object]]:
+    out = subprocess.run(["ip", "-n", ns, "-j", "route", "show", "proto", "78"],
+                         capture_output=True, text=True, check=True).stdout
+    return {r["dst"]: r for r in json.loads(out or "[]")}
+
+
+def test_the_bgp_driver_programs_what_the_tor_sends_and_announces_its_blocks(
+        fabric: Fabric, tmp_path: Path) -> None:
+    from netd.bgp.driver import BgpDriver
+    from netd.dataplane.driver import Addressing, Endpoint
+    from netd.dataplane.veth import host_ifname_for
+
+    settings = parse_bgp_settings({
+        "asn": 64512, "router_id": HOST, "local_address": HOST, "hold_time": 9,
+        "restart_time": RESTART, "rundir": str(tmp_path / "bgp"),
+        "peers": [{"address": TOR, "asn": 65001}]})
+    drv = BgpDriver(settings, host_netns=fabric.host_ns)
+    ctr = f"{fabric.host_ns}c"
+    add_netns(ctr)
+    try:
+        drv.start()
+        wait_for("the default in the kernel", lambda: kernel_routes(fabric.host_ns).get(
+            "default", {}).get("gateway") == TOR, 60, 0.1)
+        assert kernel_routes(fabric.host_ns)["default"]["metric"] == 20
+        drv.sync_blocks(["10.65.0.0/26"])
+        wait_for("the block at the ToR", lambda: "10.65.0.0/26" in fabric.tor_routes(), 30,
+                 0.1)
+        wait_for("the exception in the kernel",
+                 lambda: "10.65.0.9" in kernel_routes(fabric.host_ns), 30, 0.1)
+        routes = kernel_routes(fabric.host_ns)
+        assert routes["10.65.0.9"]["gateway"] == TOR  # inside our block: installed
+        assert "10.70.0.0/24" not in routes  # the default covers it
+        # the ToR reflects our own block back: never installed over the blackhole
+        assert "10.65.0.0/26" in routes and routes["10.65.0.0/26"].get("type") == "blackhole"
+        # a container with a borrowed address (outside our blocks): its /32 announced
+        cid = "bgpborrow" * 4
+        ep = Endpoint(cid, "eth0", ctr, host_ifname_for(cid, "eth0"))
+        drv.attach(ep, Addressing("10.66.0.5/24", "0a:58:0a:42:00:05", "10.66.0.1"))
+        wait_for("the borrowed /32 at the ToR", lambda: "10.66.0.5/32" in fabric.tor_routes(),
+                 30, 0.1)
+        assert "10.65.0.0/26" in fabric.tor_routes()
+        drv.detach(ep)
+        wait_for("the borrowed /32 withdrawn",
+                 lambda: "10.66.0.5/32" not in fabric.tor_routes(), 30, 0.1)
+    finally:
+        drv.stop()
+        del_netns(ctr)
+    # the agent's routes stay in the kernel across its restart (nothing removed them)
+    assert kernel_routes(fabric.host_ns).get("default", {}).get("gateway") == TOR

@@ -23,7 +23,7 @@ CAPTURED = Path(__file__).parent / "data" / "exabgp5_frr84_events.txt"
 
 
 def test_the_configuration_has_gr_route_refresh_and_manual_eor() -> None:
-    s = parse_bgp_settings({"asn": 64512, "restart_time": 90,
+    s = parse_bgp_settings({"asn": 64512, "restart_time": 90, "router_id": "198.18.1.11",
                             "peers": [{"address": "198.18.1.1", "asn": 65001},
                                       {"address": "198.18.1.2", "asn": 65001}]})
     text = render_config(s, ["/usr/bin/python3", "-m", "netd.bgp.relay", "/run/x.sock"],
@@ -96,3 +96,14 @@ def test_a_rib_follows_updates_and_keeps_stale_routes_when_down() -> None:
 def test_announcements_are_blocks_and_borrowed_addresses() -> None:
     assert announcements(["10.65.0.0/26"], ["10.65.0.10/32", "10.65.3.4", "10.65.0.11"]) \
         == {"10.65.0.0/26", "10.65.3.4/32"}
+
+
+def test_a_down_peer_counts_for_its_restart_time_only() -> None:
+    tor = RibIn()
+    tor.apply(parse_line('{"type": "state", "neighbor": {"address": {"peer": "p"}, '
+                         '"state": "up"}}'), now=0.0)
+    tor.routes["0.0.0.0/0"] = "198.18.1.1"
+    tor.apply(parse_line('{"type": "state", "neighbor": {"address": {"peer": "p"}, '
+                         '"state": "down"}}'), now=100.0)
+    assert wanted({"p": tor}, [], [], now=150.0, stale_after=120).default == ("198.18.1.1",)
+    assert wanted({"p": tor}, [], [], now=221.0, stale_after=120).default == ()

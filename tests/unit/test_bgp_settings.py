@@ -30,6 +30,8 @@ def test_defaults_and_a_full_table() -> None:
     {"asn": 1, "peers": [{"address": "198.18.0.1", "asn": 2},
                          {"address": "198.18.0.1", "asn": 3}]},
     {"peers": [{"address": "198.18.0.1", "asn": 2}]},  # peers without the host's asn
+    {"asn": 1, "peers": [{"address": "198.18.0.1", "asn": 2}]},  # ... or its router_id
+    {"rundir": "run/bgp"}, {"local_address": "fe80::1"}, {"metric": -1},
     {"restart_time": 0}, {"restart_time": 5000}, {"hold_time": 2}, {"mtu": 100},
     {"speaker": "bird"},
 ])
