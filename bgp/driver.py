@@ -155,6 +155,7 @@ class BgpDriver(Driver):
         self._blocks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
         self.speaker: Any = None  # netd.bgp.speaker.Speaker, with [bgp] peers
         self._program_lock = threading.Lock()
+        self._started = time.monotonic()
         self._expiry: threading.Timer | None = None
 
     @classmethod
@@ -183,7 +184,12 @@ class BgpDriver(Driver):
             self.speaker = Speaker(s, Path(s.rundir), router_id=s.router_id,
                                    local_address=s.local_address, netns=self.host_netns,
                                    on_change=self._program_quietly)
+            # what the host announced before a restart is in the kernel (its blocks'
+            # blackholes, its containers' /32s): announced again without the IPAM
+            self._blocks = tuple(ipaddress.ip_network(b) for b in sorted(self.blackholes()))
+            self._started = time.monotonic()
             self.speaker.start()
+            self.announce()
             changes.append(f"exabgp (pid {self.speaker.pid}) speaking to "
                            + ", ".join(f"{p.address} (AS {p.asn})" for p in s.peers))
         return changes
@@ -239,13 +245,21 @@ class BgpDriver(Driver):
                         nl.replace_route(r)
                         hops = r.multipath or (r.gateway or "",)
                         changes.append(f"route {dst} via {', '.join(hops)}")
+                # graceful restart on our side: what an earlier run installed stays until
+                # every peer that is up has sent all it has (End-of-RIB), or for the
+                # restart time
+                complete = all(r.eor for r in ribs.values() if r.up) and any(
+                    r.up for r in ribs.values())
+                keep_stale = not complete and now - self._started < stale
                 for dst, r in present.items():
-                    if dst not in desired:
+                    if dst not in desired and not keep_stale:
                         nl.del_route(Route(dst, proto=RTPROT_NETD, metric=r.metric))
                         changes.append(f"route {dst} removed")
             # a peer down within its restart time: look again when its routes go stale
             pending = [r.down_since + stale - now for r in ribs.values()
                        if not r.up and r.down_since is not None and usable(r, now, stale)]
+            if keep_stale:
+                pending.append(self._started + stale - now)
             if pending:
                 if self._expiry is not None:
                     self._expiry.cancel()

@@ -6,12 +6,12 @@ rack's ToR(s) (another AS, shared by every ToR), the ToRs with the core (a
 third AS).
 
 * A **ToR** accepts its hosts dynamically (``bgp listen range`` over the rack's
-  host subnet), takes from them their blocks and single addresses (never a
-  default), and sends them only the default it learned from the core plus /32
-  exceptions (a borrowed address's route). It never originates a default on
-  its own: a ToR that lost its uplink and still announced one black-holed its
-  rack (measured); with the core's default passed down, its hosts move to
-  their other ToR or stop sending.
+  host subnet, which it announces to the core), takes from them their blocks
+  and single addresses (never a default), and sends them only the default it
+  learned from the core plus /32 exceptions (a borrowed address's route). It
+  never originates a default on its own: a ToR that lost its uplink and still
+  announced one black-holed its rack (measured); with the core's default passed
+  down, its hosts move to their other ToR or stop sending.
 * The **core** holds every route, originates the default towards the ToRs and
   sends down only routes longer than a block (a borrowed address in another
   rack needs its /32; the blocks themselves stay aggregated behind the
@@ -199,6 +199,7 @@ def tor_config(f: Fabric, rack: Rack, tor: Tor) -> str:
         f" neighbor {tor.core_address} description core",
         " !",
         " address-family ipv4 unicast",
+        f"  network {rack.hosts}",  # the hosts' own subnet: the core routes replies to it
         "  neighbor HOSTS route-map NETD-FROM-HOSTS in",
         "  neighbor HOSTS route-map NETD-TO-HOSTS out",
         "  neighbor HOSTS as-override",

@@ -31,15 +31,19 @@ class RibIn:
     up: bool = False
     routes: dict[str, str] = field(default_factory=dict)  # prefix -> next hop
     down_since: float | None = None  # monotonic time the session went down
+    eor: bool = False  # the peer sent End-of-RIB since its session came up: complete
 
     def apply(self, ev: Event, now: float = 0.0) -> None:
         if ev.kind == "state":  # the routes of a peer that went down stay, stale,
             was = self.up  # until its restart time has passed (graceful restart)
             self.up = ev.state == "up"
+            self.eor = False
             if self.up:
                 self.down_since = None
             elif was or self.down_since is None:
                 self.down_since = now
+        elif ev.kind == "eor":
+            self.eor = True
         elif ev.kind == "update":
             for prefix in ev.withdrawn:
                 self.routes.pop(prefix, None)

@@ -66,6 +66,9 @@ class Speaker:
         self._state = threading.Lock()
         self._reader: threading.Thread | None = None
         self._refresh: queue.Queue[str] = queue.Queue()
+        # End-of-RIB only once the agent has said what it announces: a restarted agent
+        # that sent it with nothing yet would make the peers drop every route it had
+        self.ready = threading.Event()
 
     @property
     def socket_path(self) -> Path:
@@ -196,6 +199,9 @@ class Speaker:
 
     def _refresher(self) -> None:
         while peer := self._refresh.get():
+            while not self.ready.wait(1.0):
+                if self._conn is None:
+                    return
             try:
                 self.refresh(peer)
             except SpeakerError as exc:
@@ -232,6 +238,7 @@ class Speaker:
         with self._state:
             add, gone = sorted(want - self.announced), sorted(self.announced - want)
             self.announced = want
+        self.ready.set()
         done = []
         for peer in self.established():
             for cmd in [*announce(add, neighbor=peer), *withdraw(gone, neighbor=peer)]:

@@ -45,8 +45,8 @@ from netd.dataplane.netns import (
     run_in_netns,
 )
 from netd.files import atomic_write
+from netd.lab import bgp, l2, vlan
 from netd.lab import docker as lab_docker
-from netd.lab import l2, vlan
 from netd.lab.containers import lab_containers, podman_available, reachability
 from netd.lab.docker import Dockerd, DockerdError
 from netd.lab.procs import (
@@ -74,7 +74,7 @@ DOCKER_ON = "h1"  # the host whose agent serves the Docker plugin (--docker, --d
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,9}$")
 
 #: mode -> the module that builds it
-MODES: dict[str, ModuleType] = {"l2": l2, "vlan": vlan}
+MODES: dict[str, ModuleType] = {"l2": l2, "vlan": vlan, "bgp": bgp}
 
 Manifest = dict[str, Any]
 
@@ -143,6 +143,10 @@ class LabPlan:
     docker_host: str | None = None
     # ... and the lab starts that dockerd in h1 itself (--docker)
     start_dockerd: bool = False
+    # the BGP lab's racks: how many, hosts in each, two ToRs per rack
+    racks: int = 0
+    hosts_per_rack: int = 0
+    dual_homed: bool = False
 
     @property
     def impl(self) -> ModuleType:
@@ -157,7 +161,10 @@ class LabPlan:
     @property
     def roles(self) -> dict[str, str]:
         """The lab's own infrastructure namespaces, by role (``switch``, ``gateway``...)."""
-        return dict(self.impl.roles(self.prefix))
+        out = dict(self.impl.roles(self.prefix))
+        if getattr(self.impl, "RACKS", False):
+            out |= self.impl.rack_roles(self)
+        return out
 
     @property
     def ipam_ns(self) -> str:
@@ -206,7 +213,8 @@ def validate_prefix(prefix: str) -> str:
 
 def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
              cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR, *, docker: bool = False,
-             docker_host: str | None = None) -> LabPlan:
+             docker_host: str | None = None, racks: int | None = None,
+             hosts_per_rack: int | None = None, dual_homed: bool = False) -> LabPlan:
     """Every name, address and path of a lab (pure).
 
     ``docker``: the lab starts a dockerd in h1 and h1's agent serves the plugin
@@ -220,25 +228,42 @@ def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
     if docker_host is not None and not re.fullmatch(r"unix:///\S+", docker_host):
         raise click.BadParameter(f"{docker_host!r}: unix:///PATH of dockerd's socket",
                                  param_hint="--docker-host")
+    in_racks = bool(getattr(impl, "RACKS", False))
+    if not in_racks and (racks is not None or hosts_per_rack is not None or dual_homed):
+        raise click.BadParameter(f"racks are for --mode bgp, not {mode}", param_hint="--racks")
+    if in_racks:
+        racks, hosts_per_rack = racks or 2, hosts_per_rack or 2
+        if not 1 <= racks <= impl.MAX_RACKS or not 1 <= hosts_per_rack <= impl.MAX_PER_RACK:
+            raise click.BadParameter(f"1-{impl.MAX_RACKS} racks of 1-{impl.MAX_PER_RACK} "
+                                     "hosts", param_hint="--racks")
+        hosts = racks * hosts_per_rack
     if not 1 <= hosts <= impl.MAX_HOSTS:
         raise click.BadParameter(f"{hosts}: 1-{impl.MAX_HOSTS} hosts", param_hint="--hosts")
     directory = Path(directory).absolute()
     plans = []
     for i in range(1, hosts + 1):
         name = f"h{i}"
+        rack: str | None = None
+        address = impl.host_address(i) if not in_racks else ""
+        if in_racks:
+            assert hosts_per_rack is not None
+            rack_no, pos = impl.rack_of(i, hosts_per_rack)
+            rack, address = f"r{rack_no}", impl.host_address_in(rack_no, pos)
         networks = tuple(
             NetworkPlan(f"{prefix}-{name}{suffix}", pool,
                         cni_conf_dir / f"{prefix}-{name}{suffix}.conflist")
             for suffix, pool in impl.host_networks())
         plans.append(HostPlan(
-            index=i, name=name, netns=f"{prefix}-{name}", address=impl.host_address(i),
+            index=i, name=name, netns=f"{prefix}-{name}", address=address,
             dir=directory / name, network=networks[0].name, conflist=networks[0].conflist,
-            networks=networks))
+            rack=rack, networks=networks))
     if docker:
         docker_host = Dockerd(prefix, f"{prefix}-{DOCKER_ON}",
                               directory / DOCKER_ON / "dockerd.log").host
     return LabPlan(prefix=prefix, dir=directory, mode=mode, hosts=tuple(plans),
-                   cni_conf_dir=cni_conf_dir, docker_host=docker_host, start_dockerd=docker)
+                   cni_conf_dir=cni_conf_dir, docker_host=docker_host, start_dockerd=docker,
+                   racks=racks or 0, hosts_per_rack=hosts_per_rack or 0,
+                   dual_homed=dual_homed)
 
 
 def _toml_str(value: str) -> str:
@@ -281,7 +306,8 @@ def conflist_doc(plan: LabPlan, host: HostPlan,
 def is_lab_netns(prefix: str, name: str) -> bool:
     """Whether namespace ``name`` is one a lab with ``prefix`` makes (any mode)."""
     roles = {r for impl in MODES.values() for r in impl.roles(prefix).values()}
-    return name in roles or re.fullmatch(rf"{re.escape(prefix)}-h[0-9]+", name) is not None
+    return name in roles or re.fullmatch(
+        rf"{re.escape(prefix)}-(h[0-9]+|sw-r[0-9]+|tor-r[0-9]+[ab]?)", name) is not None
 
 
 def is_lab_conflist(prefix: str, filename: str) -> bool:
@@ -612,8 +638,9 @@ def lab_down(directory: Path, prefix: str | None = None, *,
     # 2. processes: recorded ones, then anything else living in a lab namespace
     recorded = [(manifest or {}).get("ipam")]
     recorded += [h.get("agent") for h in (manifest or {}).get("hosts", [])]
-    for instance in ((manifest or {}).get("ovs") or {}).values():  # the vlan lab's OVS
-        recorded += list(((instance or {}).get("processes") or {}).values())
+    for kind in ("ovs", "frr"):  # the vlan lab's OVS, the BGP lab's FRR
+        for instance in ((manifest or {}).get(kind) or {}).values():
+            recorded += list(((instance or {}).get("processes") or {}).values())
     pids = [p for p in map(recorded_process_alive, recorded) if p is not None]
     pids += pids_in_netns(namespaces, alive)
     removed += [f"process {p} ({' '.join(cmdline(p)[:4])})" for p in sorted(set(pids))]
@@ -633,6 +660,7 @@ def lab_down(directory: Path, prefix: str | None = None, *,
         plugin.unlink(missing_ok=True)
         removed.append(f"stale plugin socket {plugin}")
     _remove_dir_contents(directory)
+    removed += bgp.remove_frr_files(prefix)
     return removed
 
 
@@ -733,7 +761,7 @@ def format_status(status: dict[str, Any]) -> str:
                f"{'healthy' if ipam['healthy'] else 'NOT ANSWERING'}  "
                + "  ".join(f"pool {p['name']} {p.get('cidr', '')}"
                            + (f" VLAN {p['vlan']}" if p.get("vlan") else "")
-                           + f" gateway {p.get('gateway', '')}" for p in status["pools"]))
+                           + f" gateway {p.get('gateway') or '-'}" for p in status["pools"]))
     out.append("")
     rows = []
     for h in status["hosts"]:

@@ -56,6 +56,12 @@ def lab_cli() -> None:
               help="Where the per-host podman network conflists go.")
 @click.option("--cooldown", type=click.FloatRange(min=0), default=None,
               help="IPAM: seconds a released address rests (server default when unset).")
+@click.option("--racks", type=click.IntRange(1, 9), default=None,
+              help="--mode bgp: racks of hosts, each with its ToR(s) [default: 2].")
+@click.option("--hosts-per-rack", type=click.IntRange(1, 20), default=None,
+              help="--mode bgp: hosts in each rack [default: 2] (--hosts is ignored).")
+@click.option("--dual-homed", is_flag=True,
+              help="--mode bgp: two ToRs per rack, every host peering with both.")
 @click.option("--docker", is_flag=True,
               help=f"Start a dockerd in {DOCKER_ON}'s namespace (Debian docker.io) and have "
                    f"{DOCKER_ON}'s agent serve the Docker plugin 'netd' for it.")
@@ -65,16 +71,21 @@ def lab_cli() -> None:
 @click.option("--keep-on-failure", is_flag=True, help="Leave a half-built lab for debugging.")
 def up_cmd(mode: str, hosts: int, prefix: str, directory: Path, agents: bool,
            install_cni: bool, cni_bin_dir: Path, cni_conf_dir: Path, cooldown: float | None,
+           racks: int | None, hosts_per_rack: int | None, dual_homed: bool,
            docker: bool, docker_host: str | None, keep_on_failure: bool) -> None:
     """Build the lab (a previous one with the same prefix is removed first)."""
     plan = plan_lab(prefix, hosts, directory, mode, cni_conf_dir, docker=docker,
-                    docker_host=docker_host)
+                    docker_host=docker_host, racks=racks, hosts_per_rack=hosts_per_rack,
+                    dual_homed=dual_homed)
     manifest = lab_up(plan, agents=agents, install_cni=install_cni, cni_bin_dir=cni_bin_dir,
                       cooldown=cooldown, keep_on_failure=keep_on_failure)
     impl = plan.impl
-    pools = ", ".join(f"{p['name']} {p['cidr']}" + (f" VLAN {p['vlan']}" if p.get("vlan")
-                                                     else "") + f" (gateway {p['gateway']})"
-                      for p in manifest["pools"])
+    def pool_text(p: dict[str, Any]) -> str:
+        vlan = f" VLAN {p['vlan']}" if p.get("vlan") else ""
+        gw = f" (gateway {p['gateway']})" if p.get("gateway") else " (a block per host)"
+        return f"{p['name']} {p['cidr']}{vlan}{gw}"
+
+    pools = ", ".join(pool_text(p) for p in manifest["pools"])
     click.echo(f"lab {plan.prefix} up in {manifest['up_seconds']}s: IPAM {plan.ipam_url} "
                f"in {plan.ipam_ns}, pool{'s' if len(manifest['pools']) > 1 else ''} {pools}")
     for h in plan.hosts:
