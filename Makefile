@@ -15,7 +15,7 @@ APT_PACKAGES := curl iproute2 iputils-ping iptables nftables containernetworking
 .PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup
 
 help:
-	@echo "make demo   a two-host lab (MODE=l2|vlan) in namespaces, four podman containers: matrix + IPAM table"
+	@echo "make demo   a two-host lab (MODE=l2|vlan|bgp) in namespaces, four podman containers: matrix + IPAM table"
 	@echo "make test   install everything, lint (ruff, mypy), run the whole test suite"
 	@echo "make bench  run the benchmarks (tests/bench) and print the figures"
 

@@ -1,8 +1,9 @@
-"""`make demo [MODE=l2|vlan]`: a two-host lab in network namespaces, four podman containers.
+"""`make demo [MODE=l2|vlan|bgp]`: a lab in network namespaces, four podman containers.
 
 Brings up `netd lab` (switch, gateway + IPAM server, two hosts, one agent each;
 l2: bond0 taken over by br0; vlan: bond0 a trunk of ovs0, a router between
-VLAN 100 and 200), starts two busybox containers per host on the hosts' netd
+VLAN 100 and 200; bgp: two racks of two hosts under FRR ToRs and a core, containers
+on h1 and h3), starts two busybox containers per host on the hosts' netd
 networks (vlan: one on each VLAN), then prints the reachability matrix and the
 IPAM's table of who holds which address and MAC. Safe to run twice: the
 previous demo lab and its containers are removed first. `make demo-down`
@@ -40,7 +41,9 @@ def down() -> None:
 
 
 #: each host's two containers: the podman network suffix of each (lab modules name them)
-NETWORKS = {"l2": ("", ""), "vlan": ("-v100", "-v200")}
+NETWORKS = {"l2": ("", ""), "vlan": ("-v100", "-v200"), "bgp": ("", "")}
+#: the two hosts the demo uses: in bgp mode one in each rack
+HOSTS = {"l2": ("h1", "h2"), "vlan": ("h1", "h2"), "bgp": ("h1", "h3")}
 
 
 def main(argv: list[str]) -> int:
@@ -56,7 +59,7 @@ def main(argv: list[str]) -> int:
     sh(str(BIN / "netd"), "lab", "up", "--mode", mode, "--hosts", "2", "--prefix", PREFIX,
        "--dir", str(LAB_DIR))
     names = []
-    for host in ("h1", "h2"):
+    for host in HOSTS[mode]:
         for n, suffix in enumerate(NETWORKS[mode], 1):
             name = f"{PREFIX}-{host}-c{n}"
             network = f"{PREFIX}-{host}{suffix}"
