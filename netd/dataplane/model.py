@@ -164,6 +164,8 @@ class Route:
             parts += ["metric", str(self.metric)]
         if self.onlink:
             parts.append("onlink")
+        for gw in self.multipath:
+            parts += ["nexthop", "via", gw]
         return " ".join(parts)
 
 

@@ -51,7 +51,6 @@ from netd.dataplane.model import (
     RT_TABLE_LOCAL,
     RT_TABLE_MAIN,
     RTNH_F_ONLINK,
-    RTPROT_NETD,
     Address,
     Link,
     Route,
@@ -620,7 +619,8 @@ class Netlink:
                table: int | None = RT_TABLE_MAIN) -> list[Route]:
         """Routes of one table (``table=None``: every table but ``local``), optionally one device.
 
-        Multipath routes are not represented; see :meth:`multipath_routes`.
+        A multipath route comes with its gateways in ``multipath`` and no device (it
+        matches no ``ifname``); :meth:`multipath_routes` names them by device.
         """
         return [r for r in self._routes(family, table)[0]
                 if ifname is None or r.ifname == ifname]
@@ -656,7 +656,7 @@ class Netlink:
                                       f"{', '.join(sorted(devs))}", devs))
                     gws = tuple(sorted(str(h.get("gateway")) for h in hops
                                        if h.get("gateway")))
-                    if int(msg["proto"]) == RTPROT_NETD and gws:  # netd's own ECMP routes
+                    if gws:  # ECMP: the gateways, the kernel knows their devices
                         routes.append(Route(
                             dst=str(ipaddress.ip_network(dst, strict=False)),
                             metric=msg.get("priority"), proto=int(msg["proto"]),

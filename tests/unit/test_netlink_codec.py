@@ -332,7 +332,9 @@ def test_route_dump_is_decoded_and_multipath_is_reported() -> None:
                            ("RTA_GATEWAY", "198.18.0.1")]}])])
     sock.replies = [[link], [plain, multi], []]
     routes = nl.routes(family=socket.AF_INET)
-    assert [str(r) for r in routes] == ["default via 169.254.1.1 dev eth0 proto netd onlink"]
+    assert [str(r) for r in routes] == ["default via 169.254.1.1 dev eth0 proto netd onlink",
+                                        "10.0.0.0/8 proto static nexthop via 198.18.0.1"]
+    assert routes[1].multipath == ("198.18.0.1",) and routes[1].ifname is None
     assert header(sock.sent[1]) == (RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP)
     sock.replies = [[link], [plain, multi]]
     assert nl.multipath_routes("eth0", family=socket.AF_INET) == [
