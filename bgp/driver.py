@@ -276,6 +276,13 @@ class BgpDriver(Driver):
         except DataplaneError as exc:
             log.warning("bgp: programming the received routes failed: %s", exc.message)
 
+    def status(self) -> dict[str, Any]:
+        with Netlink(self.host_netns) as nl:
+            learnt = len(self._learned(nl))
+        return {"asn": self.settings.asn, "blocks": [str(b) for b in self._blocks],
+                "routes_installed": learnt,
+                "speaker": self.speaker.status() if self.speaker is not None else None}
+
     def container_routes(self) -> list[str]:
         """The /32s of this host's containers (from the kernel: the source of truth)."""
         with Netlink(self.host_netns) as nl:

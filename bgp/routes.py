@@ -32,11 +32,16 @@ class RibIn:
     routes: dict[str, str] = field(default_factory=dict)  # prefix -> next hop
     down_since: float | None = None  # monotonic time the session went down
     eor: bool = False  # the peer sent End-of-RIB since its session came up: complete
+    state: str = "never"  # exabgp's last word on the session (connected, up, down)
+    reason: str = ""  # why it last went down (a NOTIFICATION: bad peer AS...)
 
     def apply(self, ev: Event, now: float = 0.0) -> None:
         if ev.kind == "state":  # the routes of a peer that went down stay, stale,
             was = self.up  # until its restart time has passed (graceful restart)
             self.up = ev.state == "up"
+            self.state = ev.state
+            if ev.state == "down":
+                self.reason = ev.reason
             self.eor = False
             if self.up:
                 self.down_since = None

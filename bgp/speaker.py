@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from netd.dataplane.errors import DataplaneError
 
@@ -187,8 +188,9 @@ class Speaker:
         with self._state:
             self.ribs[ev.peer].apply(ev, time.monotonic())
         if ev.kind == "state":
-            log.info("bgp: session with %s %s%s", ev.peer, ev.state,
-                     f" ({ev.reason})" if ev.reason else "")
+            level = logging.WARNING if ev.state == "down" and ev.reason else logging.INFO
+            log.log(level, "bgp: session with %s %s%s", ev.peer, ev.state,
+                    f" ({ev.reason})" if ev.reason else "")
             if ev.state == "up":
                 self._refresh.put(ev.peer)  # not from the reader: it must read the acks
         if ev.kind in ("state", "update") and self.on_change is not None:
@@ -227,6 +229,18 @@ class Speaker:
                                    f"{timeout:g} s") from None
         if not ok:
             raise SpeakerError(f"exabgp refused {line[:80]!r}")
+
+    def status(self) -> dict[str, Any]:
+        """Per peer: session state, why it last went down, routes received, End-of-RIB."""
+        asns = {p.address: p.asn for p in self.settings.peers}
+        with self._state:
+            peers = {p: {"asn": asns.get(p), "state": r.state, "up": r.up,
+                         "reason": r.reason, "received": len(r.routes), "eor": r.eor}
+                     for p, r in self.ribs.items()}
+            announced = len(self.announced)
+        running = self._proc is not None and self._proc.poll() is None
+        return {"exabgp_pid": self.pid if running else None, "peers": peers,
+                "announced": announced}
 
     def established(self) -> list[str]:
         with self._state:

@@ -694,6 +694,7 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
         entry["agent_pid"] = agent.get("pid")
         entry["agent_running"] = recorded_process_alive(agent) is not None
         entry["socket_present"] = Path(h.get("socket", "")).exists()
+        entry["dataplane"] = _driver_status(h) if entry["agent_running"] else None
         entry["addresses"] = {}
         if entry["netns_present"]:
             with contextlib.suppress(Exception):
@@ -733,6 +734,29 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
     return status
 
 
+def _driver_status(host: dict[str, Any]) -> dict[str, Any] | None:
+    """The host's dataplane as its agent reports it (the BGP mode: sessions, routes)."""
+    from netd.cni.server import call
+
+    try:
+        answer = call(str(host.get("socket", "")), {"command": "AGENT_STATUS"}, timeout=3)
+    except Exception:
+        return None
+    driver = (answer.get("result") or {}).get("driver")
+    return dict(driver) if isinstance(driver, dict) else None
+
+
+def bgp_summary(dataplane: dict[str, Any] | None) -> str:
+    """``198.18.1.1 up 3 rcvd`` per peer, and the routes installed (lab status)."""
+    speaker = (dataplane or {}).get("speaker") or {}
+    peers = speaker.get("peers") or {}
+    if not peers:
+        return "-"
+    text = ", ".join(f"{p} {v.get('state')} {v.get('received', 0)} rcvd"
+                     for p, v in sorted(peers.items()))
+    return f"{text}; {(dataplane or {}).get('routes_installed', 0)} installed"
+
+
 def _host_networks(host: dict[str, Any]) -> list[dict[str, Any]]:
     """A host record's networks (a manifest written before hosts had several: its one)."""
     return list(host.get("networks") or [{"name": host.get("network"),
@@ -769,9 +793,16 @@ def format_status(status: dict[str, Any]) -> str:
                           if k != "lo")
         agent = ("-" if h["agent_pid"] is None
                  else f"{h['agent_pid']} {'up' if h['agent_running'] else 'DOWN'}")
-        rows.append([h["name"], h["netns"] if h["netns_present"] else f"{h['netns']} (GONE)",
-                     h["address"], agent, "yes" if h["socket_present"] else "no", addrs or "-"])
-    out.append(render_table(["HOST", "NETNS", "ADDRESS", "AGENT", "SOCKET", "ADDRESSES"], rows))
+        row = [h["name"], h["netns"] if h["netns_present"] else f"{h['netns']} (GONE)",
+               h["address"], agent, "yes" if h["socket_present"] else "no", addrs or "-"]
+        if status.get("mode") == "bgp":
+            row[1:1] = [h.get("rack") or "-"]
+            row.append(bgp_summary(h.get("dataplane")))
+        rows.append(row)
+    header = ["HOST", "NETNS", "ADDRESS", "AGENT", "SOCKET", "ADDRESSES"]
+    if status.get("mode") == "bgp":
+        header = ["HOST", "RACK", *header[1:], "BGP"]
+    out.append(render_table(header, rows))
     docker = status.get("docker")
     if docker:
         who = (f"dockerd pid {docker['dockerd_pid']} (the lab's)"

@@ -150,10 +150,51 @@ def test_agent_kill_and_restart_withdraws_nothing_and_loses_no_ping(
     assert sent - got <= 1, out[-1000:]
 
 
-def test_lab_status_describes_the_racks(lab: Lab) -> None:
+def test_lab_status_describes_the_racks_and_the_sessions(lab: Lab) -> None:
     status = json.loads(lab.cli("status", "--dir", str(lab.dir), "--json",
                                 "--no-ping").stdout)
     assert status["mode"] == "bgp"
     assert [h["rack"] for h in status["hosts"]] == ["r1", "r1", "r2", "r2"]
     assert {"core", "gateway", "tor-r1", "tor-r2", "sw-r1", "sw-r2"} <= set(
         status["namespaces"])
+    h1 = status["hosts"][0]["dataplane"]
+    peer = h1["speaker"]["peers"]["198.18.1.1"]
+    assert peer["state"] == "up" and peer["eor"] and peer["received"] >= 1
+    assert h1["routes_installed"] >= 1 and h1["blocks"]
+    text = lab.cli("status", "--dir", str(lab.dir), "--no-ping").stdout
+    assert "198.18.1.1 up" in text and "RACK" in text
+
+
+def test_a_bad_peer_is_reported_and_the_agent_keeps_serving(lab: Lab) -> None:
+    """h4 told the wrong AS of its ToR, and a peer that does not exist: the sessions do not
+    come up, the agent says why (status, log) and still attaches containers."""
+    config = Path(lab.host("h4")["config"])
+    good = config.read_text()
+    bad = re.sub(r"peers = \[.*\]", 'peers = [{ address = "198.18.2.1", asn = 65099 }, '
+                 '{ address = "198.18.2.99", asn = 65001 }]', good)
+    assert bad != good
+    config.write_text(bad)
+    try:
+        lab.restart_agent("h4")
+
+        def refused() -> bool:
+            p = lab.agent_status("h4")["driver"]["speaker"]["peers"]
+            return bool(p["198.18.2.1"]["reason"]) and not p["198.18.2.1"]["up"]
+
+        log = Path(lab.host("h4")["config"]).parent / "agent.log"
+        try:
+            wait_for("the ToR's refusal", refused, 60, 0.5)
+        except AssertionError:
+            print(log.read_text()[-3000:], lab.agent_status("h4"))
+            raise
+        peers = lab.agent_status("h4")["driver"]["speaker"]["peers"]
+        print(f"\nwrong AS: {peers['198.18.2.1']['reason']!r}; unreachable peer: "
+              f"{peers['198.18.2.99']['state']!r}")
+        assert not peers["198.18.2.99"]["up"]
+        assert "session with 198.18.2.1 down" in log.read_text()
+        e = run_ctr(lab, "e", "h4")  # the agent still serves
+        assert e["ip"]
+        pm.rm(e["name"])
+    finally:
+        config.write_text(good)
+        lab.restart_agent("h4")
