@@ -17,7 +17,6 @@ and the exceptions received and programmed) is the other half of the mode.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import threading
@@ -85,14 +84,20 @@ def _int(table: Mapping[str, Any], key: str, lo: int, hi: int, default: int | No
     return value
 
 
-def _ipv4(value: Any, what: str) -> str:
+def ipv4_of(value: Any, what: str) -> str:
+    """``value`` as an IPv4 address (not 0.0.0.0), or :class:`InvalidInput` naming
+    ``what`` (``[bgp] router_id``, ``fabric: core.router_id``...)."""
     try:
         addr = ipaddress.ip_address(value) if isinstance(value, str) else None
     except ValueError:
         addr = None
     if not isinstance(addr, ipaddress.IPv4Address) or addr.is_unspecified:
-        raise InvalidInput(f"[bgp] {what}: an IPv4 address, got {value!r}")
+        raise InvalidInput(f"{what}: an IPv4 address, got {value!r}")
     return str(addr)
+
+
+def _ipv4(value: Any, what: str) -> str:
+    return ipv4_of(value, f"[bgp] {what}")
 
 
 def parse_bgp_settings(table: Mapping[str, Any]) -> BgpSettings:
@@ -488,24 +493,12 @@ class BgpDriver(Driver):
 
     def owned(self) -> list[Owned]:
         return [Owned(link.name, mark, link.index)
-                for link, mark in veth.marked_links(host=self.host_netns)
-                if mark is not None and mark.scope == self.scope
-                and not link.name.startswith(veth.PEER_PREFIX)]
+                for link, mark in veth.scoped_host_ends(self.scope, host=self.host_netns)]
 
     def sweep(self, keep: Collection[str], *, hold: Hold | None = None) -> list[str]:
         """Orphaned host ends of this scope (their /32s go with them)."""
-        removed = []
         with Netlink(self.host_netns) as host:
-            for link, mark in veth.marked_links(host=host):
-                if mark is None or mark.scope != self.scope:
-                    continue
-                with hold(mark.owner) if hold is not None else contextlib.nullcontext():
-                    if link.name in keep:
-                        continue
-                    if veth.detach(link.name, host=host, index=link.index):
-                        removed.append(f"removed orphaned interface {link.name} "
-                                       f"({link.alias})")
-        return removed
+            return veth.sweep_host_ends(self.scope, keep, host=host, hold=hold)
 
 
 __all__ = ["GATEWAY", "HOST_MAC", "BgpDriver", "BgpSettings", "Peer", "host_sysctls",

@@ -34,6 +34,8 @@ from typing import Any
 
 from netd.errors import InvalidInput
 
+from .driver import ipv4_of
+
 MAX_ASN = 4294967294
 
 
@@ -71,13 +73,7 @@ def _asn(doc: Mapping[str, Any], key: str) -> int:
 
 
 def _ipv4(value: Any, what: str) -> str:
-    try:
-        addr = ipaddress.ip_address(value) if isinstance(value, str) else None
-    except ValueError:
-        addr = None
-    if not isinstance(addr, ipaddress.IPv4Address):
-        raise InvalidInput(f"fabric: {what} must be an IPv4 address, got {value!r}")
-    return str(addr)
+    return ipv4_of(value, f"fabric: {what}")
 
 
 def _name(value: Any, what: str) -> str:

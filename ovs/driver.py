@@ -578,26 +578,13 @@ class VlanDriver(Driver):
         return True
 
     def owned(self) -> list[Owned]:
-        out = []
-        for link, mark in veth.marked_links(host=self.host_netns):
-            if mark is not None and mark.scope == self.scope \
-                    and not link.name.startswith(veth.PEER_PREFIX):
-                out.append(Owned(link.name, mark, link.index))
-        return out
+        return [Owned(link.name, mark, link.index)
+                for link, mark in veth.scoped_host_ends(self.scope, host=self.host_netns)]
 
     def sweep(self, keep: Collection[str], *, hold: Hold | None = None) -> list[str]:
         """Marked host ends, OVSDB ports and flows of this scope that no record keeps."""
-        removed = []
         with Netlink(self.host_netns) as host:
-            for link, mark in veth.marked_links(host=host):
-                if mark is None or mark.scope != self.scope:
-                    continue
-                with hold(mark.owner) if hold is not None else contextlib.nullcontext():
-                    if link.name in keep:
-                        continue
-                    if veth.detach(link.name, host=host, index=link.index):
-                        removed.append(f"removed orphaned interface {link.name} "
-                                       f"({link.alias})")
+            removed = veth.sweep_host_ends(self.scope, keep, host=host, hold=hold)
         for port in self.db.ports(self.settings.bridge):
             if port.scope != self.scope or port.owner is None or port.name in keep:
                 continue

@@ -30,6 +30,7 @@ this process's) or an open :class:`~netd.dataplane.netlink.Netlink` to reuse.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -37,6 +38,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from netd.dataplane.arp import (
@@ -612,6 +614,31 @@ def marked_links(*, host: HostArg = None) -> list[tuple[Link, Mark | None]]:
         return [(link, Mark.parse(link.alias)) for link in nl.links() if is_netd_link(link)]
 
 
+def scoped_host_ends(scope: str, *, host: HostArg = None) -> list[tuple[Link, Mark]]:
+    """The host ends marked in ``scope`` (not the peers waiting for a Docker Join)."""
+    return [(link, mark) for link, mark in marked_links(host=host)
+            if mark is not None and mark.scope == scope
+            and not link.name.startswith(PEER_PREFIX)]
+
+
+def sweep_host_ends(scope: str, keep: Iterable[str], *, host: Netlink,
+                    hold: Callable[[tuple[str, str]], AbstractContextManager[None]] | None = None
+                    ) -> list[str]:
+    """Remove the veths marked in ``scope`` that ``keep`` does not name, each under its
+    owner's ``hold`` (a sweep never races an ADD of the same owner); what went."""
+    kept = set(keep)
+    removed = []
+    for link, mark in marked_links(host=host):
+        if mark is None or mark.scope != scope:
+            continue
+        with hold(mark.owner) if hold is not None else contextlib.nullcontext():
+            if link.name in kept:
+                continue
+            if detach(link.name, host=host, index=link.index):
+                removed.append(f"removed orphaned interface {link.name} ({link.alias})")
+    return removed
+
+
 __all__ = [
     "HOST_PREFIX",
     "MARK_PREFIX",
@@ -634,4 +661,6 @@ __all__ = [
     "marked_links",
     "peer_ifname_for",
     "route_specs",
+    "scoped_host_ends",
+    "sweep_host_ends",
 ]
