@@ -153,6 +153,7 @@ class BgpDriver(Driver):
     mode = "bgp"
     settings: BgpSettings
     follows_blocks = True
+    routed = True
 
     def __init__(self, settings: BgpSettings, *, host_netns: str | None = None) -> None:
         super().__init__(settings, host_netns=host_netns)

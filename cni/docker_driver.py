@@ -25,6 +25,11 @@ the container. So:
    container (gratuitous ARP) and reads the endpoint's name (= the container's)
    from dockerd's API (``docker_host``) to label the address with it.
 
+In a routed mode (BGP: :attr:`~netd.dataplane.driver.Driver.routed`) the
+address is handed out as a /32, ``Join`` gives the link-local gateway with a
+connected route to it first (what Calico's libnetwork plugin answers), and
+nothing is announced (no shared segment; the host end answers by proxy ARP).
+
 ``DeleteEndpoint`` is the agent's DEL; ``ReleaseAddress`` releases only what
 is still provisional (an endpoint that was never created), so a late call can
 never free an address that meanwhile went to someone else.
@@ -272,8 +277,8 @@ class DockerDriver:
                 return
         raise PluginError(
             f"pool {name!r} ({pool['cidr']}) is on a subnet this host already routes (in "
-            f"L2 mode the hosts' own subnet), which Docker accepts only when the network "
-            f"names it: add --subnet {pool['cidr']}", 400)
+            f"L2 mode the hosts' own subnet, in BGP mode its blocks), which Docker accepts "
+            f"only when the network names it: add --subnet {pool['cidr']}", 400)
 
     def release_pool(self, req: dict[str, Any], pid: int) -> dict[str, Any]:
         # pools live in the central IPAM: nothing to free here
@@ -317,6 +322,8 @@ class DockerDriver:
                                            ip=wanted, mac=mac, handle=handle)
             self.state.put_docker_address(DockerAddress(pool_name, alloc["ip"], owner,
                                                         alloc["mac"]))
+        if self.agent.driver.routed:  # a host route: the /32, as Calico's driver answers
+            return {"Address": f"{alloc['ip']}/32", "Data": {}}
         return {"Address": alloc["address"], "Data": {}}
 
     def _handle_asking(self, ip: str) -> str | None:
@@ -489,8 +496,21 @@ class DockerDriver:
                 self.agent.driver.repair(ep, attached)  # a repeated Join: the pair again
             att.extra.update(sandbox=sandbox, docker_pid=pid, joined=True)
             self.state.put(att)
-            self._start_watcher(att, announce=True)
+            self._start_watcher(att, announce=not self.agent.driver.routed)
+        return self._join_answer(att)
+
+    @staticmethod
+    def _join_answer(att: Attachment) -> dict[str, Any]:
+        """Join's answer: the interface to move in, its routes, its gateway.
+
+        A gateway outside the address's subnet (the BGP mode's 169.254.1.1 for a
+        /32) is reached on the link: a connected route to it comes first, as
+        libnetwork adds the static routes before the default route.
+        """
         routes = []
+        if att.gateway and att.address and (ipaddress.ip_address(att.gateway) not in
+                                            ipaddress.ip_interface(att.address).network):
+            routes.append({"Destination": f"{att.gateway}/32", "RouteType": ROUTE_CONNECTED})
         for dst, gw in att.routes:
             net = ipaddress.ip_network(dst, strict=False)
             if net.prefixlen == 0:

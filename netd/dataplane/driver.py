@@ -168,6 +168,11 @@ class Driver(ABC):
     checks_pools: ClassVar[bool] = False
     #: whether :meth:`sync_blocks` wants the IPAM blocks this host owns (the BGP mode)
     follows_blocks: ClassVar[bool] = False
+    #: whether containers get their address as a host route (/32) behind an on-link
+    #: gateway outside any subnet (the BGP mode, as Calico does): runtimes that set the
+    #: address themselves (Docker) must be given the /32, and there is no shared
+    #: segment to announce the address on
+    routed: ClassVar[bool] = False
 
     def __init__(self, settings: Any, *, host_netns: str | None = None) -> None:
         self.settings = settings

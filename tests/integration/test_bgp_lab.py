@@ -7,14 +7,17 @@ racks reach each other; the route counts (each host: its containers + its
 blocks' blackholes + the default + exceptions; each ToR its rack; the core all);
 an address borrowed from another rack's block reachable across racks (its /32
 announced, passed down, installed as an exception); an agent kill -9 and
-restart withdraws nothing and loses no ping.
+restart withdraws nothing and loses no ping; an agent stopped for good has its blocks
+withdrawn at the restart time it announced.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from netd.lab.bgp import FRR_BASE
+from netd.lab.bgp import FRR_BASE, RESTART_TIME
+from netd.lab.procs import alive
 from tests.conftest import require
 from tests.support import podman as pm
 from tests.support.cnilab import Lab, running_lab, wait_for
@@ -198,3 +202,33 @@ def test_a_bad_peer_is_reported_and_the_agent_keeps_serving(lab: Lab) -> None:
     finally:
         config.write_text(good)
         lab.restart_agent("h4")
+
+
+def test_an_agent_stopped_for_good_has_its_routes_withdrawn_at_the_restart_time(
+        lab: Lab, ctrs: dict[str, dict[str, Any]]) -> None:
+    """h2's agent stopped and not started again: the ToR keeps h2's blocks for the
+    graceful-restart time h2 announced (the lab's RESTART_TIME), then withdraws them, at
+    the core too."""
+    h2 = blocks(lab, "h2")
+    assert h2 and h2 <= bgp_prefixes(lab, "tor-r1") and h2 <= bgp_prefixes(lab, "core")
+    pid = lab.agent_pid("h2")
+    try:
+        os.kill(pid, signal.SIGTERM)
+        stopped = time.monotonic()
+        wait_for("h2's agent gone", lambda: not alive(pid), 20, 0.01)
+        gone: dict[str, float] = {}
+        while len(gone) < 2 and time.monotonic() - stopped < RESTART_TIME + 15:
+            for node in ("tor-r1", "core"):
+                if node not in gone and not h2 & bgp_prefixes(lab, node):
+                    gone[node] = time.monotonic() - stopped
+            time.sleep(0.05)
+        print(f"\nh2 stopped: its blocks gone at tor-r1 after {gone.get('tor-r1')} s, at the "
+              f"core after {gone.get('core')} s (restart time {RESTART_TIME} s)")
+        assert set(gone) == {"tor-r1", "core"}, gone
+        for took in gone.values():
+            assert abs(took - RESTART_TIME) <= 1.0, gone
+        # h1's own routes untouched
+        assert blocks(lab, "h1") <= bgp_prefixes(lab, "core")
+    finally:
+        lab.ensure_agent("h2")
+    wait_for("h2's blocks back", lambda: h2 <= bgp_prefixes(lab, "core"), 60, 0.2)

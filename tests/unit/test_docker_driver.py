@@ -24,6 +24,7 @@ from netd.agent.state import StateStore
 from netd.cni.docker_api import DockerUnreachable
 from netd.cni.docker_driver import PENDING, DockerDriver, PluginError
 from netd.cni.docker_server import PluginServer
+from netd.dataplane.driver import Addressing, Attached, Endpoint
 from netd.dataplane.veth import host_ifname_for, peer_ifname_for
 from netd.errors import InvalidInput
 from netd.ipam.service import IPAM
@@ -277,6 +278,39 @@ def test_gateway_request_allocates_nothing(driver: DockerDriver, ipam: IPAM) -> 
     assert allocations(ipam) == {}
     assert call(driver, "IpamDriver.ReleaseAddress",
                 {"PoolID": "lab", "Address": "198.18.0.1"}) == {}
+
+
+class RoutedDriver(FakeDriver):
+    """The BGP mode's answer in memory: the address as a /32 behind 169.254.1.1."""
+
+    mode = "bgp"
+    routed = True
+
+    def expected(self, ep: Endpoint, addressing: Addressing) -> Attached:
+        return Attached(ep.host_ifname, ep.peer_ifname or ep.ifname, addressing.mac,
+                        f"{addressing.ip}/32", "169.254.1.1", (), 1500, None, {})
+
+
+def test_a_routed_mode_gets_a_host_route_behind_an_on_link_gateway(parts: Parts) -> None:
+    agent = Agent(AgentConfig(host="h1"), parts.client, RoutedDriver(),  # type: ignore[arg-type]
+                  parts.state)
+    try:
+        driver = DockerDriver(agent, docker=parts.docker, announce=parts.docker.announce)
+        create_network(driver)
+        eid = "e9" * 32
+        parts.docker.names[eid] = "routed"
+        joined = start_endpoint(driver, eid)
+        # the /32 Docker configures, then the gateway on the link before the default route
+        assert joined["Address"] == "198.18.0.50/32"
+        assert joined["Gateway"] == "169.254.1.1"
+        assert joined["StaticRoutes"] == [{"Destination": "169.254.1.1/32", "RouteType": 1}]
+        assert driver.wait_idle()
+        assert parts.docker.announced == []  # no segment to announce on
+        assert allocations(parts.ipam)["198.18.0.50"].container_id == eid
+        stop_endpoint(driver, eid, joined["Address"])
+        assert allocations(parts.ipam) == {}
+    finally:
+        agent.close()
 
 
 def test_docker_run_and_rm(driver: DockerDriver, ipam: IPAM, state: StateStore,
