@@ -112,7 +112,7 @@ class Speaker:
             router_id=self.router_id, local_address=self.local_address))
         env = {**os.environ, "exabgp_daemon_user": "root", "exabgp_daemon_daemonize": "false",
                "exabgp_api_cli": "false", "exabgp_log_destination": str(self.dir / "exabgp.log"),
-               "exabgp_api_ack": "true"}
+               "exabgp_api_ack": "true", "exabgp_log_processes": "false"}
         log_file = (self.dir / "exabgp.out").open("ab")
         try:
             argv = [exabgp_binary(), str(conf)]

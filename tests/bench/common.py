@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -122,3 +123,54 @@ def teardown_lab(plan: LabPlan | None, prefix: str, tmp: Path) -> list[str]:
             problems.append(f"netns {name}: {exc}")
     shutil.rmtree(tmp, ignore_errors=True)
     return problems
+
+
+# --- throughput (iperf3 between namespaces) -------------------------------------------------
+
+IPERF_PORT = 5201
+
+
+def iperf_server(netns: str) -> subprocess.Popen[bytes]:
+    """An iperf3 server in ``netns``; the caller kills it."""
+    return subprocess.Popen(["ip", "netns", "exec", netns, "iperf3", "-s", "-p",
+                             str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def iperf(netns: str, server: str, seconds: float) -> float:
+    """One TCP stream from ``netns`` to ``server`` for ``seconds``; Gbit/s received.
+
+    Tried again for up to 10 s while it fails (a server a moment after it was
+    started, a route a moment after it was announced).
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        proc = subprocess.run(["ip", "netns", "exec", netns, "iperf3", "-J", "-c", server,
+                               "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-O", "0"],
+                              capture_output=True, text=True, timeout=seconds + 60,
+                              check=False)
+        try:
+            doc = json.loads(proc.stdout)
+        except ValueError:
+            doc = {"error": (proc.stdout or proc.stderr)[-800:]}
+        error = doc.get("error") or ("" if "sum_received" in doc.get("end", {})
+                                     else "no result")
+        if proc.returncode == 0 and not error:
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(f"iperf3 {netns} -> {server} exited {proc.returncode}: {error}")
+        time.sleep(0.2)
+    bits = float(doc["end"]["sum_received"]["bits_per_second"])
+    if bits <= 0:
+        raise BenchError(f"iperf3 {netns} -> {server}: nothing received")
+    return round(bits / 1e9, 3)
+
+
+def address_in(netns: str, ifname: str = "eth0") -> str:
+    """The first IPv4 address of ``ifname`` in ``netns``."""
+    from socket import AF_INET
+
+    from netd.dataplane.netlink import Netlink
+
+    with Netlink(netns) as nl:
+        return str(nl.addresses(ifname, AF_INET)[0].interface.ip)

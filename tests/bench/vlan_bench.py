@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -39,7 +38,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from socket import AF_INET
 from typing import Any
 
 from netd.dataplane.netlink import Netlink
@@ -60,6 +58,9 @@ from tests.bench.cni_bench import (
 )
 from tests.bench.common import (
     BenchError,
+    address_in,
+    iperf,
+    iperf_server,
     log,
     mark,
     quiet_sigterm,
@@ -72,7 +73,6 @@ TARGET_ADD_RATIO = 1.5
 TARGET_DEL_RATIO = 1.0
 TARGET_THROUGHPUT = 0.8  # containers across hosts / hosts across hosts
 POOL = VLANS[0][0]
-IPERF_PORT = 5201
 
 
 @dataclass
@@ -91,43 +91,6 @@ class Setup:
                 proc.kill()
                 proc.wait(timeout=10)
         return teardown_lab(self.plan, self.prefix, self.tmp)
-
-
-# --- throughput -----------------------------------------------------------------------------
-
-
-def iperf_server(setup: Setup, netns: str) -> None:
-    proc = subprocess.Popen(["ip", "netns", "exec", netns, "iperf3", "-s", "-p",
-                             str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    assert setup.servers is not None
-    setup.servers.append(proc)
-
-
-def iperf(netns: str, server: str, seconds: float) -> float:
-    """One TCP stream from ``netns`` to ``server`` for ``seconds``; Gbit/s received."""
-    deadline = time.monotonic() + 10
-    while True:  # the server a moment after it was started
-        proc = subprocess.run(["ip", "netns", "exec", netns, "iperf3", "-J", "-c", server,
-                               "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-O", "0"],
-                              capture_output=True, text=True, timeout=seconds + 60,
-                              check=False)
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if proc.returncode != 0:
-        raise BenchError(f"iperf3 {netns} -> {server} exited {proc.returncode}: "
-                         f"{(proc.stdout or proc.stderr)[-800:]}")
-    doc = json.loads(proc.stdout)
-    bits = float(doc["end"]["sum_received"]["bits_per_second"])
-    if bits <= 0:
-        raise BenchError(f"iperf3 {netns} -> {server}: nothing received")
-    return round(bits / 1e9, 3)
-
-
-def address_in(netns: str) -> str:
-    with Netlink(netns) as nl:
-        return str(nl.addresses("eth0", AF_INET)[0].interface.ip)
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -183,9 +146,7 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
     netd_plugin(h2).run("ADD", c2.netns, c2.cid)
     ref.run("ADD", r1.netns, r1.cid)
     ref.run("ADD", r2.netns, r2.cid)
-    setup.servers = []
-    for netns in (c2.netns, h2.netns, r2.netns):
-        iperf_server(setup, netns)
+    setup.servers = [iperf_server(netns) for netns in (c2.netns, h2.netns, r2.netns)]
     paths = {"containers across hosts (VLAN 100, ovs0 -> trunk -> ovs0)":
              (c1.netns, address_in(c2.netns)),
              "hosts across hosts (their ovs0 addresses, same bridges)":

@@ -79,3 +79,20 @@ def test_vlan_bench_smoke(tmp_path: Path) -> None:
     assert len(doc["throughput_gbps"]) == 3
     assert all(t["median"] > 0 for t in doc["throughput_gbps"].values())
     assert doc["targets"] == {}
+
+
+def test_bgp_bench_smoke(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "the BGP benchmark builds a lab (root)")
+    require(os.access("/usr/lib/frr/bgpd", os.X_OK), "FRR (frr)")
+    require(shutil.which("iperf3") is not None, "iperf3")
+    doc = smoke("bgp_bench", tmp_path / "bgp.json", 600)
+    seq = doc["sequential"]
+    for plugin in ("netd-cni", "bridge+host-local"):
+        assert seq[plugin]["ADD"]["n"] == 3 and seq[plugin]["DEL"]["n"] == 3
+    assert doc["propagation"]["add_to_core_fib"]["n"] == 2
+    assert doc["propagation"]["del_to_gone"]["n"] == 2
+    rean = doc["reannounce"]
+    assert rean["routes"] >= 20 and rean["core_lowest"] == rean["routes"]
+    assert rean["start_to_eor_s"] >= rean["start_to_established_s"] > 0
+    assert all(t["median"] > 0 for t in doc["throughput_gbps"].values())
+    assert doc["targets"] == {}
