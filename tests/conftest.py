@@ -145,3 +145,42 @@ def server(tmp_path: Path) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
+
+
+# --- the IPAM's stores: SQLite, and a real etcd (one member for the whole session) -----------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_etcd() -> Iterator[None]:
+    """The session's etcd member (started by whichever test first needed it) goes with it."""
+    yield
+    from tests.support import etcd
+
+    etcd.stop_shared()
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster() -> Any:
+    from tests.support import etcd
+
+    cluster = etcd.shared_cluster()
+    require(cluster is not None, "etcd is missing (apt-get install etcd-server)")
+    return cluster
+
+
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.real)])
+def store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Each IPAM store in turn: SQLite in memory, etcd on a key prefix of its own."""
+    from netd.ipam.store import SqliteStore
+
+    if request.param == "sqlite":
+        s = SqliteStore(":memory:")
+        yield s
+        s.close()
+        return
+    from tests.support import etcd
+
+    cluster = request.getfixturevalue("etcd_cluster")
+    es = etcd.fresh_store(cluster)
+    yield es
+    etcd.drop_store(es)

@@ -203,7 +203,10 @@ class IPAM:
         if spec.mode != "bgp" and block_prefix is not None:
             raise InvalidInput("block_prefix applies to bgp pools only")
 
-        with self.store.write() as tx:
+        given_net, given_block_prefix = net, block_prefix
+
+        def change(tx: Txn) -> Pool:  # run again when a distributed store retries it
+            net, block_prefix = given_net, given_block_prefix
             if tx.get_pool(spec.name) is not None:
                 raise PoolExists(f"pool {spec.name!r} already exists")
             existing = tx.list_pools()
@@ -267,6 +270,8 @@ class IPAM:
                 for lo, hi in self._minus(first, last, [(r[0], r[1]) for r in reserved]):
                     tx.put_free(pool.name, POOL_SPACE, lo, hi)
             return pool
+
+        return self.store.transact(change)
 
     @staticmethod
     def _check_prefix(version: int, prefix: int) -> None:
@@ -397,7 +402,7 @@ class IPAM:
 
     def delete_pool(self, name: str, force: bool = False, actor: str = "api") -> int:
         """Delete a pool; refuse while addresses are allocated unless forced."""
-        with self.store.write() as tx:
+        def change(tx: Txn) -> int:
             pool = self._pool(tx, name)
             _, allocated = tx.counters(name)
             if allocated and not force:
@@ -411,6 +416,8 @@ class IPAM:
                                note=f"{allocated} allocation(s) dropped" if allocated else ""))
             return allocated
 
+        return self.store.transact(change)
+
     # --- allocation ----------------------------------------------------------
 
     def allocate(self, req: AllocRequest, actor: str = "api") -> tuple[Allocation, Pool]:
@@ -422,7 +429,7 @@ class IPAM:
         labels = check_labels(req.labels)
         handle = check_handle(req.handle) if req.handle else None
         mac = normalize_mac(req.mac) if req.mac else None
-        with self.store.write() as tx:
+        def change(tx: Txn) -> tuple[Allocation, Pool]:
             pool = self._pool(tx, req.pool)
             existing = tx.allocation_of(pool.name, req.container_id, req.ifname)
             if existing is not None:
@@ -450,6 +457,8 @@ class IPAM:
             tx.add_counters(pool.name, -1 if fixed else 0, 1)
             tx.add_event(self._event(pool, alloc, "allocate", actor, "fixed" if fixed else ""))
             return alloc, pool
+
+        return self.store.transact(change)
 
     def _choose(
         self, tx: Txn, pool: Pool, req: AllocRequest, handle: str | None
@@ -614,7 +623,7 @@ class IPAM:
         if ip is not None and container_id is None and not force:
             raise InvalidInput(
                 f"releasing {ip} needs its owner (container id), or force for an operator")
-        with self.store.write() as tx:
+        def change(tx: Txn) -> ReleaseResult:
             if pool is not None:
                 self._pool(tx, pool)
             if ip is not None:
@@ -639,6 +648,8 @@ class IPAM:
             for a in targets:
                 self._release_one(tx, a, actor)
             return ReleaseResult(targets, f"released {len(targets)} address(es)")
+
+        return self.store.transact(change)
 
     def update(
         self,
@@ -665,7 +676,7 @@ class IPAM:
             check_text(new_container_id, "new container id")
         merged_in = check_labels(labels or {})
         addr = parse_ip(ip)
-        with self.store.write() as tx:
+        def change(tx: Txn) -> tuple[Allocation, Pool]:
             p, a = self._held_by(tx, addr, container_id, ifname)
             owner = new_container_id or a.container_id
             if owner != a.container_id:
@@ -684,6 +695,8 @@ class IPAM:
                         if a.labels.get(k) != v]
             tx.add_event(self._event(p, new, "update", actor, "; ".join(changes)))
             return new, p
+
+        return self.store.transact(change)
 
     def _held_by(self, tx: Txn, addr: IPAddress, container_id: str,
                  ifname: str | None) -> tuple[Pool, Allocation]:
@@ -717,7 +730,7 @@ class IPAM:
         addr = parse_ip(ip)
         wanted = sorted({str(parse_ip(str(a), "allowed address")) for a in allowed},
                         key=ipaddress.ip_address)
-        with self.store.write() as tx:
+        def change(tx: Txn) -> tuple[Allocation, Pool]:
             p, a = self._held_by(tx, addr, container_id, ifname)
             for text in wanted:
                 self._check_allowed(tx, addr, ipaddress.ip_address(text))
@@ -729,6 +742,8 @@ class IPAM:
             tx.add_event(self._event(p, new, "allow", actor,
                                      "allowed: " + (", ".join(wanted) or "none")))
             return new, p
+
+        return self.store.transact(change)
 
     def _check_allowed(self, tx: Txn, own: IPAddress, extra: IPAddress) -> None:
         if extra.version != own.version:
@@ -809,7 +824,7 @@ class IPAM:
     def reserve(self, pool: str, spec: str, note: str = "", actor: str = "api") -> Reservation:
         check_name(pool)
         check_text(note, "note", required=False)
-        with self.store.write() as tx:
+        def change(tx: Txn) -> Reservation:
             p = self._pool(tx, pool)
             lo, hi = self._usable_range(p, spec)
             self._check_reservable(tx, p, lo, hi)
@@ -818,6 +833,8 @@ class IPAM:
             tx.add_event(Event(0, self.clock(), p.name, self._range_text(p, lo, hi), "reserve",
                                actor=actor, note=r.note))
             return r
+
+        return self.store.transact(change)
 
     def _usable_range(self, pool: Pool, spec: str) -> tuple[int, int]:
         lo, hi = parse_range(spec, pool.network)
@@ -856,7 +873,7 @@ class IPAM:
     def unreserve(self, pool: str, spec: str, actor: str = "api") -> int:
         """Free reserved addresses in a range; returns how many were freed."""
         check_name(pool)
-        with self.store.write() as tx:
+        def change(tx: Txn) -> int:
             p = self._pool(tx, pool)
             lo, hi = self._usable_range(p, spec)
             gw = int(parse_ip(p.gateway))
@@ -888,6 +905,8 @@ class IPAM:
                                    actor=actor, note=f"{freed} address(es) freed"))
             return freed
 
+        return self.store.transact(change)
+
     def assign(
         self, pool: str, ip: str, handle: str, note: str = "", actor: str = "api"
     ) -> Reservation:
@@ -895,7 +914,7 @@ class IPAM:
         check_name(pool)
         check_handle(handle)
         check_text(note, "note", required=False)
-        with self.store.write() as tx:
+        def change(tx: Txn) -> Reservation:
             p = self._pool(tx, pool)
             lo, hi = parse_range(ip, p.network)
             if lo != hi:
@@ -930,6 +949,8 @@ class IPAM:
             tx.add_event(Event(0, now, p.name, ip_str(p.version, lo), "assign", actor=actor,
                                note=f"handle {handle}"))
             return res
+
+        return self.store.transact(change)
 
     # --- queries -------------------------------------------------------------
 

@@ -21,10 +21,10 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from netd.errors import InvalidInput, MacInUse, Unavailable
@@ -93,9 +93,19 @@ class Txn(Protocol):
                after: int | None = None) -> list[Event]: ...
 
 
+T = TypeVar("T")
+
+
 class Store(Protocol):
+    def transact(self, change: Callable[[Txn], T]) -> T:
+        """``change(tx)`` as one atomic change, its result returned; an exception rolls it
+        back. A store with optimistic concurrency (etcd) runs ``change`` again when what
+        it read was changed meanwhile, so ``change`` must depend only on ``tx``."""
+
     def write(self) -> AbstractContextManager[Txn]:
-        """One atomic change: commits when the block ends, rolls back on error."""
+        """One atomic change: commits when the block ends, rolls back on error (stores
+        that may have to retry offer :meth:`transact` only for changes; this is for
+        tools and tests)."""
 
     def read(self) -> AbstractContextManager[Txn]:
         """A consistent read."""
@@ -683,6 +693,10 @@ class SqliteStore:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise Unavailable(f"datastore busy: {exc}") from None
                 time.sleep(0.001)
+
+    def transact(self, change: Callable[[Txn], T]) -> T:
+        with self.write() as tx:
+            return change(tx)
 
     @contextmanager
     def write(self) -> Iterator[SqliteTxn]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+from typing import Any
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -19,6 +21,8 @@ from netd.errors import NetdError, PoolExhausted
 from netd.ipam.model import key, usable_bounds
 from netd.ipam.service import IPAM, AllocRequest, PoolSpec
 from netd.ipam.store import SqliteStore
+from tests.conftest import require
+from tests.support import etcd
 
 OWNERS = [f"c{i}" for i in range(24)]
 HANDLES = ["web-0", "web-1", "db-0"]
@@ -30,10 +34,17 @@ class IpamMachine(RuleBasedStateMachine):
     cidr = "10.0.0.0/28"
     block_prefix: int | None = None
 
+    def make_store(self) -> Any:
+        return SqliteStore(":memory:")
+
+    def teardown(self) -> None:
+        self.store.close()
+
     def __init__(self) -> None:
         super().__init__()
         self.now = 1000.0
-        self.ipam = IPAM(SqliteStore(":memory:"), clock=lambda: self.now, cooldown=5)
+        self.store = self.make_store()
+        self.ipam = IPAM(self.store, clock=lambda: self.now, cooldown=5)
         self.pool = self.ipam.create_pool(PoolSpec(
             name="p", cidr=self.cidr, mode=self.mode, block_prefix=self.block_prefix,
             reserved=["10.0.0.13"]))
@@ -92,16 +103,24 @@ class IpamMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_address_in_exactly_one_place(self) -> None:
-        db = self.ipam.store._conn()  # type: ignore[attr-defined]
-        alloc = {r["ip"]: r for r in db.execute("SELECT * FROM allocations")}
-        macs = [r["mac"] for r in alloc.values()]
+        lo_all, hi_all = int(self.net.network_address), int(self.net.broadcast_address)
+        with self.ipam.store.read() as tx:  # the store's own view, through its interface
+            held = tx.list_allocations("p", None, None, 1 << 20)
+            reservations = tx.list_reservations("p")
+            free = [(key(lo), key(hi)) for _, lo, hi in tx.free_overlapping("p", lo_all, hi_all)]
+            released = {key(ip) for ip in tx.released_in("p", lo_all, hi_all)}
+            blocks = [(key(b.lo), key(b.hi)) for b in tx.blocks("p", None)]
+            by_owner = {(a.container_id, a.ifname): tx.allocation_of("p", a.container_id,
+                                                                     a.ifname)
+                        for a in held}
+        alloc = {key(a.ip): {"mac": a.mac, "handle": a.handle, "fixed": int(a.fixed)}
+                 for a in held}
+        macs = [a.mac for a in held]
         assert len(macs) == len(set(macs))
-        owners = [(r["container_id"], r["ifname"]) for r in alloc.values()]
+        owners = [(a.container_id, a.ifname) for a in held]
         assert len(owners) == len(set(owners))
-        res = [(r["lo"], r["hi"]) for r in db.execute("SELECT lo, hi FROM reservations")]
-        free = [(r["lo"], r["hi"]) for r in db.execute("SELECT lo, hi FROM free_ranges")]
-        released = {r["ip"] for r in db.execute("SELECT ip FROM released")}
-        blocks = [(r["lo"], r["hi"]) for r in db.execute("SELECT lo, hi FROM blocks")]
+        assert all(by_owner[(a.container_id, a.ifname)] == a for a in held)  # owner index
+        res = [(key(r.lo), key(r.hi)) for r in reservations]
         counts = {"allocated": 0, "reserved": 0, "free": 0}
         for text in self.addrs:
             k = key(int(ipaddress.ip_address(text)))
@@ -124,9 +143,11 @@ class IpamMachine(RuleBasedStateMachine):
         assert (stats.allocated, stats.reserved, stats.free) == (
             counts["allocated"], counts["reserved"], counts["free"])
         # fixed addresses are only ever held under their handle
-        for r in db.execute("SELECT lo, handle FROM reservations WHERE handle IS NOT NULL"):
-            a = alloc.get(r["lo"])
-            assert a is None or (a["handle"] == r["handle"] and a["fixed"] == 1)
+        for r in reservations:
+            if r.handle is None:
+                continue
+            a = alloc.get(key(r.lo))
+            assert a is None or (a["handle"] == r.handle and a["fixed"] == 1)
 
 
 class BgpMachine(IpamMachine):
@@ -140,3 +161,33 @@ TestL2Pool.settings = settings(max_examples=60, stateful_step_count=40, deadline
 TestBgpPool = BgpMachine.TestCase
 TestBgpPool.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                 suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- the same machines on a real etcd (fewer examples: each step is a few round trips) -------
+
+
+class EtcdStoreMixin:
+    def make_store(self) -> Any:
+        cluster = etcd.shared_cluster()
+        require(cluster is not None, "etcd is missing (apt-get install etcd-server)")
+        assert cluster is not None
+        return etcd.fresh_store(cluster)
+
+    def teardown(self) -> None:
+        etcd.drop_store(self.store)  # type: ignore[attr-defined]
+
+
+class EtcdL2Machine(EtcdStoreMixin, IpamMachine):
+    pass
+
+
+class EtcdBgpMachine(EtcdStoreMixin, BgpMachine):
+    pass
+
+
+ETCD_SETTINGS = settings(max_examples=12, stateful_step_count=30, deadline=None,
+                         suppress_health_check=[HealthCheck.too_slow])
+TestL2PoolOnEtcd = pytest.mark.real(EtcdL2Machine.TestCase)
+TestL2PoolOnEtcd.settings = ETCD_SETTINGS
+TestBgpPoolOnEtcd = pytest.mark.real(EtcdBgpMachine.TestCase)
+TestBgpPoolOnEtcd.settings = ETCD_SETTINGS

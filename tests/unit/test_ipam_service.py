@@ -38,8 +38,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def ipam(clock: Clock) -> IPAM:
-    return IPAM(SqliteStore(":memory:"), clock=clock, cooldown=60)
+def ipam(clock: Clock, store: Any) -> IPAM:
+    """The IPAM on each store in turn (``store``: SQLite, then a real etcd)."""
+    return IPAM(store, clock=clock, cooldown=60)
 
 
 def ip(text: str) -> int:

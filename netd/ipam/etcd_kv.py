@@ -1,0 +1,382 @@
+"""etcd v3 over gRPC: endpoints, deadlines, retries, and optimistic transactions.
+
+The wire is etcd's own protobuf API (the generated messages and stubs that
+ship with ``aetcd``) on synchronous gRPC channels, one per endpoint: the IPAM
+service is synchronous code that FastAPI runs in worker threads, so nothing
+here blocks an event loop. Every call has a deadline; an endpoint that fails
+(UNAVAILABLE, a deadline) is left for the next one, with a bounded backoff,
+until the call's overall budget is spent (:class:`~netd.errors.Unavailable`).
+
+:class:`Stm` is one optimistic transaction (etcd's "software transactional
+memory", as Calico's IPAM uses compare-and-swap on its blocks): reads at one
+revision, writes buffered, and one etcd ``Txn`` at the end that compares the
+``mod_revision`` of every key it read (0: it was absent, so it is created only
+when still absent) and that no key appeared in or changed within the ranges
+it listed. If anything moved, the whole change runs again on fresh reads. A
+commit whose answer was lost (a deadline, a dead member) is also run again:
+its own earlier writes then show in the reads, so an allocation that did
+commit is found and returned, never made twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from aetcd import rpc
+
+from netd.errors import InvalidInput, Unavailable
+
+log = logging.getLogger("netd.ipam.etcd")
+
+T = TypeVar("T")
+
+#: gRPC codes after which another endpoint (or a later try) may succeed
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+#: etcd's own transient errors (sent as UNKNOWN or UNAVAILABLE, told apart by text)
+TRANSIENT_TEXT = ("leader changed", "no leader", "timed out", "too many requests",
+                  "not capable", "stopped", "unhealthy cluster")
+
+
+class Retry(Exception):
+    """This try failed in a way a new try may not: run the change again."""
+
+
+class Conflict(Retry):
+    """What the transaction read changed before it committed."""
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca: bytes | None
+    cert: bytes | None
+    key: bytes | None
+
+
+@dataclass(frozen=True)
+class Kv:
+    """One key as read: its value and revisions."""
+
+    key: bytes
+    value: bytes
+    mod: int
+    create: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    kvs: list[Kv]
+    revision: int
+    more: bool
+    count: int
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The end of the range of keys that start with ``prefix``."""
+    b = bytearray(prefix)
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[:i + 1])
+    return b"\0"
+
+
+class EtcdClient:
+    """Endpoints of one etcd cluster; thread-safe; every call with a deadline."""
+
+    def __init__(self, endpoints: Sequence[str], *, tls: Tls | None = None,
+                 user: str | None = None, password: str | None = None,
+                 timeout: float = 2.0, budget: float = 15.0) -> None:
+        if not endpoints:
+            raise InvalidInput("etcd: no endpoint given")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout  # one RPC
+        self.budget = budget  # one call, retries included
+        self._tls = tls
+        self._user, self._password = user, password
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._current = secrets.randbelow(len(self.endpoints))  # replicas spread out
+        self._token: str | None = None
+
+    # --- channels -----------------------------------------------------------------------
+
+    def _channel(self, endpoint: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(endpoint)
+            if ch is None:
+                opts = [("grpc.max_receive_message_length", 64 << 20),
+                        ("grpc.keepalive_time_ms", 10_000),
+                        ("grpc.keepalive_timeout_ms", 3_000),
+                        ("grpc.initial_reconnect_backoff_ms", 100),
+                        ("grpc.max_reconnect_backoff_ms", 1_000)]
+                if self._tls is not None:
+                    creds = grpc.ssl_channel_credentials(self._tls.ca, self._tls.key,
+                                                         self._tls.cert)
+                    ch = grpc.secure_channel(endpoint, creds, options=opts)
+                else:
+                    ch = grpc.insecure_channel(endpoint, options=opts)
+                self._channels[endpoint] = ch
+            return ch
+
+    def _endpoint(self) -> str:
+        with self._lock:
+            return self.endpoints[self._current % len(self.endpoints)]
+
+    def _next_endpoint(self, failed: str) -> None:
+        with self._lock:
+            if self.endpoints[self._current % len(self.endpoints)] == failed:
+                self._current += 1
+
+    def _metadata(self, endpoint: str) -> tuple[tuple[str, str], ...] | None:
+        if self._user is None:
+            return None
+        if self._token is None:
+            stub = rpc.AuthStub(self._channel(endpoint))
+            resp = stub.Authenticate(rpc.AuthenticateRequest(name=self._user,
+                                                             password=self._password or ""),
+                                     timeout=self.timeout)
+            self._token = str(resp.token)
+        return (("token", self._token),)
+
+    def close(self) -> None:
+        with self._lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+
+    # --- calls --------------------------------------------------------------------------
+
+    @staticmethod
+    def transient(exc: grpc.RpcError) -> bool:
+        code = exc.code() if hasattr(exc, "code") else None
+        text = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+        return code in TRANSIENT or any(t in text for t in TRANSIENT_TEXT)
+
+    def call(self, what: str, fn: Callable[[grpc.Channel, Any], T], *,
+             retry: bool = True) -> T:
+        """``fn(channel, metadata)`` on the current endpoint; on a transient failure the
+        next endpoint, with backoff, until the budget is spent. ``retry=False`` (a
+        commit): one try, and a transient failure is :class:`Retry` (it may have
+        committed; the caller's next try finds out)."""
+        deadline = time.monotonic() + self.budget
+        delay = 0.05
+        while True:
+            endpoint = self._endpoint()
+            try:
+                return fn(self._channel(endpoint), self._metadata(endpoint))
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                text = (exc.details() if hasattr(exc, "details") else "") or ""
+                if code == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in text:
+                    self._token = None  # expired: authenticate again
+                    if time.monotonic() < deadline:
+                        continue
+                if "database space exceeded" in text:
+                    raise Unavailable("etcd is out of space (its quota is reached): compact "
+                                      "and defragment it (docs/ETCD.md)") from None
+                if "too many operations" in text:
+                    raise Unavailable("etcd refused a transaction with too many operations: "
+                                      "start etcd with a larger --max-txn-ops "
+                                      "(docs/ETCD.md)") from None
+                if code in (grpc.StatusCode.PERMISSION_DENIED,
+                            grpc.StatusCode.UNAUTHENTICATED):
+                    raise Unavailable(f"etcd refused {what}: {text}") from None
+                if not self.transient(exc):
+                    if "compacted" in text:
+                        raise Retry(text) from None
+                    raise Unavailable(f"etcd {what} failed: {text or code}") from None
+                self._next_endpoint(endpoint)
+                if not retry:
+                    raise Retry(f"{what} on {endpoint}: {text or code}") from None
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"etcd unreachable ({', '.join(self.endpoints)}): "
+                                      f"{what}: {text or code}") from None
+                log.debug("etcd %s on %s failed (%s); trying again", what, endpoint,
+                          text or code)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    def range(self, key: bytes, end: bytes | None = None, *, revision: int = 0,
+              limit: int = 0, descending: bool = False, keys_only: bool = False,
+              count_only: bool = False, by_create: bool = False,
+              min_create: int = 0) -> RangeResult:
+        req = rpc.RangeRequest(key=key, range_end=end or b"", revision=revision, limit=limit,
+                               keys_only=keys_only, count_only=count_only,
+                               min_create_revision=min_create)
+        if descending or by_create:
+            req.sort_order = rpc.RangeRequest.DESCEND if descending else rpc.RangeRequest.ASCEND
+            req.sort_target = (rpc.RangeRequest.CREATE if by_create
+                               else rpc.RangeRequest.KEY)
+
+        def go(ch: grpc.Channel, md: Any) -> RangeResult:
+            resp = rpc.KVStub(ch).Range(req, timeout=self.timeout, metadata=md)
+            return RangeResult([Kv(kv.key, kv.value, kv.mod_revision, kv.create_revision,
+                                   kv.lease) for kv in resp.kvs],
+                               int(resp.header.revision), bool(resp.more), int(resp.count))
+
+        return self.call("range", go)
+
+    def txn(self, compares: Iterable[Any], success: Iterable[Any],
+            failure: Iterable[Any] = ()) -> tuple[bool, int, Any]:
+        """One etcd transaction, tried once; (succeeded, revision, responses)."""
+        req = rpc.TxnRequest(compare=list(compares), success=list(success),
+                             failure=list(failure))
+
+        def go(ch: grpc.Channel, md: Any) -> tuple[bool, int, Any]:
+            resp = rpc.KVStub(ch).Txn(req, timeout=self.timeout, metadata=md)
+            return bool(resp.succeeded), int(resp.header.revision), resp.responses
+
+        return self.call("transaction", go, retry=False)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        req = rpc.PutRequest(key=key, value=value, lease=lease)
+        return self.call("put", lambda ch, md: int(rpc.KVStub(ch).Put(
+            req, timeout=self.timeout, metadata=md).header.revision))
+
+    def delete_range(self, key: bytes, end: bytes | None = None) -> int:
+        req = rpc.DeleteRangeRequest(key=key, range_end=end or b"")
+        return self.call("delete", lambda ch, md: int(rpc.KVStub(ch).DeleteRange(
+            req, timeout=self.timeout, metadata=md).deleted))
+
+    def lease_grant(self, ttl: int) -> int:
+        req = rpc.LeaseGrantRequest(TTL=ttl)
+        return self.call("lease grant", lambda ch, md: int(rpc.LeaseStub(ch).LeaseGrant(
+            req, timeout=self.timeout, metadata=md).ID))
+
+    def status(self, endpoint: str) -> Any:
+        """One member's status (db size, leader, raft index): for checks and warnings."""
+        return rpc.MaintenanceStub(self._channel(endpoint)).Status(
+            rpc.StatusRequest(), timeout=self.timeout, metadata=self._metadata(endpoint))
+
+    def compact(self, revision: int) -> None:
+        req = rpc.CompactionRequest(revision=revision, physical=True)
+        self.call("compact", lambda ch, md: rpc.KVStub(ch).Compact(
+            req, timeout=max(self.timeout, 30.0), metadata=md))
+
+
+# --- transactions ---------------------------------------------------------------------------
+
+
+def put_op(key: bytes, value: bytes, lease: int = 0) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+
+def delete_op(key: bytes) -> Any:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+
+
+def mod_equals(key: bytes, mod: int) -> Any:
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                       mod_revision=mod)
+
+
+def nothing_newer(start: bytes, end: bytes, revision: int) -> Any:
+    """Every key in [start, end) last changed at or before ``revision`` (none created)."""
+    return rpc.Compare(key=start, range_end=end, result=rpc.Compare.LESS,
+                       target=rpc.Compare.MOD, mod_revision=revision + 1)
+
+
+@dataclass
+class Stm:
+    """One try of an optimistic transaction: reads at one revision, writes buffered."""
+
+    client: EtcdClient
+    revision: int = 0
+    seen: dict[bytes, int] = field(default_factory=dict)
+    ranges: list[tuple[bytes, bytes]] = field(default_factory=list)
+    writes: dict[bytes, tuple[bytes, int] | None] = field(default_factory=dict)
+
+    def _pin(self, result: RangeResult) -> None:
+        if not self.revision:
+            self.revision = result.revision
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.writes:
+            w = self.writes[key]
+            return None if w is None else w[0]
+        got = self.client.range(key, revision=self.revision)
+        self._pin(got)
+        kv = got.kvs[0] if got.kvs else None
+        self.seen.setdefault(key, kv.mod if kv else 0)
+        return kv.value if kv else None
+
+    def range(self, start: bytes, end: bytes, *, limit: int = 0,
+              descending: bool = False) -> list[tuple[bytes, bytes]]:
+        """Keys in [start, end) in key order (``descending``: reversed), this try's own
+        writes included; the part of the range the answer depends on is recorded."""
+        mine = {k: w for k, w in self.writes.items() if start <= k < end}
+        gone = sum(1 for w in mine.values() if w is None)
+        ask = limit + gone if limit else 0
+        got = self.client.range(start, end, revision=self.revision, limit=ask,
+                                descending=descending)
+        self._pin(got)
+        for kv in got.kvs:
+            self.seen.setdefault(kv.key, kv.mod)
+        merged = {kv.key: kv.value for kv in got.kvs}
+        cover_lo, cover_hi = start, end
+        if limit and got.more and got.kvs:  # the answer depends on the range up to here
+            if descending:
+                cover_lo = got.kvs[-1].key
+            else:
+                cover_hi = got.kvs[-1].key + b"\0"
+        self.ranges.append((cover_lo, cover_hi))
+        for k, w in mine.items():
+            if cover_lo <= k < cover_hi:
+                if w is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = w[0]
+        keys = sorted(merged, reverse=descending)
+        if limit:
+            keys = keys[:limit]
+        return [(k, merged[k]) for k in keys]
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self.writes[key] = (value, lease)
+
+    def delete(self, key: bytes) -> None:
+        self.writes[key] = None
+
+    def savepoint(self) -> dict[bytes, tuple[bytes, int] | None]:
+        return dict(self.writes)
+
+    def rollback_to(self, point: dict[bytes, tuple[bytes, int] | None]) -> None:
+        self.writes = point
+
+    def commit(self) -> int:
+        """The one etcd transaction; :class:`Conflict` when something moved, the commit's
+        revision otherwise (nothing written: the read revision)."""
+        if not self.writes:
+            return self.revision
+        compares = [mod_equals(k, m) for k, m in self.seen.items()]
+        if self.revision:
+            compares += [nothing_newer(s, e, self.revision) for s, e in self.ranges]
+        ops = [delete_op(k) if w is None else put_op(k, w[0], w[1])
+               for k, w in self.writes.items()]
+        ok, revision, _ = self.client.txn(compares, ops)
+        if not ok:
+            raise Conflict("changed meanwhile")
+        return revision
+
+
+def read_file(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"etcd {what} {path}: {exc.strerror}") from None
+
+
+__all__ = ["Conflict", "EtcdClient", "Kv", "RangeResult", "Retry", "Stm", "Tls",
+           "prefix_end", "read_file"]

@@ -1,0 +1,696 @@
+"""The IPAM's datastore on etcd v3: the same :class:`~netd.ipam.store.Txn` as SQLite.
+
+``netd ipam serve --store etcd://h1:2379,h2:2379,h3:2379[/PREFIX][?options]``
+(:func:`parse_etcd_url`). Several API servers share one etcd: every change is
+one optimistic transaction (:mod:`netd.ipam.etcd_kv`), and a change that lost
+a race runs again on fresh reads. Keys under the prefix (default
+``/netd/ipam/``), each a value type as JSON; the indexes make every question
+the IPAM asks a point read or a short range, so an allocation never reads a
+whole pool:
+
+====================================  ============================================
+``pool/NAME``                         the pool
+``cnt/NAME``, ``cursor/NAME``         reserved and allocated counts; next block
+``free/POOL/LO``                      a never-used range LO-HI (its space, HI)
+``freesp/POOL/SPACE/LO``              ... by space (a host's block)
+``rel/POOL/IP``                       a released address (space, time)
+``rellru/POOL/SPACE/TS/IP``           ... oldest first, per space and
+``relall/POOL/TS/IP``                 ... for the whole pool
+``alloc/POOL/IP``                     an allocation
+``owner/CID/IFNAME/POOL``             its owner's key: created only when absent
+``mac/MAC``                           its MAC's key: one owner per MAC
+``host/HOST/POOL/IP``                 the allocation again, by host
+``res/POOL/LO``, ``reshandle/P/H``    reservations, and by handle
+``block/POOL/LO``, ``blockhost/...``  BGP host blocks, and by host
+``ev/TXN/N`` (+ ``evpool``, ``evip``,  the history, each event under a lease of its
+``evspan``)                           day: etcd drops it after ``history_days``
+====================================  ============================================
+
+Addresses are 32 hex digits (:func:`~netd.ipam.model.key`), so key order is
+address order; names are percent-quoted. An event's id is its transaction's
+etcd revision x 1,000 + its place in the transaction.
+
+Group commit: the changes queued while one commit is on the wire go together
+in the next transaction (each behind a savepoint: one that fails is undone
+alone), so many clients on one pool do not each pay a commit and a conflict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from netd.errors import Conflict, InvalidInput, MacInUse, NetdError, Unavailable
+from netd.ipam.etcd_kv import EtcdClient, Retry, Stm, Tls, prefix_end, read_file
+from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
+
+log = logging.getLogger("netd.ipam.etcd")
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/netd/ipam/"
+EVENTS_PER_TXN = 1000  # event id = revision * 1000 + place in the transaction
+EVENT_MARGIN = 128  # events read beyond a page's limit: a transaction's events share a revision
+DAY = 86400
+
+
+# --- the URL --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EtcdUrl:
+    endpoints: tuple[str, ...]
+    prefix: str = DEFAULT_PREFIX
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+    timeout: float = 2.0
+    history_days: int = 30
+
+
+OPTIONS = {"cacert", "cert", "key", "user", "password_file", "timeout", "history_days"}
+
+
+def parse_etcd_url(url: str) -> EtcdUrl:
+    """``etcd://HOST:PORT[,HOST:PORT...][/PREFIX][?cacert=&cert=&key=&user=&password_file=
+    &timeout=&history_days=]`` (pure). A password only from a file: URLs end up in
+    logs and process lists."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("etcd", "etcds"):
+        raise InvalidInput(f"not an etcd URL: {url[:80]!r}")
+    if "@" in parsed.netloc:
+        raise InvalidInput("the etcd URL carries user info: give ?user=NAME&password_file="
+                           "PATH (a password in a URL ends up in logs)")
+    hosts = [h.strip() for h in parsed.netloc.split(",") if h.strip()]
+    if not hosts:
+        raise InvalidInput("the etcd URL names no endpoint: etcd://HOST:PORT[,HOST:PORT...]")
+    for h in hosts:
+        host, _, port = h.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInput(f"etcd endpoint {h!r} is not HOST:PORT")
+    opts = parse_qs(parsed.query, keep_blank_values=True, strict_parsing=False)
+    unknown = sorted(set(opts) - OPTIONS)
+    if unknown:
+        raise InvalidInput(f"unknown etcd URL option(s) {', '.join(unknown)} (known: "
+                           f"{', '.join(sorted(OPTIONS))})")
+    one = {k: v[-1] for k, v in opts.items()}
+    prefix = unquote(parsed.path) or DEFAULT_PREFIX
+    if not prefix.endswith("/"):
+        prefix += "/"
+    tls = parsed.scheme == "etcds" or any(one.get(k) for k in ("cacert", "cert", "key"))
+    if bool(one.get("cert")) != bool(one.get("key")):
+        raise InvalidInput("a client certificate needs both cert= and key=")
+    if one.get("user") and not one.get("password_file"):
+        raise InvalidInput("user= needs password_file=PATH (etcd authentication)")
+    try:
+        timeout = float(one.get("timeout") or 2.0)
+        days = int(one.get("history_days") or 30)
+    except ValueError:
+        raise InvalidInput("timeout= is seconds, history_days= a whole number") from None
+    if not 0.05 <= timeout <= 60 or not 1 <= days <= 3650:
+        raise InvalidInput("timeout= must be 0.05-60 s, history_days= 1-3650")
+    return EtcdUrl(tuple(hosts), prefix, one.get("cacert") if tls else None,
+                   one.get("cert"), one.get("key"), one.get("user") or None,
+                   one.get("password_file"), timeout, days)
+
+
+def client_for(url: EtcdUrl) -> EtcdClient:
+    tls = None
+    if url.cacert or url.cert:
+        tls = Tls(read_file(url.cacert, "CA certificate"), read_file(url.cert, "certificate"),
+                  read_file(url.key, "key"))
+    password = None
+    if url.password_file:
+        raw = read_file(url.password_file, "password file")
+        password = (raw or b"").decode().strip()
+    return EtcdClient(url.endpoints, tls=tls, user=url.user, password=password,
+                      timeout=url.timeout)
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+def _j(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _alloc(raw: bytes) -> Allocation:
+    d = json.loads(raw)
+    d["allowed"] = tuple(d.get("allowed") or ())
+    return Allocation(**d)
+
+
+def _res(raw: bytes) -> Reservation:
+    return Reservation(**json.loads(raw))
+
+
+def _block(raw: bytes) -> Block:
+    return Block(**json.loads(raw))
+
+
+def _ts(ts: float) -> str:
+    return f"{ts:017.6f}"
+
+
+def _span(text: str) -> tuple[int, int] | None:
+    try:
+        if "/" in text:
+            net = ipaddress.ip_network(text)
+            return int(net.network_address), int(net.broadcast_address)
+        if "-" in text:
+            a, b = text.split("-", 1)
+            return int(ipaddress.ip_address(a)), int(ipaddress.ip_address(b))
+    except ValueError:
+        return None
+    return None
+
+
+class EtcdTxn:
+    """:class:`~netd.ipam.store.Txn` on one :class:`Stm` try."""
+
+    def __init__(self, store: EtcdStore, stm: Stm) -> None:
+        self.store, self.stm = store, stm
+        self.txn_id = secrets.token_hex(6)
+        self.n_events = 0
+
+    def k(self, *parts: str) -> bytes:
+        return (self.store.prefix + "/".join(quote(p, safe="") for p in parts)).encode()
+
+    def _range(self, *parts: str, start: str | None = None, end: str | None = None,
+               limit: int = 0, descending: bool = False) -> list[tuple[bytes, bytes]]:
+        """Keys under ``parts/`` (from ``start``, before ``end``: raw last components)."""
+        base = self.k(*parts) + b"/"
+        lo = base + start.encode() if start is not None else base
+        hi = base + end.encode() if end is not None else prefix_end(base)
+        return self.stm.range(lo, hi, limit=limit, descending=descending)
+
+    def _last(self, kv_key: bytes) -> str:
+        return unquote(kv_key.decode().rsplit("/", 1)[1])
+
+    # pools
+    def get_pool(self, name: str) -> Pool | None:
+        raw = self.stm.get(self.k("pool", name))
+        return Pool.from_dict(json.loads(raw)) if raw else None
+
+    def list_pools(self) -> list[Pool]:
+        return [Pool.from_dict(json.loads(v)) for _, v in self._range("pool")]
+
+    def insert_pool(self, pool: Pool) -> None:
+        if self.stm.get(self.k("pool", pool.name)) is not None:
+            raise Conflict(f"pool {pool.name!r} already exists")
+        self.stm.put(self.k("pool", pool.name), _j(pool.to_dict()))
+        self.stm.put(self.k("cnt", pool.name), _j({"reserved": "0", "allocated": 0}))
+
+    def delete_pool(self, name: str) -> None:
+        for a in self.list_allocations(name, None, None, 1 << 30):
+            self.del_allocation(name, a.ip)
+        for b in self.blocks(name, None):
+            self.stm.delete(self.k("blockhost", b.host, name, key(b.lo)))
+            self.stm.delete(self.k("block", name, key(b.lo)))
+        for r in self.list_reservations(name):
+            self.del_reservation(name, r.lo)
+        for family in ("free", "freesp", "rel", "rellru", "relall"):
+            for k, _ in self._range(family, name):
+                self.stm.delete(k)
+        for family in ("pool", "cnt", "cursor"):
+            self.stm.delete(self.k(family, name))
+
+    def counters(self, name: str) -> tuple[int, int]:
+        raw = self.stm.get(self.k("cnt", name))
+        if not raw:
+            return 0, 0
+        d = json.loads(raw)
+        return int(d["reserved"]), int(d["allocated"])
+
+    def add_counters(self, name: str, reserved: int, allocated: int) -> None:
+        res, alloc = self.counters(name)
+        self.stm.put(self.k("cnt", name), _j({"reserved": str(res + reserved),
+                                              "allocated": alloc + allocated}))
+
+    def block_cursor(self, name: str) -> int:
+        raw = self.stm.get(self.k("cursor", name))
+        return unkey(raw.decode()) if raw else -1
+
+    def set_block_cursor(self, name: str, value: int) -> None:
+        self.stm.put(self.k("cursor", name), key(value).encode())
+
+    # free ranges
+    def _free(self, pool: str, lo_key: str) -> tuple[str, int, int] | None:
+        raw = self.stm.get(self.k("free", pool, lo_key))
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        return str(d["space"]), unkey(lo_key), unkey(d["hi"])
+
+    def first_free(self, pool: str, space: str | None) -> tuple[str, int, int] | None:
+        if space is None:
+            got = self._range("free", pool, limit=1)
+            if not got:
+                return None
+            d = json.loads(got[0][1])
+            return str(d["space"]), unkey(self._last(got[0][0])), unkey(d["hi"])
+        idx = self._range("freesp", pool, space, limit=1)
+        return self._free(pool, self._last(idx[0][0])) if idx else None
+
+    def free_overlapping(self, pool: str, lo: int, hi: int) -> list[tuple[str, int, int]]:
+        out = []
+        before = self._range("free", pool, end=key(lo), limit=1, descending=True)
+        if before:
+            d = json.loads(before[0][1])
+            if unkey(d["hi"]) >= lo:
+                out.append((str(d["space"]), unkey(self._last(before[0][0])), unkey(d["hi"])))
+        for k, v in self._range("free", pool, start=key(lo), end=key(hi) + "\0"):
+            d = json.loads(v)
+            out.append((str(d["space"]), unkey(self._last(k)), unkey(d["hi"])))
+        return out
+
+    def put_free(self, pool: str, space: str, lo: int, hi: int) -> None:
+        old = self._free(pool, key(lo))
+        if old is not None and old[0] != space:
+            self.stm.delete(self.k("freesp", pool, old[0], key(lo)))
+        self.stm.put(self.k("free", pool, key(lo)), _j({"hi": key(hi), "space": space}))
+        self.stm.put(self.k("freesp", pool, space, key(lo)), b"")
+
+    def del_free(self, pool: str, lo: int) -> None:
+        old = self._free(pool, key(lo))
+        if old is None:
+            return
+        self.stm.delete(self.k("free", pool, key(lo)))
+        self.stm.delete(self.k("freesp", pool, old[0], key(lo)))
+
+    def shrink_free(self, pool: str, lo: int, new_lo: int) -> None:
+        old = self._free(pool, key(lo))
+        if old is None:
+            return
+        self.del_free(pool, lo)
+        self.put_free(pool, old[0], new_lo, old[2])
+
+    # released
+    def oldest_released(
+        self, pool: str, space: str | None, before: float | None
+    ) -> tuple[str, int, float] | None:
+        got = (self._range("relall", pool, limit=1) if space is None
+               else self._range("rellru", pool, space, limit=1))
+        if not got:
+            return None
+        parts = got[0][0].decode().rsplit("/", 2)
+        ts, ip = float(parts[1]), unkey(parts[2])
+        if before is not None and ts > before:
+            return None
+        rel = self.stm.get(self.k("rel", pool, key(ip)))
+        if rel is None:
+            return None
+        return str(json.loads(rel)["space"]), ip, ts
+
+    def released_space(self, pool: str, ip: int) -> str | None:
+        raw = self.stm.get(self.k("rel", pool, key(ip)))
+        return str(json.loads(raw)["space"]) if raw else None
+
+    def released_in(self, pool: str, lo: int, hi: int) -> list[int]:
+        return [unkey(self._last(k))
+                for k, _ in self._range("rel", pool, start=key(lo), end=key(hi) + "\0")]
+
+    def put_released(self, pool: str, space: str, ip: int, ts: float) -> None:
+        self.del_released(pool, ip)
+        self.stm.put(self.k("rel", pool, key(ip)), _j({"space": space, "ts": ts}))
+        self.stm.put(self.k("rellru", pool, space, _ts(ts), key(ip)), b"")
+        self.stm.put(self.k("relall", pool, _ts(ts), key(ip)), b"")
+
+    def del_released(self, pool: str, ip: int) -> None:
+        raw = self.stm.get(self.k("rel", pool, key(ip)))
+        if raw is None:
+            return
+        d = json.loads(raw)
+        self.stm.delete(self.k("rel", pool, key(ip)))
+        self.stm.delete(self.k("rellru", pool, str(d["space"]), _ts(float(d["ts"])), key(ip)))
+        self.stm.delete(self.k("relall", pool, _ts(float(d["ts"])), key(ip)))
+
+    # allocations
+    def allocation(self, pool: str, ip: int) -> Allocation | None:
+        raw = self.stm.get(self.k("alloc", pool, key(ip)))
+        return _alloc(raw) if raw else None
+
+    def allocation_of(self, pool: str, container_id: str, ifname: str) -> Allocation | None:
+        ref = self.stm.get(self.k("owner", container_id, ifname, pool))
+        return self.allocation(pool, unkey(ref.decode())) if ref else None
+
+    def allocations_of(
+        self, container_id: str, ifname: str | None, pool: str | None
+    ) -> list[Allocation]:
+        parts = ("owner", container_id) if ifname is None else ("owner", container_id, ifname)
+        out = []
+        for k, v in self._range(*parts):
+            tail = k.decode()[len(self.store.prefix):].split("/")
+            p = unquote(tail[3])
+            if pool is not None and p != pool:
+                continue
+            a = self.allocation(p, unkey(v.decode()))
+            if a is not None:
+                out.append(a)
+        return sorted(out, key=lambda a: (a.pool, a.ip))
+
+    def allocations_in(self, pool: str, lo: int, hi: int, limit: int) -> list[Allocation]:
+        got = self._range("alloc", pool, start=key(lo), end=key(hi) + "\0", limit=limit)
+        return [_alloc(v) for _, v in got]
+
+    def list_allocations(
+        self, pool: str | None, host: str | None, after: tuple[str, int] | None, limit: int
+    ) -> list[Allocation]:
+        parts: tuple[str, ...] = ("alloc",) if host is None else ("host", host)
+        base = self.k(*parts) + b"/"
+        lo = base + (quote(pool, safe="").encode() + b"/" if pool is not None else b"")
+        hi = prefix_end(lo)
+        if after is not None:
+            start = base + quote(after[0], safe="").encode() + b"/" + key(after[1]).encode()
+            lo = max(lo, start + b"\0")
+        if lo >= hi:
+            return []
+        return [_alloc(v) for _, v in self.stm.range(lo, hi, limit=limit)]
+
+    def put_allocation(self, a: Allocation) -> None:
+        ip = key(a.ip)
+        if self.stm.get(self.k("mac", a.mac)) is not None:
+            raise MacInUse(f"MAC {a.mac} is already in use by another allocation")
+        if self.stm.get(self.k("alloc", a.pool, ip)) is not None:
+            raise Conflict(f"address {ip} of pool {a.pool!r} is already allocated")
+        if self.stm.get(self.k("owner", a.container_id, a.ifname, a.pool)) is not None:
+            raise Conflict(f"{a.container_id}/{a.ifname} already holds an address of pool "
+                           f"{a.pool!r}")
+        doc = dataclasses.asdict(a)
+        doc["allowed"] = list(a.allowed)
+        raw = _j(doc)
+        self.stm.put(self.k("alloc", a.pool, ip), raw)
+        self.stm.put(self.k("owner", a.container_id, a.ifname, a.pool), ip.encode())
+        self.stm.put(self.k("mac", a.mac), f"{a.pool}/{ip}".encode())
+        self.stm.put(self.k("host", a.host, a.pool, ip), raw)
+
+    def del_allocation(self, pool: str, ip: int) -> None:
+        a = self.allocation(pool, ip)
+        if a is None:
+            return
+        self.stm.delete(self.k("alloc", pool, key(ip)))
+        self.stm.delete(self.k("owner", a.container_id, a.ifname, pool))
+        self.stm.delete(self.k("mac", a.mac))
+        self.stm.delete(self.k("host", a.host, pool, key(ip)))
+
+    def hosts(self) -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(h: str) -> dict[str, Any]:
+            return out.setdefault(h, {"host": h, "allocations": 0, "pools": {}, "blocks": 0})
+
+        n = len(self.store.prefix)
+        for k in self.store.keys(self.k("host") + b"/"):
+            _, h, p, _ = k.decode()[n:].split("/")
+            e = entry(unquote(h))
+            e["allocations"] += 1
+            e["pools"][unquote(p)] = e["pools"].get(unquote(p), 0) + 1
+        for k in self.store.keys(self.k("blockhost") + b"/"):
+            entry(unquote(k.decode()[n:].split("/")[1]))["blocks"] += 1
+        return [out[h] for h in sorted(out)]
+
+    # reservations
+    def reservations_overlapping(self, pool: str, lo: int, hi: int) -> list[Reservation]:
+        out = []
+        before = self._range("res", pool, end=key(lo), limit=1, descending=True)
+        if before:
+            r = _res(before[0][1])
+            if r.hi >= lo:
+                out.append(r)
+        out += [_res(v) for _, v in self._range("res", pool, start=key(lo),
+                                                end=key(hi) + "\0")]
+        return out
+
+    def reservation_by_handle(self, pool: str, handle: str) -> Reservation | None:
+        ref = self.stm.get(self.k("reshandle", pool, handle))
+        if ref is None:
+            return None
+        raw = self.stm.get(self.k("res", pool, ref.decode()))
+        return _res(raw) if raw else None
+
+    def list_reservations(self, pool: str) -> list[Reservation]:
+        return [_res(v) for _, v in self._range("res", pool)]
+
+    def put_reservation(self, r: Reservation) -> None:
+        self.del_reservation(r.pool, r.lo)
+        if r.handle:
+            self.stm.put(self.k("reshandle", r.pool, r.handle), key(r.lo).encode())
+        self.stm.put(self.k("res", r.pool, key(r.lo)), _j(dataclasses.asdict(r)))
+
+    def del_reservation(self, pool: str, lo: int) -> None:
+        raw = self.stm.get(self.k("res", pool, key(lo)))
+        if raw is None:
+            return
+        old = _res(raw)
+        if old.handle:
+            self.stm.delete(self.k("reshandle", pool, old.handle))
+        self.stm.delete(self.k("res", pool, key(lo)))
+
+    # blocks
+    def blocks(self, pool: str | None, host: str | None) -> list[Block]:
+        if host is not None:
+            got = (self._range("blockhost", host, pool) if pool is not None
+                   else self._range("blockhost", host))
+            out = [self.block(unquote(k.decode().rsplit("/", 2)[1]), unkey(self._last(k)))
+                   for k, _ in got]
+            return sorted((b for b in out if b is not None), key=lambda b: (b.pool, b.lo))
+        got = self._range("block", pool) if pool is not None else self._range("block")
+        return [_block(v) for _, v in got]
+
+    def block(self, pool: str, lo: int) -> Block | None:
+        raw = self.stm.get(self.k("block", pool, key(lo)))
+        return _block(raw) if raw else None
+
+    def put_block(self, b: Block) -> None:
+        old = self.block(b.pool, b.lo)
+        if old is not None and old.host != b.host:
+            self.stm.delete(self.k("blockhost", old.host, b.pool, key(b.lo)))
+        self.stm.put(self.k("block", b.pool, key(b.lo)), _j(dataclasses.asdict(b)))
+        self.stm.put(self.k("blockhost", b.host, b.pool, key(b.lo)), b"")
+
+    # events
+    def add_event(self, e: Event) -> None:
+        n = self.n_events
+        self.n_events += 1
+        if n >= EVENTS_PER_TXN:
+            raise InvalidInput(f"one change may record at most {EVENTS_PER_TXN} events")
+        lease = self.store.history_lease()
+        doc = _j({**e.to_dict(), "id": 0})
+        name = f"{n:03d}"
+        self.stm.put(self.k("ev", self.txn_id, name), doc, lease)
+        self.stm.put(self.k("evpool", e.pool, self.txn_id, name), doc, lease)
+        span = _span(e.ip)
+        if span is None:
+            try:
+                ipk = key(int(ipaddress.ip_address(e.ip)))
+            except ValueError:
+                return
+            self.stm.put(self.k("evip", ipk, self.txn_id, name), doc, lease)
+        else:
+            self.stm.put(self.k("evspan", key(span[0]), key(span[1]), self.txn_id, name), doc,
+                         lease)
+
+    def events(self, ip: str | None, pool: str | None, limit: int,
+               after: int | None = None) -> list[Event]:
+        return self.store.events(ip, pool, limit, after)
+
+
+class EtcdStore:
+    """:class:`~netd.ipam.store.Store` on an etcd cluster (see the module's docstring)."""
+
+    def __init__(self, url: EtcdUrl | str, *, client: EtcdClient | None = None,
+                 group_commit: bool = True, max_batch: int = 64) -> None:
+        self.url = parse_etcd_url(url) if isinstance(url, str) else url
+        self.prefix = self.url.prefix
+        self.client = client or client_for(self.url)
+        self.group_commit = group_commit
+        self.max_batch = max_batch
+        self._leases: dict[int, int] = {}
+        self._lease_lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Condition()
+        self._committing = False
+
+    # --- history leases -----------------------------------------------------------------
+
+    def history_lease(self) -> int:
+        """The lease of today's events (by this machine's clock, not the events' own
+        times): etcd deletes them ``history_days`` after the day ends."""
+        day = int(time.time() // DAY)
+        with self._lease_lock:
+            lease = self._leases.get(day)
+            if lease is None:
+                ttl = int((day + 1) * DAY - time.time()) + self.url.history_days * DAY
+                lease = self.client.lease_grant(max(ttl, 60))
+                self._leases = {d: v for d, v in self._leases.items() if d >= day - 1}
+                self._leases[day] = lease
+            return lease
+
+    def forget_leases(self) -> None:
+        with self._lease_lock:
+            self._leases.clear()
+
+    # --- transactions -------------------------------------------------------------------
+
+    def _try(self, changes: list[_Pending]) -> None:
+        """One :class:`Stm` try of every change (each behind a savepoint), committed."""
+        stm = Stm(self.client)
+        tx = EtcdTxn(self, stm)
+        outcomes: list[tuple[bool, Any]] = []
+        for p in changes:
+            point = stm.savepoint()
+            events = tx.n_events
+            try:
+                outcomes.append((True, p.change(tx)))
+            except Retry:
+                raise
+            except Exception as exc:  # this change alone is undone; the error is its own
+                stm.rollback_to(point)
+                tx.n_events = events
+                outcomes.append((False, exc))
+        stm.commit()
+        for p, (ok, value) in zip(changes, outcomes, strict=True):
+            p.ok, p.value = ok, value
+
+    def _run(self, changes: list[_Pending]) -> None:
+        deadline = time.monotonic() + self.client.budget
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                self._try(changes)
+                return
+            except Retry as exc:
+                if "lease" in str(exc):
+                    self.forget_leases()
+                if time.monotonic() > deadline:
+                    err = Unavailable(f"etcd: gave up after {tries} tries ({exc})")
+                    for p in changes:
+                        p.ok, p.value = False, err
+                    return
+                time.sleep(min(0.05, 0.002 * tries) * secrets.randbelow(1000) / 1000)
+            except NetdError as exc:  # the store is down: every change fails with it
+                for p in changes:
+                    p.ok, p.value = False, exc
+                return
+
+    def transact(self, change: Callable[[Any], T]) -> T:
+        pending = _Pending(change)
+        if not self.group_commit:
+            self._run([pending])
+            return pending.result()  # type: ignore[no-any-return]
+        with self._queue_lock:
+            self._queue.append(pending)
+        while True:
+            with self._queue_lock:
+                while not pending.done and self._committing:
+                    self._queue_lock.wait()
+                if pending.done:
+                    return pending.result()  # type: ignore[no-any-return]
+                self._committing = True  # this thread commits what is queued
+                batch = self._queue[:self.max_batch]
+                self._queue = self._queue[self.max_batch:]
+            try:
+                self._run(batch)
+            finally:
+                with self._queue_lock:
+                    for p in batch:
+                        p.done = True
+                    self._committing = False
+                    self._queue_lock.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[EtcdTxn]:
+        """One try, committed at the end (for tools and tests; the IPAM uses transact)."""
+        stm = Stm(self.client)
+        yield EtcdTxn(self, stm)
+        stm.commit()
+
+    @contextmanager
+    def read(self) -> Iterator[EtcdTxn]:
+        yield EtcdTxn(self, Stm(self.client))
+
+    # --- reads outside a transaction ------------------------------------------------------
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        return [kv.key for kv in self.client.range(prefix, prefix_end(prefix),
+                                                   keys_only=True).kvs]
+
+    def events(self, ip: str | None, pool: str | None, limit: int,
+               after: int | None) -> list[Event]:
+        p = self.prefix.encode()
+        if ip is not None:
+            ipk = key(int(ipaddress.ip_address(ip)))
+            bases = [p + b"evip/" + ipk.encode() + b"/"]
+            spans = [kv for kv in self._events_under(p + b"evspan/", None, 0)
+                     if self._covers(kv[0], p, int(ipk, 16))]
+        else:
+            bases = [p + (b"evpool/" + quote(pool, safe="").encode() + b"/" if pool
+                          else b"ev/")]
+            spans = []
+        evs = spans
+        for base in bases:
+            evs += self._events_under(base, after, limit)
+        out = [e for _, e in evs if (pool is None or e.pool == pool)
+               and (after is None or e.id > after)]
+        out.sort(key=lambda e: e.id)
+        return out[:limit] if after is not None else out[-limit:] if limit else out
+
+    @staticmethod
+    def _covers(k: bytes, p: bytes, ip: int) -> bool:
+        lo, hi = k[len(p):].decode().split("/")[1:3]
+        return unkey(lo) <= ip <= unkey(hi)
+
+    def _events_under(self, base: bytes, after: int | None,
+                      limit: int) -> list[tuple[bytes, Event]]:
+        end = prefix_end(base)
+        if after is not None:
+            got = self.client.range(base, end, by_create=True,
+                                    min_create=after // EVENTS_PER_TXN,
+                                    limit=limit + EVENT_MARGIN if limit else 0)
+        else:
+            got = self.client.range(base, end, by_create=True, descending=True,
+                                    limit=limit + EVENT_MARGIN if limit else 0)
+        out = []
+        for kv in got.kvs:
+            d = json.loads(kv.value)
+            place = int(kv.key.decode().rsplit("/", 1)[1])
+            d["id"] = kv.create * EVENTS_PER_TXN + place
+            out.append((kv.key, Event(**d)))
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _Pending:
+    """One change waiting for (or done by) a group commit."""
+
+    def __init__(self, change: Callable[[Any], Any]) -> None:
+        self.change = change
+        self.done = False
+        self.ok = False
+        self.value: Any = None
+
+    def result(self) -> Any:  # the change's own type (transact is generic over it)
+        if not self.ok:
+            if isinstance(self.value, BaseException):
+                raise self.value
+            raise Unavailable("etcd: the change was not committed")
+        return self.value
+
+
+__all__ = ["DEFAULT_PREFIX", "EtcdStore", "EtcdTxn", "EtcdUrl", "client_for",
+           "parse_etcd_url"]
