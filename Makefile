@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # (gcc builds the CNI plugin's native front; docker.io is for the Docker driver's tests;
 # nftables gives the agent libnftables for the L2 port guards)
 APT_PACKAGES := curl iproute2 iputils-ping iptables nftables containernetworking-plugins podman \
-	runc busybox-static gcc libc6-dev docker.io openvswitch-switch tcpdump iperf3 frr
+	runc busybox-static gcc libc6-dev docker.io openvswitch-switch tcpdump iperf3 frr etcd-server
 
 .PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup
 

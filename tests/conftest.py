@@ -64,6 +64,7 @@ class Server:
     db: Path
     proc: subprocess.Popen[bytes]
     log: Path
+    store_url: str = ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -76,17 +77,19 @@ class Server:
 
 
 def start_server(tmp: Path, *, token: str | None = None, db: Path | None = None,
-                 read_token: str | None = None, extra: list[str] | None = None) -> Server:
+                 read_token: str | None = None, extra: list[str] | None = None,
+                 store: str | None = None) -> Server:
     """Start ``netd ipam serve`` as a real process on loopback and wait for /healthz.
 
-    ``extra`` containing ``--no-token`` leaves ``--token-file`` out."""
+    ``extra`` containing ``--no-token`` leaves ``--token-file`` out; ``store`` is a
+    store URL instead of the SQLite file ``db``."""
     port = free_port()
     token = token if token is not None else secrets.token_hex(16)
     db = db or tmp / "ipam.db"
     log = tmp / f"server-{port}.log"
     extra = list(extra or [])
     cmd = [bin_path("netd"), "ipam", "serve", "--listen", f"127.0.0.1:{port}",
-           "--store", f"sqlite:///{db}"]
+           "--store", store or f"sqlite:///{db}"]
     for flag, value in (("--token-file", token), ("--read-token-file", read_token)):
         if value is None or (flag == "--token-file" and "--no-token" in extra):
             continue
@@ -103,12 +106,20 @@ def start_server(tmp: Path, *, token: str | None = None, db: Path | None = None,
             raise RuntimeError(f"server exited: {log.read_text()}")
         try:
             if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return Server(url, token, db, proc, log)
+                return Server(url, token, db, proc, log, store or f"sqlite:///{db}")
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server did not become healthy: {log.read_text()}")
+
+
+def ipam_check(store_url: str) -> str:
+    """``netd ipam check --store URL`` must find the store consistent; its report."""
+    proc = subprocess.run([bin_path("netd"), "ipam", "check", "--store", store_url],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"ipam check: {proc.stdout[-3000:]}{proc.stderr[-2000:]}"
+    return proc.stdout
 
 
 def every_event(get: Any, **params: Any) -> list[dict[str, Any]]:

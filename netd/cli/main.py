@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -128,7 +129,8 @@ def ipam() -> None:
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT",
               help="Address to serve HTTP on.")
 @click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True, metavar="URL",
-              help="Datastore: sqlite:///PATH.")
+              help="Datastore: sqlite:///PATH, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+                   "[?cacert=..&cert=..&key=..&user=..&password_file=..] (docs/ETCD.md).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the bearer token every API request must present "
                    "(/healthz, /metrics and /openapi.json stay open).")
@@ -240,6 +242,46 @@ def _serve_worker(sock: socket.socket, store_url: str, token: str | None,
     finally:
         pages.close()
         store.close()
+
+
+@ipam.command("check")
+@click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True, metavar="URL",
+              help="The store to check (sqlite:///PATH or etcd://...).")
+@click.option("--repair", is_flag=True,
+              help="Fix what has one right answer (counters, owner indexes).")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+def check(store_url: str, repair: bool, as_json: bool) -> None:
+    """Check a store's consistency; exit 1 when something is wrong (docs/ETCD.md)."""
+    from netd.ipam.check import check_store
+    from netd.ipam.store import open_store
+
+    try:
+        store = open_store(store_url)
+    except NetdError as exc:
+        raise click.ClickException(f"--store: {exc.message}") from None
+    bar = sys.stderr.isatty() and not as_json
+    try:
+        def progress(pool: str) -> None:
+            if bar:
+                click.echo(f"\rchecking pool {pool} ...\033[K", err=True, nl=False)
+
+        report = check_store(store, repair=repair, progress=progress)
+    except NetdError as exc:
+        raise click.ClickException(exc.message) from None
+    finally:
+        store.close()
+    if bar:
+        click.echo("\r\033[K", err=True, nl=False)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"{p.pool}: {p.what}" + ("  (repaired)" if p.repaired else ""))
+        click.echo(f"{report.pools} pool(s), {report.allocations} allocation(s): "
+                   + ("consistent" if not report.problems else
+                      "repaired" if report.ok else
+                      f"{sum(not p.repaired for p in report.problems)} problem(s)"))
+    sys.exit(0 if report.ok else 1)
 
 
 def _supervise(workers: int, run: Callable[[], None]) -> int:

@@ -196,10 +196,13 @@ class ReaderProcess:
 
 
 def for_store(ipam: IPAM, store_url: str | None) -> Listings:
-    """A reader process for a file store; the thread pool for memory (or unknown) ones."""
+    """A reader process for a file store; the thread pool for memory, etcd (or unknown)."""
     from netd.ipam.store import check_store_url
 
-    if store_url is None or check_store_url(store_url).memory:
+    if store_url is None:
+        return InThreads(ipam)
+    checked = check_store_url(store_url)
+    if checked.memory or checked.etcd is not None:  # etcd: reads do not hold the writers up
         return InThreads(ipam)
     return ReaderProcess(store_url)
 

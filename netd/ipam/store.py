@@ -24,11 +24,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from netd.errors import InvalidInput, MacInUse, Unavailable
 from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
+
+if TYPE_CHECKING:
+    from netd.ipam.etcd_store import EtcdUrl
 
 
 class Txn(Protocol):
@@ -118,9 +121,11 @@ MEMORY_URL = "sqlite://:memory:"
 
 @dataclass(frozen=True)
 class StoreUrl:
-    """A checked store URL: ``sqlite:///ABSOLUTE/PATH`` or ``sqlite://:memory:``."""
+    """A checked store URL: ``sqlite:///ABSOLUTE/PATH``, ``sqlite://:memory:`` or
+    ``etcd://HOST:PORT,...`` (:func:`netd.ipam.etcd_store.parse_etcd_url`)."""
 
-    path: str  # absolute, or ":memory:"
+    path: str  # absolute, or ":memory:"; "" for etcd
+    etcd: EtcdUrl | None = None
 
     @property
     def memory(self) -> bool:
@@ -138,10 +143,13 @@ def check_store_url(url: str) -> StoreUrl:
     if url == MEMORY_URL:
         return StoreUrl(":memory:")
     parsed = urlsplit(url)
-    if parsed.scheme == "etcd":
-        raise InvalidInput("the etcd store is not available yet; use sqlite:///PATH")
+    if parsed.scheme in ("etcd", "etcds"):
+        from netd.ipam.etcd_store import parse_etcd_url
+
+        return StoreUrl("", parse_etcd_url(url))
     if parsed.scheme != "sqlite":
-        raise InvalidInput(f"unknown store URL {url[:80]!r}: expected sqlite:///PATH")
+        raise InvalidInput(f"unknown store URL {url[:80]!r}: expected sqlite:///PATH or "
+                           "etcd://HOST:PORT[,HOST:PORT...]")
     if "@" in parsed.netloc:
         raise InvalidInput("the store URL carries user info: a SQLite database has no users "
                            "(give sqlite:///PATH)")
@@ -164,7 +172,12 @@ def check_store_url(url: str) -> StoreUrl:
 def open_store(url: str) -> Store:
     """Open a store from a URL (:func:`check_store_url`); nothing is created or changed
     when the URL or the file it names is refused."""
-    return SqliteStore(check_store_url(url).path)
+    checked = check_store_url(url)
+    if checked.etcd is not None:
+        from netd.ipam.etcd_store import EtcdStore
+
+        return EtcdStore(checked.etcd)
+    return SqliteStore(checked.path)
 
 
 # --- SQLite ----------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, every_address, every_event, start_server
+from tests.conftest import Server, every_address, every_event, ipam_check, start_server
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -104,6 +104,7 @@ def test_eight_processes_one_server(server: Server) -> None:
         assert sum(1 for a in held if a["pool"] == "v4") == 2000
         check_consistent(c, held, [])
         assert counter(c.get("/metrics").text, "netd_ipam_allocations_total") == 4000
+    ipam_check(server.store_url)
 
 
 def test_two_servers_one_store(tmp_path: Path) -> None:
@@ -128,6 +129,7 @@ def test_two_servers_one_store(tmp_path: Path) -> None:
                 assert len(held) == 1800 and len(released) == 600
                 check_consistent(ca, held, released)
                 check_consistent(cb, held, released)
+                ipam_check(a.store_url)
                 assert ca.get("/v1/pools").content == cb.get("/v1/pools").content
                 ips = {x["ip"] for x in held} | {x["ip"] for x in released}
                 assert len(ips) < 2400, "released addresses were never reused"
