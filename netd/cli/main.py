@@ -208,6 +208,9 @@ def _serve_worker(sock: socket.socket, store_url: str, token: str | None,
 
     store = open_store(store_url)
     ipam = IPAM(store, cooldown=cooldown, vlan_range=vlans)
+    watch_space = getattr(store, "watch_space", None)  # etcd: warn before its quota
+    if watch_space is not None:
+        watch_space()
     # listing pages are built by a reader process of lower priority (a file store)
     pages = listings.for_store(ipam, store_url)
     try:

@@ -192,8 +192,8 @@ class EtcdClient:
                             grpc.StatusCode.UNAUTHENTICATED):
                     raise Unavailable(f"etcd refused {what}: {text}") from None
                 if not self.transient(exc):
-                    if "compacted" in text:
-                        raise Retry(text) from None
+                    if "compacted" in text or "future revision" in text:
+                        raise Retry(text) from None  # a pinned revision gone or not there
                     raise Unavailable(f"etcd {what} failed: {text or code}") from None
                 self._next_endpoint(endpoint)
                 if not retry:
@@ -210,9 +210,12 @@ class EtcdClient:
               limit: int = 0, descending: bool = False, keys_only: bool = False,
               count_only: bool = False, by_create: bool = False,
               min_create: int = 0) -> RangeResult:
+        """Keys in [key, end); at ``revision`` (0: now, linearizable). A read at a given
+        revision is served by the member itself (serializable): the revision's state is
+        fixed, and the member that named it has applied it."""
         req = rpc.RangeRequest(key=key, range_end=end or b"", revision=revision, limit=limit,
                                keys_only=keys_only, count_only=count_only,
-                               min_create_revision=min_create)
+                               min_create_revision=min_create, serializable=revision > 0)
         if descending or by_create:
             req.sort_order = rpc.RangeRequest.DESCEND if descending else rpc.RangeRequest.ASCEND
             req.sort_target = (rpc.RangeRequest.CREATE if by_create
@@ -291,10 +294,24 @@ class Stm:
     """One try of an optimistic transaction: reads at one revision, writes buffered."""
 
     client: EtcdClient
+    #: a first try may assume that keys it is about to create are absent, instead of
+    #: reading them (:meth:`assume_absent`); the commit's compare catches it when not,
+    #: and the next try reads
+    optimistic: bool = False
+    #: key -> (value, mod_revision) last known, for keys the owner of the cache says
+    #: change rarely (an optimistic try uses them unread: the commit compares them)
+    cache: dict[bytes, tuple[bytes | None, int]] | None = None
+    cacheable: Callable[[bytes], bool] | None = None
     revision: int = 0
     seen: dict[bytes, int] = field(default_factory=dict)
+    #: keys taken as absent unread: even a try that writes nothing must verify them
+    assumed: set[bytes] = field(default_factory=set)
     ranges: list[tuple[bytes, bytes]] = field(default_factory=list)
     writes: dict[bytes, tuple[bytes, int] | None] = field(default_factory=dict)
+    # what the server answered at ``revision`` (it cannot change: reads are pinned)
+    values: dict[bytes, bytes | None] = field(default_factory=dict)
+    answers: dict[tuple[bytes, bytes, bool], tuple[int, RangeResult]] = field(
+        default_factory=dict)
 
     def _pin(self, result: RangeResult) -> None:
         if not self.revision:
@@ -304,24 +321,53 @@ class Stm:
         if key in self.writes:
             w = self.writes[key]
             return None if w is None else w[0]
+        if key in self.values:
+            return self.values[key]
+        if self.optimistic and self.cache is not None and key in self.cache:
+            value, mod = self.cache[key]
+            self.seen.setdefault(key, mod)
+            self.values[key] = value
+            return value
         got = self.client.range(key, revision=self.revision)
         self._pin(got)
         kv = got.kvs[0] if got.kvs else None
         self.seen.setdefault(key, kv.mod if kv else 0)
-        return kv.value if kv else None
+        self.values[key] = kv.value if kv else None
+        self._remember(key, self.values[key], kv.mod if kv else 0)
+        return self.values[key]
+
+    def _remember(self, key: bytes, value: bytes | None, mod: int) -> None:
+        if self.cache is not None and self.cacheable is not None and self.cacheable(key):
+            self.cache[key] = (value, mod)
+
+    def _server_range(self, start: bytes, end: bytes, limit: int,
+                      descending: bool) -> RangeResult:
+        """The server's answer at ``revision``, from this try's cache when it covers it."""
+        cached = self.answers.get((start, end, descending))
+        if cached is not None:
+            asked, got = cached
+            if asked == 0 or (limit and limit <= asked) or not got.more:
+                return got
+        got = self.client.range(start, end, revision=self.revision, limit=limit,
+                                descending=descending)
+        self._pin(got)
+        self.answers[(start, end, descending)] = (limit, got)
+        for kv in got.kvs:
+            self.seen.setdefault(kv.key, kv.mod)
+            self.values.setdefault(kv.key, kv.value)
+        return got
 
     def range(self, start: bytes, end: bytes, *, limit: int = 0,
               descending: bool = False) -> list[tuple[bytes, bytes]]:
         """Keys in [start, end) in key order (``descending``: reversed), this try's own
         writes included; the part of the range the answer depends on is recorded."""
         mine = {k: w for k, w in self.writes.items() if start <= k < end}
-        gone = sum(1 for w in mine.values() if w is None)
+        # only deleted keys the server has can push others into the answer
+        gone = sum(1 for k, w in mine.items() if w is None and self.seen.get(k))
         ask = limit + gone if limit else 0
-        got = self.client.range(start, end, revision=self.revision, limit=ask,
-                                descending=descending)
-        self._pin(got)
-        for kv in got.kvs:
-            self.seen.setdefault(kv.key, kv.mod)
+        got = self._server_range(start, end, ask, descending)
+        if limit and len(got.kvs) > ask:
+            got = RangeResult(got.kvs[:ask], got.revision, True, got.count)
         merged = {kv.key: kv.value for kv in got.kvs}
         cover_lo, cover_hi = start, end
         if limit and got.more and got.kvs:  # the answer depends on the range up to here
@@ -344,6 +390,21 @@ class Stm:
     def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
         self.writes[key] = (value, lease)
 
+    def expect_absent(self, key: bytes) -> None:
+        """Commit only if ``key`` is still absent, without reading it now."""
+        if key not in self.writes:
+            self.seen.setdefault(key, 0)
+            self.assumed.add(key)
+
+    def get_or_assume_absent(self, key: bytes) -> bytes | None:
+        """:meth:`get`, except on an optimistic try: None, compared at the commit. For
+        keys that are almost always absent (a new owner, a new MAC): one read fewer."""
+        if (self.optimistic and key not in self.writes and key not in self.values
+                and self.seen.get(key, 0) == 0):
+            self.expect_absent(key)
+            return None
+        return self.get(key)
+
     def delete(self, key: bytes) -> None:
         self.writes[key] = None
 
@@ -356,16 +417,29 @@ class Stm:
     def commit(self) -> int:
         """The one etcd transaction; :class:`Conflict` when something moved, the commit's
         revision otherwise (nothing written: the read revision)."""
-        if not self.writes:
-            return self.revision
+        if not self.writes and not self.assumed and not (
+                self.optimistic and self.cache is not None
+                and any(k in self.cache for k in self.seen)):
+            return self.revision  # what it read was read at one revision: nothing to check
         compares = [mod_equals(k, m) for k, m in self.seen.items()]
         if self.revision:
             compares += [nothing_newer(s, e, self.revision) for s, e in self.ranges]
         ops = [delete_op(k) if w is None else put_op(k, w[0], w[1])
                for k, w in self.writes.items()]
-        ok, revision, _ = self.client.txn(compares, ops)
+        try:
+            ok, revision, _ = self.client.txn(compares, ops)
+        except Retry:
+            if self.cache is not None:
+                for k in self.writes:
+                    self.cache.pop(k, None)
+            raise
         if not ok:
+            if self.cache is not None:  # what it assumed may be stale: forget it
+                for k in self.seen:
+                    self.cache.pop(k, None)
             raise Conflict("changed meanwhile")
+        for k, w in self.writes.items():
+            self._remember(k, None if w is None else w[0], 0 if w is None else revision)
         return revision
 
 

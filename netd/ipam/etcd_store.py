@@ -10,7 +10,7 @@ whole pool:
 
 ====================================  ============================================
 ``pool/NAME``                         the pool
-``cnt/NAME``, ``cursor/NAME``         reserved and allocated counts; next block
+``cnt/NAME/SHARD``, ``cursor/NAME``   counts (a shard per server process); next block
 ``free/POOL/LO``                      a never-used range LO-HI (its space, HI)
 ``freesp/POOL/SPACE/LO``              ... by space (a host's block)
 ``rel/POOL/IP``                       a released address (space, time)
@@ -62,6 +62,7 @@ DEFAULT_PREFIX = "/netd/ipam/"
 EVENTS_PER_TXN = 1000  # event id = revision * 1000 + place in the transaction
 EVENT_MARGIN = 128  # events read beyond a page's limit: a transaction's events share a revision
 DAY = 86400
+WARN_AT = 0.8  # of the quota: warn, writes stop at 100 %
 
 
 # --- the URL --------------------------------------------------------------------------------
@@ -78,14 +79,16 @@ class EtcdUrl:
     password_file: str | None = None
     timeout: float = 2.0
     history_days: int = 30
+    quota_gb: float = 2.0  # etcd's --quota-backend-bytes (its default: 2 GiB)
 
 
-OPTIONS = {"cacert", "cert", "key", "user", "password_file", "timeout", "history_days"}
+OPTIONS = {"cacert", "cert", "key", "user", "password_file", "timeout", "history_days",
+           "quota_gb"}
 
 
 def parse_etcd_url(url: str) -> EtcdUrl:
     """``etcd://HOST:PORT[,HOST:PORT...][/PREFIX][?cacert=&cert=&key=&user=&password_file=
-    &timeout=&history_days=]`` (pure). A password only from a file: URLs end up in
+    &timeout=&history_days=&quota_gb=]`` (pure). A password only from a file: URLs end up in
     logs and process lists."""
     parsed = urlsplit(url)
     if parsed.scheme not in ("etcd", "etcds"):
@@ -117,13 +120,16 @@ def parse_etcd_url(url: str) -> EtcdUrl:
     try:
         timeout = float(one.get("timeout") or 2.0)
         days = int(one.get("history_days") or 30)
+        quota = float(one.get("quota_gb") or 2.0)
     except ValueError:
-        raise InvalidInput("timeout= is seconds, history_days= a whole number") from None
-    if not 0.05 <= timeout <= 60 or not 1 <= days <= 3650:
-        raise InvalidInput("timeout= must be 0.05-60 s, history_days= 1-3650")
+        raise InvalidInput("timeout= is seconds, history_days= a whole number, quota_gb= "
+                           "GiB") from None
+    if not 0.05 <= timeout <= 60 or not 1 <= days <= 3650 or not 0.01 <= quota <= 64:
+        raise InvalidInput("timeout= must be 0.05-60 s, history_days= 1-3650, quota_gb= "
+                           "0.01-64")
     return EtcdUrl(tuple(hosts), prefix, one.get("cacert") if tls else None,
                    one.get("cert"), one.get("key"), one.get("user") or None,
-                   one.get("password_file"), timeout, days)
+                   one.get("password_file"), timeout, days, quota)
 
 
 def client_for(url: EtcdUrl) -> EtcdClient:
@@ -211,7 +217,6 @@ class EtcdTxn:
         if self.stm.get(self.k("pool", pool.name)) is not None:
             raise Conflict(f"pool {pool.name!r} already exists")
         self.stm.put(self.k("pool", pool.name), _j(pool.to_dict()))
-        self.stm.put(self.k("cnt", pool.name), _j({"reserved": "0", "allocated": 0}))
 
     def delete_pool(self, name: str) -> None:
         for a in self.list_allocations(name, None, None, 1 << 30):
@@ -221,23 +226,27 @@ class EtcdTxn:
             self.stm.delete(self.k("block", name, key(b.lo)))
         for r in self.list_reservations(name):
             self.del_reservation(name, r.lo)
-        for family in ("free", "freesp", "rel", "rellru", "relall"):
+        for family in ("free", "freesp", "rel", "rellru", "relall", "cnt"):
             for k, _ in self._range(family, name):
                 self.stm.delete(k)
-        for family in ("pool", "cnt", "cursor"):
+        for family in ("pool", "cursor"):
             self.stm.delete(self.k(family, name))
 
     def counters(self, name: str) -> tuple[int, int]:
-        raw = self.stm.get(self.k("cnt", name))
-        if not raw:
-            return 0, 0
-        d = json.loads(raw)
-        return int(d["reserved"]), int(d["allocated"])
+        reserved = allocated = 0
+        for _, raw in self._range("cnt", name):  # one shard per server process
+            d = json.loads(raw)
+            reserved += int(d["reserved"])
+            allocated += int(d["allocated"])
+        return reserved, allocated
 
     def add_counters(self, name: str, reserved: int, allocated: int) -> None:
-        res, alloc = self.counters(name)
-        self.stm.put(self.k("cnt", name), _j({"reserved": str(res + reserved),
-                                              "allocated": alloc + allocated}))
+        """Into this server's own shard: changes on two servers never collide on it."""
+        k = self.k("cnt", name, self.store.shard)
+        raw = self.stm.get(k)
+        d: dict[str, Any] = json.loads(raw) if raw else {"reserved": "0", "allocated": 0}
+        self.stm.put(k, _j({"reserved": str(int(d["reserved"]) + reserved),
+                            "allocated": int(d["allocated"]) + allocated}))
 
     def block_cursor(self, name: str) -> int:
         raw = self.stm.get(self.k("cursor", name))
@@ -295,7 +304,10 @@ class EtcdTxn:
         if old is None:
             return
         self.del_free(pool, lo)
-        self.put_free(pool, old[0], new_lo, old[2])
+        # the range's new start lies inside the old one: nobody else has a key there
+        # without having changed the old one too (which the commit compares)
+        self.stm.put(self.k("free", pool, key(new_lo)), _j({"hi": key(old[2]), "space": old[0]}))
+        self.stm.put(self.k("freesp", pool, old[0], key(new_lo)), b"")
 
     # released
     def oldest_released(
@@ -343,7 +355,7 @@ class EtcdTxn:
         return _alloc(raw) if raw else None
 
     def allocation_of(self, pool: str, container_id: str, ifname: str) -> Allocation | None:
-        ref = self.stm.get(self.k("owner", container_id, ifname, pool))
+        ref = self.stm.get_or_assume_absent(self.k("owner", container_id, ifname, pool))
         return self.allocation(pool, unkey(ref.decode())) if ref else None
 
     def allocations_of(
@@ -381,11 +393,13 @@ class EtcdTxn:
 
     def put_allocation(self, a: Allocation) -> None:
         ip = key(a.ip)
-        if self.stm.get(self.k("mac", a.mac)) is not None:
+        if self.stm.get_or_assume_absent(self.k("mac", a.mac)) is not None:
             raise MacInUse(f"MAC {a.mac} is already in use by another allocation")
-        if self.stm.get(self.k("alloc", a.pool, ip)) is not None:
-            raise Conflict(f"address {ip} of pool {a.pool!r} is already allocated")
-        if self.stm.get(self.k("owner", a.container_id, a.ifname, a.pool)) is not None:
+        # the address and the owner must still be free when this commits: compared, not
+        # read (the IPAM took the address from free space and asked for the owner already)
+        self.stm.expect_absent(self.k("alloc", a.pool, ip))
+        if self.stm.get_or_assume_absent(self.k("owner", a.container_id, a.ifname,
+                                                a.pool)) is not None:
             raise Conflict(f"{a.container_id}/{a.ifname} already holds an address of pool "
                            f"{a.pool!r}")
         doc = dataclasses.asdict(a)
@@ -517,11 +531,19 @@ class EtcdStore:
         self.client = client or client_for(self.url)
         self.group_commit = group_commit
         self.max_batch = max_batch
+        self.shard = secrets.token_hex(4)  # this process's counter shard
+        # keys that change rarely or only here: pools, this process's counter shards
+        self._known: dict[bytes, tuple[bytes | None, int]] = {}
+        self._pool_prefix = (self.prefix + "pool/").encode()
+        self._shard_suffix = ("/" + self.shard).encode()
         self._leases: dict[int, int] = {}
         self._lease_lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Condition()
         self._committing = False
+
+    def _cacheable(self, k: bytes) -> bool:
+        return k.startswith(self._pool_prefix) or k.endswith(self._shard_suffix)
 
     # --- history leases -----------------------------------------------------------------
 
@@ -544,9 +566,10 @@ class EtcdStore:
 
     # --- transactions -------------------------------------------------------------------
 
-    def _try(self, changes: list[_Pending]) -> None:
+    def _try(self, changes: list[_Pending], optimistic: bool) -> None:
         """One :class:`Stm` try of every change (each behind a savepoint), committed."""
-        stm = Stm(self.client)
+        stm = Stm(self.client, optimistic=optimistic, cache=self._known,
+                  cacheable=self._cacheable)
         tx = EtcdTxn(self, stm)
         outcomes: list[tuple[bool, Any]] = []
         for p in changes:
@@ -570,7 +593,7 @@ class EtcdStore:
         while True:
             tries += 1
             try:
-                self._try(changes)
+                self._try(changes, optimistic=tries == 1)
                 return
             except Retry as exc:
                 if "lease" in str(exc):
@@ -670,6 +693,45 @@ class EtcdStore:
             d["id"] = kv.create * EVENTS_PER_TXN + place
             out.append((kv.key, Event(**d)))
         return out
+
+    # --- space -------------------------------------------------------------------------
+
+    def space(self) -> list[tuple[str, int | None]]:
+        """Each endpoint's database size in bytes (None: it did not answer)."""
+        out: list[tuple[str, int | None]] = []
+        for ep in self.client.endpoints:
+            try:
+                out.append((ep, int(self.client.status(ep).dbSize)))
+            except Exception:
+                out.append((ep, None))
+        return out
+
+    def warn_on_space(self) -> list[str]:
+        """Warnings for members past ``WARN_AT`` of the quota (``quota_gb`` in the URL)."""
+        quota = self.url.quota_gb * (1 << 30)
+        lines = []
+        for ep, size in self.space():
+            if size is not None and size >= WARN_AT * quota:
+                lines.append(f"etcd {ep}: its database is {size / (1 << 20):.0f} MiB, "
+                             f"{100 * size / quota:.0f}% of the {self.url.quota_gb} GiB quota: "
+                             "compact and defragment it (docs/ETCD.md) before writes stop")
+        for line in lines:
+            log.warning("%s", line)
+        return lines
+
+    def watch_space(self, every: float = 60.0) -> threading.Event:
+        """Check the space every ``every`` seconds in a thread; set the event to stop."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    self.warn_on_space()
+                except Exception:
+                    log.exception("etcd: checking the space failed")
+
+        threading.Thread(target=loop, name="etcd-space", daemon=True).start()
+        return stop
 
     def close(self) -> None:
         self.client.close()

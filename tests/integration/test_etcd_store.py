@@ -105,6 +105,24 @@ def pools(c: httpx.Client) -> None:
         assert r.status_code == 201, r.text
 
 
+def test_a_warning_before_the_quota_is_reached(cluster: etcd.EtcdCluster, prefix: str) -> None:
+    """``quota_gb`` in the URL is the members' --quota-backend-bytes; past 80 % of it the
+    server warns (every minute; here called once)."""
+    store = EtcdStore(cluster.url(prefix) + "?quota_gb=0.01")  # 10.7 MB
+    try:
+        assert store.warn_on_space() == []
+        blob = b"x" * (512 << 10)
+        for i in range(18):  # 9 MiB
+            store.client.put(f"{prefix}junk/{i}".encode(), blob)
+        deadline = time.monotonic() + 10  # every member, once each has applied the writes
+        while len(warned := store.warn_on_space()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(warned) == 3 and all("of the 0.01 GiB quota" in w for w in warned), warned
+        print("\n" + warned[0])
+    finally:
+        store.close()
+
+
 def test_four_hosts_on_two_replicas_no_duplicates(replicas: tuple[Server, Server]) -> None:
     a, b = replicas
     with client(a) as c:
@@ -123,7 +141,7 @@ def test_four_hosts_on_two_replicas_no_duplicates(replicas: tuple[Server, Server
         with client(b) as cb:  # the other replica sees the same state
             assert {p["name"]: p["allocated"] for p in cb.get("/v1/pools").json()["pools"]} \
                 == {"l2": 1000, "bgp": 1000}
-        blocks = c.get("/v1/blocks", params={"pool": "bgp"}).json()["blocks"]
+        blocks = c.get("/v1/pools/bgp/blocks").json()["blocks"]
         assert {blk["host"] for blk in blocks} == {"h1", "h2", "h3", "h4"}
     print(ipam_check(a.store_url))
 
@@ -219,3 +237,4 @@ def test_a_lost_commit_answer_returns_the_same_allocation(
     assert again == got
     store.close()
     ipam_check(cluster.url(prefix))
+
