@@ -60,6 +60,7 @@ bench: deps venv
 	$(BIN)/python -m tests.bench.docker_bench
 	$(BIN)/python -m tests.bench.vlan_bench
 	$(BIN)/python -m tests.bench.bgp_bench
+	$(BIN)/python -m tests.bench.etcd_bench
 
 clean: demo-down
 	rm -rf $(VENV) .demo .bench *.egg-info

@@ -1,12 +1,15 @@
 """The IPAM HTTP API (``/v1``), as documented in ``docs/API.md``.
 
 Mutations are ``async def`` and call the synchronous :class:`~netd.ipam.service.IPAM`
-on the event loop: each is one short store transaction and the store serialises
-writers, so a thread pool would only add latency. Small reads run in the thread
-pool (each thread has its own SQLite connection; WAL lets readers run beside the
-writer). Listings are paged and capped (:data:`~netd.ipam.service.MAX_PAGE`) and
-built where they cannot delay an allocation: in a reader process of lower
-priority when the server has a file store (:mod:`netd.ipam.listings`).
+on the event loop for SQLite: each is one short store transaction and the store
+serialises writers, so a thread pool would only add latency. On a network store
+(etcd, ``store.network``) they run in the thread pool instead: the loop never
+waits on the network, and concurrent changes meet in the store's group commit.
+Small reads run in the thread pool (each thread has its own SQLite connection;
+WAL lets readers run beside the writer). Listings are paged and capped
+(:data:`~netd.ipam.service.MAX_PAGE`) and built where they cannot delay an
+allocation: in a reader process of lower priority when the server has a file
+store (:mod:`netd.ipam.listings`).
 
 Cross-cutting concerns live in one pure-ASGI middleware (:class:`_Edge`):
 authentication (with a token configured, every request to the API needs the
@@ -27,7 +30,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +45,7 @@ from pydantic import (
     TypeAdapter,
     field_validator,
 )
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,6 +56,8 @@ from netd.ipam import model
 from netd.ipam.listings import InThreads, Listings, alloc_out, res_out
 from netd.ipam.metrics import Metrics
 from netd.ipam.service import IPAM, MAX_PAGE, AllocRequest, PoolSpec
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -549,8 +555,9 @@ class _Edge:
 
     def __init__(self, app: ASGIApp, *, token: str | None, metrics: Metrics,
                  read_token: str | None = None, router: Router | None = None,
-                 fast: dict[str, FastHandler] | None = None) -> None:
+                 fast: dict[str, FastHandler] | None = None, offload: bool = False) -> None:
         self.app = app
+        self.offload = offload  # a network store: mutations in the thread pool
         self.token = token.encode() if token else None
         self.read_token = read_token.encode() if read_token else None
         self.metrics = metrics
@@ -656,7 +663,8 @@ class _Edge:
         handler = self.fast.get(scope["path"]) if method == "POST" else None
         if handler is not None:
             try:
-                response = handler(scope, body)
+                response = (await run_in_threadpool(handler, scope, body) if self.offload
+                            else handler(scope, body))
             except Exception:
                 log.exception("unexpected error serving %s %s", method, scope["path"])
                 await self._internal_error(scope, receive, send)
@@ -748,6 +756,13 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     if read_token is not None and read_token == token:
         raise ValueError("the read-only token must differ from the token")
     metrics.track(ipam)
+    # SQLite: a mutation is one short local transaction, best run right on the event
+    # loop; a network store (etcd) waits on round trips, so mutations go to the thread
+    # pool, where its group commit gathers them, and the loop keeps serving
+    offload = bool(getattr(ipam.store, "network", False))
+
+    async def mutate(fn: Callable[[], T]) -> T:
+        return await run_in_threadpool(fn) if offload else fn()
 
     # the hot operations, shared by the routes and the edge's fast path
     def do_allocate(body: AllocateIn, actor: str) -> dict[str, Any]:
@@ -804,7 +819,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     )
     _install_error_handlers(app, metrics)
     app.add_middleware(_Edge, token=token, read_token=read_token, metrics=metrics,
-                       router=app.router, fast=fast)
+                       router=app.router, fast=fast, offload=offload)
 
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -857,9 +872,12 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
             block_prefix=body.block_prefix, supernet=body.supernet,
             prefix_len=body.prefix_len, vlan_range=body.vlan_range,
         )
-        pool = ipam.create_pool(spec, actor=actor)
-        _, stats = ipam.get_pool(pool.name)
-        return _pool_out(pool, stats)
+        def change() -> dict[str, Any]:
+            pool = ipam.create_pool(spec, actor=actor)
+            _, stats = ipam.get_pool(pool.name)
+            return _pool_out(pool, stats)
+
+        return await mutate(change)
 
     @app.get("/v1/pools/{name}", response_model=Pool, tags=["pools"], responses=_ERRORS)
     def get_pool(name: PoolName) -> dict[str, Any]:
@@ -869,7 +887,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
                 responses=_MUTATION_ERRORS)
     async def delete_pool(name: PoolName, force: QueryBool = False,
                           actor: Actor = "api") -> dict[str, Any]:
-        dropped = ipam.delete_pool(name, force=force, actor=actor)
+        dropped = await mutate(lambda: ipam.delete_pool(name, force=force, actor=actor))
         return {"deleted": name, "dropped_allocations": dropped}
 
     @app.get("/v1/pools/{name}/addresses", response_model=PoolAddresses, tags=["pools"],
@@ -888,21 +906,22 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
               tags=["pools"], responses=_MUTATION_ERRORS)
     async def reserve(name: PoolName, body: ReserveIn,
                       actor: Actor = "api") -> dict[str, Any]:
-        r = ipam.reserve(name, body.range, body.note, actor=actor)
-        pool, _ = ipam.get_pool(name)
+        r = await mutate(lambda: ipam.reserve(name, body.range, body.note, actor=actor))
+        pool, _ = await mutate(lambda: ipam.get_pool(name))
         return res_out(r, pool)
 
     @app.post("/v1/pools/{name}/unreserve", response_model=Freed, tags=["pools"],
               responses=_MUTATION_ERRORS)
     async def unreserve(name: PoolName, body: UnreserveIn,
                         actor: Actor = "api") -> dict[str, int]:
-        return {"freed": ipam.unreserve(name, body.range, actor=actor)}
+        return {"freed": await mutate(lambda: ipam.unreserve(name, body.range, actor=actor))}
 
     @app.post("/v1/pools/{name}/assign", response_model=Reservation, tags=["pools"],
               responses=_MUTATION_ERRORS)
     async def assign(name: PoolName, body: AssignIn, actor: Actor = "api") -> dict[str, Any]:
-        r = ipam.assign(name, body.ip, body.handle, body.note, actor=actor)
-        pool, _ = ipam.get_pool(name)
+        r = await mutate(lambda: ipam.assign(name, body.ip, body.handle, body.note,
+                                             actor=actor))
+        pool, _ = await mutate(lambda: ipam.get_pool(name))
         return res_out(r, pool)
 
     @app.get("/v1/pools/{name}/blocks", response_model=BlockList, tags=["pools"],
@@ -925,12 +944,12 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     @app.post("/v1/allocate", response_model=Allocation, tags=["addresses"],
               responses=_MUTATION_ERRORS)
     async def allocate(body: AllocateIn, actor: Actor = "api") -> dict[str, Any]:
-        return do_allocate(body, actor)
+        return await mutate(lambda: do_allocate(body, actor))
 
     @app.post("/v1/release", response_model=Released, tags=["addresses"],
               responses=_MUTATION_ERRORS)
     async def release(body: ReleaseIn, actor: Actor = "api") -> dict[str, Any]:
-        return do_release(body, actor)
+        return await mutate(lambda: do_release(body, actor))
 
     @app.get("/v1/addresses", response_model=AddressList, tags=["addresses"],
              responses=_ERRORS)
@@ -949,16 +968,17 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     @app.post("/v1/addresses/{ip}/update", response_model=Allocation, tags=["addresses"],
               responses=_MUTATION_ERRORS)
     async def update(ip: str, body: UpdateIn, actor: Actor = "api") -> dict[str, Any]:
-        a, p = ipam.update(ip, container_id=body.container_id, ifname=body.ifname,
-                           new_container_id=body.new_container_id, labels=body.labels,
-                           actor=actor)
+        a, p = await mutate(lambda: ipam.update(
+            ip, container_id=body.container_id, ifname=body.ifname,
+            new_container_id=body.new_container_id, labels=body.labels, actor=actor))
         return alloc_out(a, p)
 
     @app.post("/v1/addresses/{ip}/allowed", response_model=Allocation, tags=["addresses"],
               responses=_MUTATION_ERRORS)
     async def set_allowed(ip: str, body: AllowedIn, actor: Actor = "api") -> dict[str, Any]:
-        a, p = ipam.set_allowed(ip, container_id=body.container_id, allowed=body.allowed,
-                                ifname=body.ifname, actor=actor)
+        a, p = await mutate(lambda: ipam.set_allowed(
+            ip, container_id=body.container_id, allowed=body.allowed, ifname=body.ifname,
+            actor=actor))
         return alloc_out(a, p)
 
     @app.get("/v1/addresses/{ip}/history", response_model=EventList, tags=["addresses"],

@@ -524,6 +524,9 @@ class EtcdTxn:
 class EtcdStore:
     """:class:`~netd.ipam.store.Store` on an etcd cluster (see the module's docstring)."""
 
+    #: every call waits on the network: the API runs changes in its thread pool
+    network = True
+
     def __init__(self, url: EtcdUrl | str, *, client: EtcdClient | None = None,
                  group_commit: bool = True, max_batch: int = 64) -> None:
         self.url = parse_etcd_url(url) if isinstance(url, str) else url

@@ -96,3 +96,14 @@ def test_bgp_bench_smoke(tmp_path: Path) -> None:
     assert rean["start_to_eor_s"] >= rean["start_to_established_s"] > 0
     assert all(t["median"] > 0 for t in doc["throughput_gbps"].values())
     assert doc["targets"] == {}
+
+
+def test_etcd_bench_smoke(tmp_path: Path) -> None:
+    from tests.support import etcd
+
+    require(etcd.ensure_etcd(), "etcd (etcd-server)")
+    doc = smoke("etcd_bench", tmp_path / "etcd.json", 600)
+    for store in ("sqlite", "etcd"):
+        assert doc[store]["clients_16"]["ok"] > 0 and doc[store]["verified"] > 0
+    assert doc["failover"]["leader"]["gap_s"] > 0 and doc["failover"]["follower"]["gap_s"] > 0
+    assert doc["targets"] == {}
