@@ -70,6 +70,10 @@ NETNS_DIR = Path(NETNS_RUN_DIR)
 MANIFEST = "lab.json"
 MANIFEST_VERSION = 1
 IPAM_PORT = 9650
+ETCD = "/usr/bin/etcd"
+ETCD_MEMBERS = 3
+ETCD_BASE_PORT = 23790  # client ports 23790, 23792, 23794; peers one above (IPAM netns)
+STORES = ("sqlite", "etcd")
 DOCKER_ON = "h1"  # the host whose agent serves the Docker plugin (--docker, --docker-host)
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,9}$")
 
@@ -147,6 +151,19 @@ class LabPlan:
     racks: int = 0
     hosts_per_rack: int = 0
     dual_homed: bool = False
+    # the IPAM's store: "sqlite" (a file in the lab dir) or "etcd" (3 members in the
+    # IPAM's namespace, on its loopback)
+    store: str = "sqlite"
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{ETCD_BASE_PORT + 2 * i}" for i in range(ETCD_MEMBERS)]
+
+    @property
+    def store_url(self) -> str:
+        if self.store == "etcd":
+            return f"etcd://{','.join(self.etcd_endpoints)}/netd/ipam/"
+        return f"sqlite:///{self.db}"
 
     @property
     def impl(self) -> ModuleType:
@@ -214,7 +231,8 @@ def validate_prefix(prefix: str) -> str:
 def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
              cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR, *, docker: bool = False,
              docker_host: str | None = None, racks: int | None = None,
-             hosts_per_rack: int | None = None, dual_homed: bool = False) -> LabPlan:
+             hosts_per_rack: int | None = None, dual_homed: bool = False,
+             store: str = "sqlite") -> LabPlan:
     """Every name, address and path of a lab (pure).
 
     ``docker``: the lab starts a dockerd in h1 and h1's agent serves the plugin
@@ -222,6 +240,8 @@ def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
     """
     validate_prefix(prefix)
     impl = mode_of(mode)
+    if store not in STORES:
+        raise click.BadParameter(f"{store!r}: one of {', '.join(STORES)}", param_hint="--store")
     if docker and docker_host:
         raise click.BadParameter("give --docker (the lab starts dockerd) or --docker-host "
                                  "(you start it), not both", param_hint="--docker-host")
@@ -263,7 +283,7 @@ def plan_lab(prefix: str, hosts: int, directory: Path, mode: str = "l2",
     return LabPlan(prefix=prefix, dir=directory, mode=mode, hosts=tuple(plans),
                    cni_conf_dir=cni_conf_dir, docker_host=docker_host, start_dockerd=docker,
                    racks=racks or 0, hosts_per_rack=hosts_per_rack or 0,
-                   dual_homed=dual_homed)
+                   dual_homed=dual_homed, store=store)
 
 
 def _toml_str(value: str) -> str:
@@ -419,11 +439,55 @@ def build_namespaces(plan: LabPlan, manifest: Manifest) -> None:
         create_netns(name)
 
 
+def _start_etcd(plan: LabPlan, manifest: Manifest) -> None:
+    """A 3-member etcd on the IPAM namespace's loopback (``--store etcd``)."""
+    if not os.access(ETCD, os.X_OK):
+        raise LabError(f"{ETCD} is missing: install etcd-server (make deps)")
+    names = [f"m{i}" for i in range(ETCD_MEMBERS)]
+    peers = [f"http://127.0.0.1:{ETCD_BASE_PORT + 2 * i + 1}" for i in range(ETCD_MEMBERS)]
+    initial = ",".join(f"{n}={u}" for n, u in zip(names, peers, strict=True))
+    procs: dict[str, Any] = {}
+    for name, peer, client in zip(names, peers, plan.etcd_endpoints, strict=True):
+        data = plan.dir / "etcd" / name
+        data.mkdir(parents=True, mode=0o700, exist_ok=True)
+        argv = [ETCD, "--name", name, "--data-dir", str(data),
+                "--listen-client-urls", f"http://{client}",
+                "--advertise-client-urls", f"http://{client}",
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", plan.prefix, "--max-txn-ops", "10000",
+                "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"]
+        procs[name] = start_process(plan.ipam_ns, argv, plan.dir / "etcd" / f"{name}.log")
+    manifest["etcd"] = {"lab": {"processes": procs, "endpoints": plan.etcd_endpoints}}
+    save_manifest(plan.dir, manifest)
+
+    def listening() -> bool:
+        def probe() -> bool:
+            for ep in plan.etcd_endpoints:
+                host, port = ep.rsplit(":", 1)
+                with socket.socket() as sock:
+                    sock.settimeout(0.5)
+                    if sock.connect_ex((host, int(port))) != 0:
+                        return False
+            return True
+
+        return bool(in_netns(plan.ipam_ns, probe))
+
+    def failed() -> str | None:
+        dead = [n for n, rec in procs.items() if not alive(rec["pid"])]
+        return f"member {dead[0]} exited:\n{tail(plan.dir / 'etcd' / f'{dead[0]}.log')}" \
+            if dead else None
+
+    _wait("etcd", listening, 30, failed)
+
+
 def _start_ipam(plan: LabPlan, manifest: Manifest, netd: str, cooldown: float | None) -> None:
     token = secrets.token_hex(24)
     atomic_write(plan.token_file, token + "\n", 0o600)
+    if plan.store == "etcd":
+        _start_etcd(plan, manifest)
     argv = [netd, "ipam", "serve", "--listen", f"{plan.ipam_address}:{IPAM_PORT}",
-            "--store", f"sqlite:///{plan.db}", "--token-file", str(plan.token_file)]
+            "--store", plan.store_url, "--token-file", str(plan.token_file)]
     if cooldown is not None:
         argv += ["--cooldown", str(cooldown)]
     manifest["ipam"] = start_process(plan.ipam_ns, argv, plan.ipam_log)
@@ -528,6 +592,7 @@ def lab_up(plan: LabPlan, *, agents: bool = True, install_cni: bool = True,
         "subnet": str(plan.impl.SUBNET), "gateway": plan.impl.GATEWAY,
         "pool": plan.impl.POOL, "pools": pools, "roles": plan.roles,
         "ipam": None, "ipam_url": plan.ipam_url, "token_file": str(plan.token_file),
+        "store": plan.store_url,
         "namespaces": [], "conflists": [], "docker": None,
         "hosts": [{"name": h.name, "netns": h.netns, "address": h.address, "rack": h.rack,
                    "config": str(h.config), "socket": str(h.socket),
@@ -591,7 +656,7 @@ def _remove_dir_contents(directory: Path) -> None:
     for entry in list(directory.iterdir()) if directory.is_dir() else []:
         if entry.name in names or entry.name.startswith(f".{MANIFEST}."):
             entry.unlink(missing_ok=True)
-        elif entry.is_dir() and re.fullmatch(r"h[0-9]+|ovs-[a-z]+", entry.name):
+        elif entry.is_dir() and re.fullmatch(r"h[0-9]+|ovs-[a-z]+|etcd", entry.name):
             shutil.rmtree(entry, ignore_errors=True)
     with contextlib.suppress(OSError):
         directory.rmdir()
@@ -638,7 +703,7 @@ def lab_down(directory: Path, prefix: str | None = None, *,
     # 2. processes: recorded ones, then anything else living in a lab namespace
     recorded = [(manifest or {}).get("ipam")]
     recorded += [h.get("agent") for h in (manifest or {}).get("hosts", [])]
-    for kind in ("ovs", "frr"):  # the vlan lab's OVS, the BGP lab's FRR
+    for kind in ("ovs", "frr", "etcd"):  # the vlan lab's OVS, the BGP lab's FRR, etcd
         for instance in ((manifest or {}).get(kind) or {}).values():
             recorded += list(((instance or {}).get("processes") or {}).values())
     pids = [p for p in map(recorded_process_alive, recorded) if p is not None]
@@ -717,6 +782,7 @@ def lab_status(directory: Path, *, ping: bool = True) -> dict[str, Any]:
         "prefix": prefix, "dir": str(directory), "mode": manifest.get("mode"),
         "state": manifest.get("state"), "created": manifest.get("created"),
         "ipam": {"url": manifest.get("ipam_url"), "pid": ipam.get("pid"),
+                 "store": manifest.get("store"),
                  "running": recorded_process_alive(ipam) is not None, "healthy": healthy},
         "gateway": manifest.get("gateway"), "pool": manifest.get("pool"),
         "pools": pools,

@@ -68,15 +68,20 @@ def lab_cli() -> None:
 @click.option("--docker-host", default=None, metavar="unix:///PATH",
               help=f"Have {DOCKER_ON}'s agent serve the Docker plugin 'netd' for a dockerd "
                    "you start (in its namespace) with this socket.")
+@click.option("--store", type=click.Choice(["sqlite", "etcd"]), default="sqlite",
+              show_default=True,
+              help="The IPAM's store: a SQLite file, or a 3-member etcd in the IPAM's "
+                   "namespace (Debian etcd-server).")
 @click.option("--keep-on-failure", is_flag=True, help="Leave a half-built lab for debugging.")
 def up_cmd(mode: str, hosts: int, prefix: str, directory: Path, agents: bool,
            install_cni: bool, cni_bin_dir: Path, cni_conf_dir: Path, cooldown: float | None,
            racks: int | None, hosts_per_rack: int | None, dual_homed: bool,
-           docker: bool, docker_host: str | None, keep_on_failure: bool) -> None:
+           docker: bool, docker_host: str | None, store: str,
+           keep_on_failure: bool) -> None:
     """Build the lab (a previous one with the same prefix is removed first)."""
     plan = plan_lab(prefix, hosts, directory, mode, cni_conf_dir, docker=docker,
                     docker_host=docker_host, racks=racks, hosts_per_rack=hosts_per_rack,
-                    dual_homed=dual_homed)
+                    dual_homed=dual_homed, store=store)
     manifest = lab_up(plan, agents=agents, install_cni=install_cni, cni_bin_dir=cni_bin_dir,
                       cooldown=cooldown, keep_on_failure=keep_on_failure)
     impl = plan.impl
