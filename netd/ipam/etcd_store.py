@@ -53,6 +53,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from netd.errors import Conflict, InvalidInput, MacInUse, NetdError, Unavailable
 from netd.ipam.etcd_kv import EtcdClient, Retry, Stm, Tls, prefix_end, read_file
 from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
+from netd.ipam.store import event_span as _span
 
 log = logging.getLogger("netd.ipam.etcd")
 
@@ -168,19 +169,6 @@ def _block(raw: bytes) -> Block:
 
 def _ts(ts: float) -> str:
     return f"{ts:017.6f}"
-
-
-def _span(text: str) -> tuple[int, int] | None:
-    try:
-        if "/" in text:
-            net = ipaddress.ip_network(text)
-            return int(net.network_address), int(net.broadcast_address)
-        if "-" in text:
-            a, b = text.split("-", 1)
-            return int(ipaddress.ip_address(a)), int(ipaddress.ip_address(b))
-    except ValueError:
-        return None
-    return None
 
 
 class EtcdTxn:

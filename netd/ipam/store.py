@@ -243,7 +243,7 @@ def _pool(doc: str) -> Pool:
     return Pool.from_dict(json.loads(doc))
 
 
-def _span(text: str) -> tuple[int, int] | None:
+def event_span(text: str) -> tuple[int, int] | None:
     """Address span of a range or pool event ("A-B" or a CIDR); None for one address."""
     try:
         if "/" in text:
@@ -523,7 +523,7 @@ class SqliteTxn:
 
     # events
     def add_event(self, e: Event) -> None:
-        span = _span(e.ip)
+        span = event_span(e.ip)
         lo, hi = (key(span[0]), key(span[1])) if span else (None, None)
         self.db.execute(
             "INSERT INTO events (ts, pool, ip, action, container_id, ifname, host, mac, actor, "

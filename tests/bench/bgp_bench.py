@@ -53,19 +53,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from netd.dataplane.netlink import Netlink
 from netd.dataplane.netns import create_netns
-from netd.lab import LabPlan, lab_up, plan_lab
+from netd.lab import lab_up, plan_lab
 from netd.lab.bgp import FRR_BASE, FRR_LIB, POOL, SUBNET
 from tests.bench.cni_bench import (
-    CNI_VERSION,
     REF_DIR,
-    REF_GATEWAY,
-    REF_SUBNET,
     Plugin,
     Slot,
     new_cid,
@@ -74,15 +70,18 @@ from tests.bench.cni_bench import (
 )
 from tests.bench.common import (
     BenchError,
+    LabSetup,
     address_in,
     iperf,
     iperf_server,
+    left_behind,
     log,
     mark,
+    netd_plugin,
     quiet_sigterm,
     ratio,
+    reference_plugin,
     run_and_report,
-    teardown_lab,
 )
 from tests.support.cnilab import Lab
 
@@ -95,22 +94,8 @@ DENSE = "dense"
 DENSE_CIDR = "10.96.0.0/16"
 
 
-@dataclass
-class Setup:
-    prefix: str
-    tmp: Path
-    plan: LabPlan | None = None
-    servers: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list)
+Setup = LabSetup
 
-    def ns(self, name: str) -> str:
-        return f"{self.prefix}-{name}"
-
-    def teardown(self) -> list[str]:
-        for proc in self.servers:
-            with contextlib.suppress(Exception):
-                proc.kill()
-                proc.wait(timeout=10)
-        return teardown_lab(self.plan, self.prefix, self.tmp)
 
 
 # --- watching the fabric --------------------------------------------------------------------
@@ -344,21 +329,12 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
     for kind in slots.values():
         for slot in kind:
             create_netns(slot.netns)
-    bin_dir = str(setup.tmp / "bin")
-
     def netd_of(host: Any) -> Plugin:
-        return Plugin("netd-cni", str(setup.tmp / "bin" / "netd-cni"), host.netns,
-                      {"cniVersion": CNI_VERSION, "name": f"{host.network}", "type": "netd-cni",
-                       "pool": POOL, "agentSocket": str(host.socket)}, bin_dir)
+        return netd_plugin(setup, host, POOL)
 
     h1, h2 = plan.hosts
     netd = netd_of(h1)
-    ref = Plugin("bridge+host-local", str(REF_DIR / "bridge"), ref_host,
-                 {"cniVersion": CNI_VERSION, "name": "refnet", "type": "bridge",
-                  "bridge": f"{setup.prefix}br",
-                  "ipam": {"type": "host-local", "subnet": REF_SUBNET, "gateway": REF_GATEWAY,
-                           "dataDir": str(setup.tmp / "host-local"),
-                           "routes": [{"dst": "0.0.0.0/0"}]}}, str(REF_DIR))
+    ref = reference_plugin(setup, ref_host)
     res["netd_cni_native"] = Path(netd.binary).read_bytes()[:4] == b"\x7fELF"
 
     log(f"warm-up ({args.warmup} ADD+DEL each) ...")
@@ -376,16 +352,7 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
     log(f"throughput: iperf3 TCP, {args.rounds} rounds of {args.seconds:g} s per path ...")
     throughput(setup, netd_of, ref, args, res)
 
-    left = []
-    for kind in slots.values():
-        for slot in kind:
-            with Netlink(slot.netns) as nl:
-                if [link.name for link in nl.links() if link.name != "lo"]:
-                    left.append(slot.netns)
-    for host in (h1, h2):
-        with Netlink(host.netns) as nl:
-            left += [f"{host.name}: {link.name}" for link in nl.links()
-                     if link.name.startswith("ndv")]
+    left = left_behind([slot.netns for kind in slots.values() for slot in kind], (h1, h2))
     if left:
         raise BenchError("left behind after the DELs: " + ", ".join(left[:10]))
 

@@ -8,6 +8,7 @@ problems), ``run(args, setup, res)`` that fills ``res``, ``targets(res)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -17,11 +18,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from netd.lab import LabPlan
+    from tests.bench.cni_bench import Plugin
 
 
 class BenchError(Exception):
@@ -174,3 +177,63 @@ def address_in(netns: str, ifname: str = "eth0") -> str:
 
     with Netlink(netns) as nl:
         return str(nl.addresses(ifname, AF_INET)[0].interface.ip)
+
+
+# --- a lab bench's setup, plugins and leftovers (the VLAN and BGP benchmarks) -------------
+
+
+@dataclass
+class LabSetup:
+    """A benchmark's lab: its prefix, temp dir, plan, and the iperf3 servers it started."""
+
+    prefix: str
+    tmp: Path
+    plan: LabPlan | None = None
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def ns(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def teardown(self) -> list[str]:
+        for proc in self.servers:
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.wait(timeout=10)
+        return teardown_lab(self.plan, self.prefix, self.tmp)
+
+
+def netd_plugin(setup: LabSetup, host: Any, pool: str) -> Plugin:
+    """netd-cni of the bench's bin dir, run in ``host``'s namespace on ``pool``."""
+    from tests.bench.cni_bench import CNI_VERSION, Plugin
+
+    return Plugin("netd-cni", str(setup.tmp / "bin" / "netd-cni"), host.netns,
+                  {"cniVersion": CNI_VERSION, "name": f"{host.network}", "type": "netd-cni",
+                   "pool": pool, "agentSocket": str(host.socket)}, str(setup.tmp / "bin"))
+
+
+def reference_plugin(setup: LabSetup, host_netns: str) -> Plugin:
+    """The reference bridge + host-local, as cni_bench compares the L2 mode with."""
+    from tests.bench.cni_bench import CNI_VERSION, REF_DIR, REF_GATEWAY, REF_SUBNET, Plugin
+
+    return Plugin("bridge+host-local", str(REF_DIR / "bridge"), host_netns,
+                  {"cniVersion": CNI_VERSION, "name": "refnet", "type": "bridge",
+                   "bridge": f"{setup.prefix}br",
+                   "ipam": {"type": "host-local", "subnet": REF_SUBNET, "gateway": REF_GATEWAY,
+                            "dataDir": str(setup.tmp / "host-local"),
+                            "routes": [{"dst": "0.0.0.0/0"}]}}, str(REF_DIR))
+
+
+def left_behind(netns_names: list[str], hosts: Any) -> list[str]:
+    """Container namespaces with an interface left, host ends (``ndv*``) left on hosts."""
+    from netd.dataplane.netlink import Netlink
+
+    left = []
+    for name in netns_names:
+        with Netlink(name) as nl:
+            if [link.name for link in nl.links() if link.name != "lo"]:
+                left.append(name)
+    for host in hosts:
+        with Netlink(host.netns) as nl:
+            left += [f"{host.name}: {link.name}" for link in nl.links()
+                     if link.name.startswith("ndv")]
+    return left

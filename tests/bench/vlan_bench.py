@@ -32,24 +32,18 @@ import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netd.dataplane.netlink import Netlink
 from netd.dataplane.netns import create_netns
-from netd.lab import LabPlan, lab_up, plan_lab
+from netd.lab import lab_up, plan_lab
 from netd.lab.ovs import available as ovs_available
 from netd.lab.vlan import VLANS
 from tests.bench.cni_bench import (
-    CNI_VERSION,
     REF_DIR,
-    REF_GATEWAY,
-    REF_SUBNET,
     Plugin,
     Slot,
     new_cid,
@@ -58,16 +52,19 @@ from tests.bench.cni_bench import (
 )
 from tests.bench.common import (
     BenchError,
+    LabSetup,
     address_in,
     iperf,
     iperf_server,
+    left_behind,
     log,
     mark,
     quiet_sigterm,
     ratio,
+    reference_plugin,
     run_and_report,
-    teardown_lab,
 )
+from tests.bench.common import netd_plugin as netd_plugin_of
 
 TARGET_ADD_RATIO = 1.5
 TARGET_DEL_RATIO = 1.0
@@ -75,22 +72,8 @@ TARGET_THROUGHPUT = 0.8  # containers across hosts / hosts across hosts
 POOL = VLANS[0][0]
 
 
-@dataclass
-class Setup:
-    prefix: str
-    tmp: Path
-    plan: LabPlan | None = None
-    servers: list[subprocess.Popen[bytes]] | None = None
+Setup = LabSetup
 
-    def ns(self, name: str) -> str:
-        return f"{self.prefix}-{name}"
-
-    def teardown(self) -> list[str]:
-        for proc in self.servers or []:
-            with contextlib.suppress(Exception):
-                proc.kill()
-                proc.wait(timeout=10)
-        return teardown_lab(self.plan, self.prefix, self.tmp)
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -114,20 +97,12 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
         for slot in kind:
             create_netns(slot.netns)
     h1, h2 = plan.hosts
-    bin_dir = str(setup.tmp / "bin")
 
     def netd_plugin(host: Any) -> Plugin:
-        return Plugin("netd-cni", str(setup.tmp / "bin" / "netd-cni"), host.netns,
-                      {"cniVersion": CNI_VERSION, "name": f"{host.network}", "type": "netd-cni",
-                       "pool": POOL, "agentSocket": str(host.socket)}, bin_dir)
+        return netd_plugin_of(setup, host, POOL)
 
     netd = netd_plugin(h1)
-    ref = Plugin("bridge+host-local", str(REF_DIR / "bridge"), ref_host,
-                 {"cniVersion": CNI_VERSION, "name": "refnet", "type": "bridge",
-                  "bridge": f"{setup.prefix}br",
-                  "ipam": {"type": "host-local", "subnet": REF_SUBNET, "gateway": REF_GATEWAY,
-                           "dataDir": str(setup.tmp / "host-local"),
-                           "routes": [{"dst": "0.0.0.0/0"}]}}, str(REF_DIR))
+    ref = reference_plugin(setup, ref_host)
     res["netd_cni_native"] = Path(netd.binary).read_bytes()[:4] == b"\x7fELF"
 
     log(f"warm-up ({args.warmup} ADD+DEL each) ...")
@@ -167,16 +142,8 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
     res["throughput_ratio"] = ratio(res["throughput_gbps"][names[0]]["median"],
                                     res["throughput_gbps"][names[1]]["median"])
 
-    left = []
-    for kind in (*slots.values(), [c1, c2, r1, r2]):
-        for slot in kind:
-            with Netlink(slot.netns) as nl:
-                if [link.name for link in nl.links() if link.name != "lo"]:
-                    left.append(slot.netns)
-    for host in (h1, h2):
-        with Netlink(host.netns) as nl:
-            left += [f"{host.name}: {link.name}" for link in nl.links()
-                     if link.name.startswith("ndv")]
+    left = left_behind([slot.netns for kind in (*slots.values(), [c1, c2, r1, r2])
+                        for slot in kind], (h1, h2))
     if left:
         raise BenchError("left behind after the DELs: " + ", ".join(left[:10]))
 

@@ -10,10 +10,8 @@ reaches a podman container in the other rack through the core.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 from tests.conftest import require
 from tests.support import docker as dk
 from tests.support import podman as pm
-from tests.support.cnilab import Lab, running_lab, wait_for
+from tests.support.cnilab import Lab, wait_for
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -34,36 +32,12 @@ SUBNET = "10.65.0.0/16"  # the lab's pool "bgp"
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dk.TestDockerd]]:
     require(Path("/usr/lib/frr/bgpd").exists(), "FRR is missing (apt-get install frr)")
-    try:
-        dk.ensure_docker()
-    except dk.DockerUnavailable as exc:
-        require(False, str(exc))
-    base = tmp_path_factory.mktemp("dbgp")
-    prefix = pm.run_prefix("db")
-    dockerd = dk.TestDockerd(prefix, f"{prefix}-h1", base)
-    try:
-        with running_lab(base, "db", mode="bgp", prefix=prefix,
-                         extra=["--racks", "2", "--hosts-per-rack", "1",
-                                "--docker-host", dockerd.host]) as the_lab:
-            try:
-                took = dockerd.start()
-            except dk.DockerUnavailable as exc:
-                require(False, f"cannot start dockerd: {exc}")
-            print(f"dockerd answering after {took:.1f}s")
-            dockerd.import_busybox()
-            try:
-                cli(dockerd, "network", "create", "-d", "netd", "--ipam-driver", "netd",
-                    "--ipam-opt", "pool=bgp", "--subnet", SUBNET, "routed")
-                yield the_lab, dockerd
-            finally:
-                with contextlib.suppress(Exception):  # while the agent can still release
-                    for c in dockerd.client().containers.list(all=True):
-                        c.remove(force=True)
-                dockerd.cleanup()
-    finally:
-        if os.path.exists(dk.PLUGIN_SOCKET):
-            with contextlib.suppress(OSError):
-                Path(dk.PLUGIN_SOCKET).unlink()
+    with dk.running_docker_lab(
+            tmp_path_factory.mktemp("dbgp"), "db", mode="bgp",
+            extra=["--racks", "2", "--hosts-per-rack", "1"],
+            networks=[["-d", "netd", "--ipam-driver", "netd", "--ipam-opt", "pool=bgp",
+                       "--subnet", SUBNET, "routed"]]) as lab_and_dockerd:
+        yield lab_and_dockerd
 
 
 def cli(dockerd: dk.TestDockerd, *args: str) -> str:

@@ -9,8 +9,6 @@ at layer 2 across hosts and runtimes, another VLAN only through the router.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from netd.ovs.ovsdb import Ovsdb, OvsPort
 from tests.conftest import bin_path, require
 from tests.support import docker as dk
 from tests.support import podman as pm
-from tests.support.cnilab import Lab, running_lab, wait_for
+from tests.support.cnilab import Lab, wait_for
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -35,37 +33,12 @@ GW100 = "198.18.100.1"
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dk.TestDockerd]]:
     require(available(), "Open vSwitch is missing (apt-get install openvswitch-switch)")
-    try:
-        dk.ensure_docker()
-    except dk.DockerUnavailable as exc:
-        require(False, str(exc))
-    base = tmp_path_factory.mktemp("dvlan")
-    prefix = pm.run_prefix("dv")
-    dockerd = dk.TestDockerd(prefix, f"{prefix}-h1", base)
-    try:
-        with running_lab(base, "dv", hosts=2, mode="vlan", prefix=prefix,
-                         extra=["--docker-host", dockerd.host]) as the_lab:
-            try:
-                took = dockerd.start()
-            except dk.DockerUnavailable as exc:
-                require(False, f"cannot start dockerd: {exc}")
-            print(f"dockerd answering after {took:.1f}s")
-            dockerd.import_busybox()
-            try:
-                for vlan in (100, 200):
-                    cli(dockerd, "network", "create", "-d", "netd", "--ipam-driver", "netd",
-                        "--ipam-opt", f"pool=vlan{vlan}", "--subnet", f"198.18.{vlan}.0/24",
-                        f"v{vlan}")
-                yield the_lab, dockerd
-            finally:
-                with contextlib.suppress(Exception):  # while the agent can still release
-                    for c in dockerd.client().containers.list(all=True):
-                        c.remove(force=True)
-                dockerd.cleanup()
-    finally:
-        if os.path.exists(dk.PLUGIN_SOCKET):
-            with contextlib.suppress(OSError):
-                Path(dk.PLUGIN_SOCKET).unlink()
+    with dk.running_docker_lab(
+            tmp_path_factory.mktemp("dvlan"), "dv", mode="vlan",
+            networks=[["-d", "netd", "--ipam-driver", "netd", "--ipam-opt", f"pool=vlan{v}",
+                       "--subnet", f"198.18.{v}.0/24", f"v{v}"] for v in (100, 200)]
+    ) as lab_and_dockerd:
+        yield lab_and_dockerd
 
 
 def cli(dockerd: dk.TestDockerd, *args: str) -> str:

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +270,44 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+@contextlib.contextmanager
+def running_docker_lab(base: Path, tag: str, *, mode: str, extra: Sequence[str] = (),
+                       networks: Sequence[Sequence[str]] = ()) -> Iterator[tuple[Any, TestDockerd]]:
+    """``netd lab up --mode MODE --docker-host ...`` with a dockerd of its own in h1, the
+    busybox image imported and ``docker network create ARGS`` for each of ``networks``;
+    containers, dockerd, the lab and the plugin socket removed after."""
+    from tests.conftest import require
+    from tests.support import podman as pm
+    from tests.support.cnilab import running_lab
+
+    try:
+        ensure_docker()
+    except DockerUnavailable as exc:
+        require(False, str(exc))
+    prefix = pm.run_prefix(tag)
+    dockerd = TestDockerd(prefix, f"{prefix}-h1", base)
+    try:
+        with running_lab(base, tag, mode=mode, prefix=prefix,
+                         extra=[*extra, "--docker-host", dockerd.host]) as the_lab:
+            try:
+                took = dockerd.start()
+            except DockerUnavailable as exc:
+                require(False, f"cannot start dockerd: {exc}")
+            print(f"dockerd answering after {took:.1f}s")
+            dockerd.import_busybox()
+            try:
+                for args in networks:
+                    proc = dockerd.cli("network", "create", *args)
+                    assert proc.returncode == 0, f"docker network create: {proc.stderr}"
+                yield the_lab, dockerd
+            finally:
+                with contextlib.suppress(Exception):  # while the agent can still release
+                    for c in dockerd.client().containers.list(all=True):
+                        c.remove(force=True)
+                dockerd.cleanup()
+    finally:
+        if os.path.exists(PLUGIN_SOCKET):
+            with contextlib.suppress(OSError):
+                Path(PLUGIN_SOCKET).unlink()
