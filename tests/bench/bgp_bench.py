@@ -46,7 +46,6 @@ import json
 import os
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,8 +71,6 @@ from tests.bench.common import (
     BenchError,
     LabSetup,
     address_in,
-    iperf,
-    iperf_server,
     left_behind,
     log,
     mark,
@@ -82,6 +79,7 @@ from tests.bench.common import (
     ratio,
     reference_plugin,
     run_and_report,
+    throughput,
 )
 from tests.support.cnilab import Lab
 
@@ -270,42 +268,12 @@ def reannounce(setup: Setup, lab: Lab, routes: int, res: dict[str, Any]) -> None
                          "core_lowest": lowest[0]}
 
 
-def throughput(setup: Setup, netd_of: Callable[[Any], Plugin], ref: Plugin,
-               args: argparse.Namespace, res: dict[str, Any]) -> None:
-    assert setup.plan is not None
-    h1, h2 = setup.plan.hosts
-    c1, c2 = Slot(setup.ns("tc1"), new_cid()), Slot(setup.ns("tc2"), new_cid())
-    r1, r2 = Slot(setup.ns("tr1"), new_cid()), Slot(setup.ns("tr2"), new_cid())
-    for slot in (c1, c2, r1, r2):
-        create_netns(slot.netns)
-    netd_of(h1).run("ADD", c1.netns, c1.cid)
-    netd_of(h2).run("ADD", c2.netns, c2.cid)
-    ref.run("ADD", r1.netns, r1.cid)
-    ref.run("ADD", r2.netns, r2.cid)
-    setup.servers += [iperf_server(ns) for ns in (c2.netns, h2.netns, r2.netns)]
-    with Netlink(setup.ns("core")) as core:  # c2's block, new on h2, announced
-        poll("c2's block at the core", lambda: any(
-            ipaddress.ip_address(address_in(c2.netns)) in ipaddress.ip_network(d)
+def announced(setup: LabSetup, netns: str) -> None:
+    """Until the block of ``netns``'s container (new on its host) is in the core's FIB."""
+    with Netlink(setup.ns("core")) as core:
+        poll("the container's block at the core", lambda: any(
+            ipaddress.ip_address(address_in(netns)) in ipaddress.ip_network(d)
             for d in fib(core, SUBNET)), 30, 0.01)
-    paths = {"containers across racks (h1, tor-r1, core, tor-r2, h2)":
-             (c1.netns, address_in(c2.netns)),
-             "hosts across racks (their bond0 addresses, same links)":
-             (h1.netns, h2.address),
-             "for information: reference bridge, same host (kernel bridge)":
-             (r1.netns, address_in(r2.netns))}
-    got: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(args.rounds):
-        for name, (src, dst) in paths.items():
-            got[name].append(iperf(src, dst, args.seconds))
-    res["throughput_gbps"] = {name: {"rounds": v, "median": statistics.median(v)}
-                              for name, v in got.items()}
-    netd_of(h1).run("DEL", c1.netns, c1.cid)
-    netd_of(h2).run("DEL", c2.netns, c2.cid)
-    ref.run("DEL", r1.netns, r1.cid)
-    ref.run("DEL", r2.netns, r2.cid)
-    names = list(paths)
-    res["throughput_ratio"] = ratio(res["throughput_gbps"][names[0]]["median"],
-                                    res["throughput_gbps"][names[1]]["median"])
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -350,7 +318,10 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
     reannounce(setup, lab, args.routes, res)
 
     log(f"throughput: iperf3 TCP, {args.rounds} rounds of {args.seconds:g} s per path ...")
-    throughput(setup, netd_of, ref, args, res)
+    throughput(setup, netd_of, ref, args, res,
+               "containers across racks (h1, tor-r1, core, tor-r2, h2)",
+               "hosts across racks (their bond0 addresses, same links)",
+               ready=lambda netns: announced(setup, netns))
 
     left = left_behind([slot.netns for kind in slots.values() for slot in kind], (h1, h2))
     if left:

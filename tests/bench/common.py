@@ -237,3 +237,47 @@ def left_behind(netns_names: list[str], hosts: Any) -> list[str]:
             left += [f"{host.name}: {link.name}" for link in nl.links()
                      if link.name.startswith("ndv")]
     return left
+
+
+def throughput(setup: LabSetup, netd_of: Callable[[Any], Plugin], ref: Plugin,
+               args: argparse.Namespace, res: dict[str, Any], containers: str, hosts: str,
+               ready: Callable[[str], None] | None = None) -> list[str]:
+    """TCP (iperf3, ``args.rounds`` x ``args.seconds``, paths in turn): a container on h1 to
+    one on h2 (path name ``containers``) against host h1 to host h2 (``hosts``), and for
+    information two containers of the reference bridge; fills ``throughput_gbps`` and
+    ``throughput_ratio``; returns the container namespaces it made. ``ready(c2's netns)``
+    waits for the fabric to reach the second container (BGP: its block announced)."""
+    import statistics
+
+    from netd.dataplane.netns import create_netns
+    from tests.bench.cni_bench import Slot, new_cid
+
+    assert setup.plan is not None
+    h1, h2 = setup.plan.hosts
+    c1, c2 = Slot(setup.ns("tc1"), new_cid()), Slot(setup.ns("tc2"), new_cid())
+    r1, r2 = Slot(setup.ns("tr1"), new_cid()), Slot(setup.ns("tr2"), new_cid())
+    for slot in (c1, c2, r1, r2):
+        create_netns(slot.netns)
+    netd_of(h1).run("ADD", c1.netns, c1.cid)
+    netd_of(h2).run("ADD", c2.netns, c2.cid)
+    ref.run("ADD", r1.netns, r1.cid)
+    ref.run("ADD", r2.netns, r2.cid)
+    setup.servers += [iperf_server(ns) for ns in (c2.netns, h2.netns, r2.netns)]
+    if ready is not None:
+        ready(c2.netns)
+    paths = {containers: (c1.netns, address_in(c2.netns)), hosts: (h1.netns, h2.address),
+             "for information: reference bridge, same host (kernel bridge)":
+             (r1.netns, address_in(r2.netns))}
+    got: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, (src, dst) in paths.items():
+            got[name].append(iperf(src, dst, args.seconds))
+    res["throughput_gbps"] = {name: {"rounds": v, "median": statistics.median(v)}
+                              for name, v in got.items()}
+    netd_of(h1).run("DEL", c1.netns, c1.cid)
+    netd_of(h2).run("DEL", c2.netns, c2.cid)
+    ref.run("DEL", r1.netns, r1.cid)
+    ref.run("DEL", r2.netns, r2.cid)
+    res["throughput_ratio"] = ratio(res["throughput_gbps"][containers]["median"],
+                                    res["throughput_gbps"][hosts]["median"])
+    return [c1.netns, c2.netns, r1.netns, r2.netns]

@@ -31,7 +31,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -46,16 +45,12 @@ from tests.bench.cni_bench import (
     REF_DIR,
     Plugin,
     Slot,
-    new_cid,
     sequential,
     summarize,
 )
 from tests.bench.common import (
     BenchError,
     LabSetup,
-    address_in,
-    iperf,
-    iperf_server,
     left_behind,
     log,
     mark,
@@ -63,6 +58,7 @@ from tests.bench.common import (
     ratio,
     reference_plugin,
     run_and_report,
+    throughput,
 )
 from tests.bench.common import netd_plugin as netd_plugin_of
 
@@ -113,37 +109,12 @@ def run(args: argparse.Namespace, setup: Setup, res: dict[str, Any]) -> None:
 
     # throughput: a container on each host (VLAN 100), two reference containers
     log(f"throughput: iperf3 TCP, {args.rounds} rounds of {args.seconds:g} s per path ...")
-    c1, c2 = Slot(setup.ns("tc1"), new_cid()), Slot(setup.ns("tc2"), new_cid())
-    r1, r2 = Slot(setup.ns("tr1"), new_cid()), Slot(setup.ns("tr2"), new_cid())
-    for slot in (c1, c2, r1, r2):
-        create_netns(slot.netns)
-    netd.run("ADD", c1.netns, c1.cid)
-    netd_plugin(h2).run("ADD", c2.netns, c2.cid)
-    ref.run("ADD", r1.netns, r1.cid)
-    ref.run("ADD", r2.netns, r2.cid)
-    setup.servers = [iperf_server(netns) for netns in (c2.netns, h2.netns, r2.netns)]
-    paths = {"containers across hosts (VLAN 100, ovs0 -> trunk -> ovs0)":
-             (c1.netns, address_in(c2.netns)),
-             "hosts across hosts (their ovs0 addresses, same bridges)":
-             (h1.netns, h2.address),
-             "for information: reference bridge, same host (kernel bridge)":
-             (r1.netns, address_in(r2.netns))}
-    got: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(args.rounds):
-        for name, (src, dst) in paths.items():
-            got[name].append(iperf(src, dst, args.seconds))
-    res["throughput_gbps"] = {name: {"rounds": v, "median": statistics.median(v)}
-                              for name, v in got.items()}
-    netd.run("DEL", c1.netns, c1.cid)
-    netd_plugin(h2).run("DEL", c2.netns, c2.cid)
-    ref.run("DEL", r1.netns, r1.cid)
-    ref.run("DEL", r2.netns, r2.cid)
-    names = list(paths)
-    res["throughput_ratio"] = ratio(res["throughput_gbps"][names[0]]["median"],
-                                    res["throughput_gbps"][names[1]]["median"])
+    made = throughput(setup, netd_plugin, ref, args, res,
+                      "containers across hosts (VLAN 100, ovs0 -> trunk -> ovs0)",
+                      "hosts across hosts (their ovs0 addresses, same bridges)")
 
-    left = left_behind([slot.netns for kind in (*slots.values(), [c1, c2, r1, r2])
-                        for slot in kind], (h1, h2))
+    left = left_behind([*(slot.netns for kind in slots.values() for slot in kind), *made],
+                       (h1, h2))
     if left:
         raise BenchError("left behind after the DELs: " + ", ".join(left[:10]))
 
