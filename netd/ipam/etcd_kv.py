@@ -46,6 +46,11 @@ TRANSIENT_TEXT = ("leader changed", "no leader", "timed out", "too many requests
                   "not capable", "stopped", "unhealthy cluster")
 
 
+#: etcd's answers when authentication is on and the credentials are missing or wrong
+AUTH_TEXT = ("user name is empty", "authentication failed", "permission denied",
+             "user name not found")
+
+
 class Retry(Exception):
     """This try failed in a way a new try may not: run the change again."""
 
@@ -189,8 +194,10 @@ class EtcdClient:
                                       "start etcd with a larger --max-txn-ops "
                                       "(docs/ETCD.md)") from None
                 if code in (grpc.StatusCode.PERMISSION_DENIED,
-                            grpc.StatusCode.UNAUTHENTICATED):
-                    raise Unavailable(f"etcd refused {what}: {text}") from None
+                            grpc.StatusCode.UNAUTHENTICATED) or any(
+                                t in text for t in AUTH_TEXT):
+                    raise Unavailable(f"etcd refused {what}: {text} (check the URL's user= "
+                                      "and password_file=, docs/ETCD.md)") from None
                 if not self.transient(exc):
                     if "compacted" in text or "future revision" in text:
                         raise Retry(text) from None  # a pinned revision gone or not there

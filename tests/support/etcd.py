@@ -73,6 +73,9 @@ class EtcdCluster:
     base: Path
     size: int = 3
     tag: str = "netd"
+    # TLS: (CA, server certificate, key) for the members; (certificate, key) of a client
+    tls: tuple[Path, Path, Path] | None = None
+    client_tls: tuple[Path, Path] | None = None
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,9 +94,13 @@ class EtcdCluster:
 
     def _argv(self, m: Member) -> list[str]:
         initial = ",".join(f"{x.name}=http://127.0.0.1:{x.peer_port}" for x in self.members)
-        return [ETCD, "--name", m.name, "--data-dir", str(m.data),
-                "--listen-client-urls", f"http://{m.endpoint}",
-                "--advertise-client-urls", f"http://{m.endpoint}",
+        scheme = "https" if self.tls else "http"
+        tls = [] if self.tls is None else [
+            "--trusted-ca-file", str(self.tls[0]), "--cert-file", str(self.tls[1]),
+            "--key-file", str(self.tls[2]), "--client-cert-auth"]
+        return [ETCD, "--name", m.name, "--data-dir", str(m.data), *tls,
+                "--listen-client-urls", f"{scheme}://{m.endpoint}",
+                "--advertise-client-urls", f"{scheme}://{m.endpoint}",
                 "--listen-peer-urls", f"http://127.0.0.1:{m.peer_port}",
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
                 "--initial-cluster", initial, "--initial-cluster-state", "new",
@@ -115,10 +122,14 @@ class EtcdCluster:
         return time.monotonic() - t0
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        from netd.ipam.etcd_kv import EtcdClient
+        from netd.ipam.etcd_kv import EtcdClient, Tls
 
+        tls = None
+        if self.tls is not None and self.client_tls is not None:
+            tls = Tls(self.tls[0].read_bytes(), self.client_tls[0].read_bytes(),
+                      self.client_tls[1].read_bytes())
         client = EtcdClient([m.endpoint for m in self.members if m.alive], timeout=1.0,
-                            budget=timeout)
+                            budget=timeout, tls=tls)
         try:
             deadline = time.monotonic() + timeout
             while True:
