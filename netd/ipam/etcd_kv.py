@@ -100,7 +100,7 @@ class EtcdClient:
 
     def __init__(self, endpoints: Sequence[str], *, tls: Tls | None = None,
                  user: str | None = None, password: str | None = None,
-                 timeout: float = 2.0, budget: float = 15.0) -> None:
+                 timeout: float = 1.0, budget: float = 15.0) -> None:
         if not endpoints:
             raise InvalidInput("etcd: no endpoint given")
         self.endpoints = list(endpoints)
@@ -241,9 +241,11 @@ class EtcdClient:
         """One etcd transaction, tried once; (succeeded, revision, responses)."""
         req = rpc.TxnRequest(compare=list(compares), success=list(success),
                              failure=list(failure))
+        # a big transaction (deleting a pool) may take longer than a point read
+        deadline = self.timeout + 0.001 * (len(req.compare) + len(req.success))
 
         def go(ch: grpc.Channel, md: Any) -> tuple[bool, int, Any]:
-            resp = rpc.KVStub(ch).Txn(req, timeout=self.timeout, metadata=md)
+            resp = rpc.KVStub(ch).Txn(req, timeout=deadline, metadata=md)
             return bool(resp.succeeded), int(resp.header.revision), resp.responses
 
         return self.call("transaction", go, retry=False)

@@ -78,7 +78,7 @@ class EtcdUrl:
     key: str | None = None
     user: str | None = None
     password_file: str | None = None
-    timeout: float = 2.0
+    timeout: float = 1.0
     history_days: int = 30
     quota_gb: float = 2.0  # etcd's --quota-backend-bytes (its default: 2 GiB)
 
@@ -119,7 +119,7 @@ def parse_etcd_url(url: str) -> EtcdUrl:
     if one.get("user") and not one.get("password_file"):
         raise InvalidInput("user= needs password_file=PATH (etcd authentication)")
     try:
-        timeout = float(one.get("timeout") or 2.0)
+        timeout = float(one.get("timeout") or 1.0)
         days = int(one.get("history_days") or 30)
         quota = float(one.get("quota_gb") or 2.0)
     except ValueError:
