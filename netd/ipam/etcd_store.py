@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from netd.errors import Conflict, InvalidInput, MacInUse, NetdError, Unavailable
@@ -529,7 +529,7 @@ class EtcdStore:
         self._shard_suffix = ("/" + self.shard).encode()
         self._leases: dict[int, int] = {}
         self._lease_lock = threading.Lock()
-        self._queue: list[_Pending] = []
+        self._queue: list[_Pending[Any]] = []
         self._queue_lock = threading.Condition()
         self._committing = False
 
@@ -557,7 +557,7 @@ class EtcdStore:
 
     # --- transactions -------------------------------------------------------------------
 
-    def _try(self, changes: list[_Pending], optimistic: bool) -> None:
+    def _try(self, changes: list[_Pending[Any]], optimistic: bool) -> None:
         """One :class:`Stm` try of every change (each behind a savepoint), committed."""
         stm = Stm(self.client, optimistic=optimistic, cache=self._known,
                   cacheable=self._cacheable)
@@ -576,9 +576,12 @@ class EtcdStore:
                 outcomes.append((False, exc))
         stm.commit()
         for p, (ok, value) in zip(changes, outcomes, strict=True):
-            p.ok, p.value = ok, value
+            if ok:
+                p.ok, p.value = True, value
+            else:
+                p.error = value
 
-    def _run(self, changes: list[_Pending]) -> None:
+    def _run(self, changes: list[_Pending[Any]]) -> None:
         deadline = time.monotonic() + self.client.budget
         tries = 0
         while True:
@@ -592,19 +595,19 @@ class EtcdStore:
                 if time.monotonic() > deadline:
                     err = Unavailable(f"etcd: gave up after {tries} tries ({exc})")
                     for p in changes:
-                        p.ok, p.value = False, err
+                        p.error = err
                     return
                 time.sleep(min(0.05, 0.002 * tries) * secrets.randbelow(1000) / 1000)
             except NetdError as exc:  # the store is down: every change fails with it
                 for p in changes:
-                    p.ok, p.value = False, exc
+                    p.error = exc
                 return
 
     def transact(self, change: Callable[[Any], T]) -> T:
         pending = _Pending(change)
         if not self.group_commit:
             self._run([pending])
-            return pending.result()  # type: ignore[no-any-return]
+            return pending.result()
         with self._queue_lock:
             self._queue.append(pending)
         while True:
@@ -612,7 +615,7 @@ class EtcdStore:
                 while not pending.done and self._committing:
                     self._queue_lock.wait()
                 if pending.done:
-                    return pending.result()  # type: ignore[no-any-return]
+                    return pending.result()
                 self._committing = True  # this thread commits what is queued
                 batch = self._queue[:self.max_batch]
                 self._queue = self._queue[self.max_batch:]
@@ -728,21 +731,22 @@ class EtcdStore:
         self.client.close()
 
 
-class _Pending:
+class _Pending(Generic[T]):
     """One change waiting for (or done by) a group commit."""
 
-    def __init__(self, change: Callable[[Any], Any]) -> None:
+    def __init__(self, change: Callable[[Any], T]) -> None:
         self.change = change
         self.done = False
         self.ok = False
-        self.value: Any = None
+        self.value: T | None = None
+        self.error: BaseException | None = None
 
-    def result(self) -> Any:  # the change's own type (transact is generic over it)
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
         if not self.ok:
-            if isinstance(self.value, BaseException):
-                raise self.value
             raise Unavailable("etcd: the change was not committed")
-        return self.value
+        return self.value  # type: ignore[return-value]  # T itself may be None
 
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore", "EtcdTxn", "EtcdUrl", "client_for",
