@@ -3,8 +3,10 @@
 Mutations are ``async def`` and call the synchronous :class:`~netd.ipam.service.IPAM`
 on the event loop for SQLite: each is one short store transaction and the store
 serialises writers, so a thread pool would only add latency. On a network store
-(etcd, ``store.network``) they run in the thread pool instead: the loop never
-waits on the network, and concurrent changes meet in the store's group commit.
+(etcd, ``store.network``) the loop never waits on the network: allocate and
+release hand their change to the store's committer thread and await it (its
+group commit gathers them, no thread per request); other mutations run in the
+thread pool.
 Small reads run in the thread pool (each thread has its own SQLite connection;
 WAL lets readers run beside the writer). Listings are paged and capped
 (:data:`~netd.ipam.service.MAX_PAGE`) and built where they cannot delay an
@@ -24,13 +26,15 @@ are mapped to it in :func:`_install_error_handlers` (and by the edge for
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
 import re
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +55,7 @@ from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from netd import __version__
-from netd.errors import InvalidInput, NetdError, PoolNotFound
+from netd.errors import InvalidInput, NetdError
 from netd.ipam import model
 from netd.ipam.listings import InThreads, Listings, alloc_out, res_out
 from netd.ipam.metrics import Metrics
@@ -441,19 +445,6 @@ def _block_out(b: model.Block, version: int) -> dict[str, Any]:
     return {"pool": b.pool, "cidr": f"{model.ip_str(version, b.lo)}/{b.prefix}", "host": b.host}
 
 
-def _pool_after_release(ipam: IPAM, a: model.Allocation) -> model.Pool:
-    """The pool of a just-released allocation, to describe it.
-
-    Another server on the same store may have deleted the pool since the
-    release committed; the release stands, so describe it as well as we can.
-    """
-    try:
-        return ipam.get_pool(a.pool)[0]
-    except PoolNotFound:
-        v6 = a.ip > 0xFFFFFFFF
-        return model.Pool(name=a.pool, cidr="::/128" if v6 else "0.0.0.0/32", gateway="")
-
-
 def _opt(value: str | None) -> str | None:
     """Empty query parameters mean 'no filter'."""
     return value or None
@@ -461,7 +452,7 @@ def _opt(value: str | None) -> str | None:
 
 # --- the ASGI edge: auth, body limit, latency, hot paths, last-resort 500 -------
 
-FastHandler = Callable[[Scope, bytes], Response | None]
+FastHandler = Callable[[Scope, bytes], Awaitable[Response | None]]
 
 
 class _Disconnected(Exception):
@@ -555,9 +546,8 @@ class _Edge:
 
     def __init__(self, app: ASGIApp, *, token: str | None, metrics: Metrics,
                  read_token: str | None = None, router: Router | None = None,
-                 fast: dict[str, FastHandler] | None = None, offload: bool = False) -> None:
+                 fast: dict[str, FastHandler] | None = None) -> None:
         self.app = app
-        self.offload = offload  # a network store: mutations in the thread pool
         self.token = token.encode() if token else None
         self.read_token = read_token.encode() if read_token else None
         self.metrics = metrics
@@ -663,8 +653,7 @@ class _Edge:
         handler = self.fast.get(scope["path"]) if method == "POST" else None
         if handler is not None:
             try:
-                response = (await run_in_threadpool(handler, scope, body) if self.offload
-                            else handler(scope, body))
+                response = await handler(scope, body)
             except Exception:
                 log.exception("unexpected error serving %s %s", method, scope["path"])
                 await self._internal_error(scope, receive, send)
@@ -685,12 +674,12 @@ def _is_json(scope: Scope) -> bool:
 
 
 def _fast_handler(
-    model_in: type[_In], op: Callable[[Any, str], dict[str, Any]],
+    model_in: type[_In], op: Callable[[Any, str], Awaitable[dict[str, Any]]],
     out: TypeAdapter[Any], metrics: Metrics,
 ) -> FastHandler:
     """A fast path for one POST route: only for requests the route would accept."""
 
-    def handler(scope: Scope, body: bytes) -> Response | None:
+    async def handler(scope: Scope, body: bytes) -> Response | None:
         if not _is_json(scope):
             return None
         raw_actor = _header(scope, b"x-netd-actor")
@@ -702,7 +691,7 @@ def _fast_handler(
         except ValueError:  # JSONDecodeError, UnicodeDecodeError, ValidationError
             return None
         try:
-            result = op(request, actor)
+            result = await op(request, actor)
         except NetdError as exc:
             return netd_error_response(exc, metrics)
         return Response(out.dump_json(out.validate_python(result)),
@@ -760,30 +749,37 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     # loop; a network store (etcd) waits on round trips, so mutations go to the thread
     # pool, where its group commit gathers them, and the loop keeps serving
     offload = bool(getattr(ipam.store, "network", False))
+    submit: Callable[[Callable[[Any], Any]], concurrent.futures.Future[Any]] | None = (
+        getattr(ipam.store, "submit", None) if offload else None)
 
     async def mutate(fn: Callable[[], T]) -> T:
         return await run_in_threadpool(fn) if offload else fn()
 
+    async def run(change: Callable[[Any], T]) -> T:
+        """One change of the hot operations: awaited from the store's committer when it
+        has one (etcd's group commit), else right here (SQLite)."""
+        if submit is not None:
+            return cast(T, await asyncio.wrap_future(submit(change)))
+        return await mutate(lambda: ipam.store.transact(change))
+
     # the hot operations, shared by the routes and the edge's fast path
-    def do_allocate(body: AllocateIn, actor: str) -> dict[str, Any]:
+    async def do_allocate(body: AllocateIn, actor: str) -> dict[str, Any]:
         req = AllocRequest(
             pool=body.pool, container_id=body.container_id, ifname=body.ifname,
             host=body.host, netns=body.netns, labels=body.labels, ip=body.ip,
             mac=body.mac, handle=body.handle,
         )
-        alloc, pool = ipam.allocate(req, actor=actor)
+        alloc, pool = await run(ipam.allocate_change(req, actor=actor))
         metrics.allocated(pool.name)
         return alloc_out(alloc, pool)
 
-    def do_release(body: ReleaseIn, actor: str) -> dict[str, Any]:
-        result = ipam.release(pool=body.pool, container_id=body.container_id,
-                              ifname=body.ifname, ip=body.ip, force=body.force, actor=actor)
-        pools: dict[str, model.Pool] = {}
+    async def do_release(body: ReleaseIn, actor: str) -> dict[str, Any]:
+        result = await run(ipam.release_change(
+            pool=body.pool, container_id=body.container_id, ifname=body.ifname, ip=body.ip,
+            force=body.force, actor=actor))
         out = []
         for a in result.released:
-            if a.pool not in pools:
-                pools[a.pool] = _pool_after_release(ipam, a)
-            out.append(alloc_out(a, pools[a.pool]))
+            out.append(alloc_out(a, result.pools[a.pool]))
             metrics.released(a.pool)
         return {"released": out, "message": result.message}
 
@@ -819,7 +815,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     )
     _install_error_handlers(app, metrics)
     app.add_middleware(_Edge, token=token, read_token=read_token, metrics=metrics,
-                       router=app.router, fast=fast, offload=offload)
+                       router=app.router, fast=fast)
 
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -944,12 +940,12 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     @app.post("/v1/allocate", response_model=Allocation, tags=["addresses"],
               responses=_MUTATION_ERRORS)
     async def allocate(body: AllocateIn, actor: Actor = "api") -> dict[str, Any]:
-        return await mutate(lambda: do_allocate(body, actor))
+        return await do_allocate(body, actor)
 
     @app.post("/v1/release", response_model=Released, tags=["addresses"],
               responses=_MUTATION_ERRORS)
     async def release(body: ReleaseIn, actor: Actor = "api") -> dict[str, Any]:
-        return await mutate(lambda: do_release(body, actor))
+        return await do_release(body, actor)
 
     @app.get("/v1/addresses", response_model=AddressList, tags=["addresses"],
              responses=_ERRORS)

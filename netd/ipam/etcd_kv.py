@@ -95,6 +95,17 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+class Stubs:
+    """One endpoint's channel and the etcd services on it."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.kv = rpc.KVStub(channel)
+        self.lease = rpc.LeaseStub(channel)
+        self.maintenance = rpc.MaintenanceStub(channel)
+        self.auth = rpc.AuthStub(channel)
+
+
 class EtcdClient:
     """Endpoints of one etcd cluster; thread-safe; every call with a deadline."""
 
@@ -109,16 +120,18 @@ class EtcdClient:
         self._tls = tls
         self._user, self._password = user, password
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[str, Stubs] = {}
         self._current = secrets.randbelow(len(self.endpoints))  # replicas spread out
         self._token: str | None = None
 
     # --- channels -----------------------------------------------------------------------
 
-    def _channel(self, endpoint: str) -> grpc.Channel:
+    def _channel(self, endpoint: str) -> Stubs:
+        """The endpoint's channel with its stubs, made once (a stub costs as much CPU
+        as a call: grpc registers every method with the channel)."""
         with self._lock:
-            ch = self._channels.get(endpoint)
-            if ch is None:
+            stubs = self._channels.get(endpoint)
+            if stubs is None:
                 opts = [("grpc.max_receive_message_length", 64 << 20),
                         ("grpc.keepalive_time_ms", 10_000),
                         ("grpc.keepalive_timeout_ms", 3_000),
@@ -130,8 +143,8 @@ class EtcdClient:
                     ch = grpc.secure_channel(endpoint, creds, options=opts)
                 else:
                     ch = grpc.insecure_channel(endpoint, options=opts)
-                self._channels[endpoint] = ch
-            return ch
+                stubs = self._channels[endpoint] = Stubs(ch)
+            return stubs
 
     def _endpoint(self) -> str:
         with self._lock:
@@ -146,17 +159,15 @@ class EtcdClient:
         if self._user is None:
             return None
         if self._token is None:
-            stub = rpc.AuthStub(self._channel(endpoint))
-            resp = stub.Authenticate(rpc.AuthenticateRequest(name=self._user,
-                                                             password=self._password or ""),
-                                     timeout=self.timeout)
+            req = rpc.AuthenticateRequest(name=self._user, password=self._password or "")
+            resp = self._channel(endpoint).auth.Authenticate(req, timeout=self.timeout)
             self._token = str(resp.token)
         return (("token", self._token),)
 
     def close(self) -> None:
         with self._lock:
-            for ch in self._channels.values():
-                ch.close()
+            for stubs in self._channels.values():
+                stubs.channel.close()
             self._channels.clear()
 
     # --- calls --------------------------------------------------------------------------
@@ -167,9 +178,9 @@ class EtcdClient:
         text = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
         return code in TRANSIENT or any(t in text for t in TRANSIENT_TEXT)
 
-    def call(self, what: str, fn: Callable[[grpc.Channel, Any], T], *,
+    def call(self, what: str, fn: Callable[[Stubs, Any], T], *,
              retry: bool = True) -> T:
-        """``fn(channel, metadata)`` on the current endpoint; on a transient failure the
+        """``fn(stubs, metadata)`` on the current endpoint; on a transient failure the
         next endpoint, with backoff, until the budget is spent. ``retry=False`` (a
         commit): one try, and a transient failure is :class:`Retry` (it may have
         committed; the caller's next try finds out)."""
@@ -180,38 +191,53 @@ class EtcdClient:
             try:
                 return fn(self._channel(endpoint), self._metadata(endpoint))
             except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                text = (exc.details() if hasattr(exc, "details") else "") or ""
-                if code == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in text:
-                    self._token = None  # expired: authenticate again
-                    if time.monotonic() < deadline:
-                        continue
-                if "database space exceeded" in text:
-                    raise Unavailable("etcd is out of space (its quota is reached): compact "
-                                      "and defragment it (docs/ETCD.md)") from None
-                if "too many operations" in text:
-                    raise Unavailable("etcd refused a transaction with too many operations: "
-                                      "start etcd with a larger --max-txn-ops "
-                                      "(docs/ETCD.md)") from None
-                if code in (grpc.StatusCode.PERMISSION_DENIED,
-                            grpc.StatusCode.UNAUTHENTICATED) or any(
-                                t in text for t in AUTH_TEXT):
-                    raise Unavailable(f"etcd refused {what}: {text} (check the URL's user= "
-                                      "and password_file=, docs/ETCD.md)") from None
-                if not self.transient(exc):
-                    if "compacted" in text or "future revision" in text:
-                        raise Retry(text) from None  # a pinned revision gone or not there
-                    raise Unavailable(f"etcd {what} failed: {text or code}") from None
-                self._next_endpoint(endpoint)
-                if not retry:
-                    raise Retry(f"{what} on {endpoint}: {text or code}") from None
+                if self._failed(what, endpoint, exc, retry=retry) and (
+                        time.monotonic() < deadline):
+                    continue  # a new token: at once
                 if time.monotonic() + delay > deadline:
                     raise Unavailable(f"etcd unreachable ({', '.join(self.endpoints)}): "
-                                      f"{what}: {text or code}") from None
+                                      f"{what}: {self._text(exc)}") from None
                 log.debug("etcd %s on %s failed (%s); trying again", what, endpoint,
-                          text or code)
+                          self._text(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
+
+    @staticmethod
+    def _text(exc: grpc.RpcError) -> str:
+        code = exc.code() if hasattr(exc, "code") else None
+        text = (exc.details() if hasattr(exc, "details") else "") or ""
+        return text or str(code)
+
+    def _failed(self, what: str, endpoint: str, exc: grpc.RpcError, *, retry: bool) -> bool:
+        """Raise what a failed call means to the caller, or return when another try may
+        succeed (True: at once, with a new token; False: after a backoff, at the next
+        endpoint). Without ``retry`` (a commit) a transient failure is :class:`Retry`."""
+        code = exc.code() if hasattr(exc, "code") else None
+        text = (exc.details() if hasattr(exc, "details") else "") or ""
+        if code == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in text:
+            self._token = None  # expired: authenticate again
+            if not retry:
+                raise Retry(f"{what}: the auth token expired") from None
+            return True
+        if "database space exceeded" in text:
+            raise Unavailable("etcd is out of space (its quota is reached): compact "
+                              "and defragment it (docs/ETCD.md)") from None
+        if "too many operations" in text:
+            raise Unavailable("etcd refused a transaction with too many operations: "
+                              "start etcd with a larger --max-txn-ops "
+                              "(docs/ETCD.md)") from None
+        if code in (grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED) or any(t in text for t in AUTH_TEXT):
+            raise Unavailable(f"etcd refused {what}: {text} (check the URL's user= "
+                              "and password_file=, docs/ETCD.md)") from None
+        if not self.transient(exc):
+            if "compacted" in text or "future revision" in text:
+                raise Retry(text) from None  # a pinned revision gone or not there
+            raise Unavailable(f"etcd {what} failed: {text or code}") from None
+        self._next_endpoint(endpoint)
+        if not retry:
+            raise Retry(f"{what} on {endpoint}: {text or code}") from None
+        return False
 
     def range(self, key: bytes, end: bytes | None = None, *, revision: int = 0,
               limit: int = 0, descending: bool = False, keys_only: bool = False,
@@ -228,8 +254,8 @@ class EtcdClient:
             req.sort_target = (rpc.RangeRequest.CREATE if by_create
                                else rpc.RangeRequest.KEY)
 
-        def go(ch: grpc.Channel, md: Any) -> RangeResult:
-            resp = rpc.KVStub(ch).Range(req, timeout=self.timeout, metadata=md)
+        def go(stubs: Stubs, md: Any) -> RangeResult:
+            resp = stubs.kv.Range(req, timeout=self.timeout, metadata=md)
             return RangeResult([Kv(kv.key, kv.value, kv.mod_revision, kv.create_revision,
                                    kv.lease) for kv in resp.kvs],
                                int(resp.header.revision), bool(resp.more), int(resp.count))
@@ -239,40 +265,57 @@ class EtcdClient:
     def txn(self, compares: Iterable[Any], success: Iterable[Any],
             failure: Iterable[Any] = ()) -> tuple[bool, int, Any]:
         """One etcd transaction, tried once; (succeeded, revision, responses)."""
+        return self.txn_start(compares, success, failure)()
+
+    def txn_start(self, compares: Iterable[Any], success: Iterable[Any],
+                  failure: Iterable[Any] = ()) -> Callable[[], tuple[bool, int, Any]]:
+        """Send one etcd transaction; the function returned waits for its answer
+        (:meth:`txn`'s), so that the caller prepares the next one meanwhile."""
         req = rpc.TxnRequest(compare=list(compares), success=list(success),
                              failure=list(failure))
         # a big transaction (deleting a pool) may take longer than a point read
         deadline = self.timeout + 0.001 * (len(req.compare) + len(req.success))
+        endpoint = self._endpoint()
+        try:
+            future = self._channel(endpoint).kv.Txn.future(
+                req, timeout=deadline, metadata=self._metadata(endpoint))
+        except grpc.RpcError as exc:
+            self._failed("transaction", endpoint, exc, retry=False)
+            raise Retry(f"transaction on {endpoint}: {self._text(exc)}") from None
 
-        def go(ch: grpc.Channel, md: Any) -> tuple[bool, int, Any]:
-            resp = rpc.KVStub(ch).Txn(req, timeout=deadline, metadata=md)
+        def answer() -> tuple[bool, int, Any]:
+            try:
+                resp = future.result()
+            except grpc.RpcError as exc:
+                self._failed("transaction", endpoint, exc, retry=False)
+                raise Retry(f"transaction on {endpoint}: {self._text(exc)}") from None
             return bool(resp.succeeded), int(resp.header.revision), resp.responses
 
-        return self.call("transaction", go, retry=False)
+        return answer
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         req = rpc.PutRequest(key=key, value=value, lease=lease)
-        return self.call("put", lambda ch, md: int(rpc.KVStub(ch).Put(
+        return self.call("put", lambda stubs, md: int(stubs.kv.Put(
             req, timeout=self.timeout, metadata=md).header.revision))
 
     def delete_range(self, key: bytes, end: bytes | None = None) -> int:
         req = rpc.DeleteRangeRequest(key=key, range_end=end or b"")
-        return self.call("delete", lambda ch, md: int(rpc.KVStub(ch).DeleteRange(
+        return self.call("delete", lambda stubs, md: int(stubs.kv.DeleteRange(
             req, timeout=self.timeout, metadata=md).deleted))
 
     def lease_grant(self, ttl: int) -> int:
         req = rpc.LeaseGrantRequest(TTL=ttl)
-        return self.call("lease grant", lambda ch, md: int(rpc.LeaseStub(ch).LeaseGrant(
+        return self.call("lease grant", lambda stubs, md: int(stubs.lease.LeaseGrant(
             req, timeout=self.timeout, metadata=md).ID))
 
     def status(self, endpoint: str) -> Any:
         """One member's status (db size, leader, raft index): for checks and warnings."""
-        return rpc.MaintenanceStub(self._channel(endpoint)).Status(
+        return self._channel(endpoint).maintenance.Status(
             rpc.StatusRequest(), timeout=self.timeout, metadata=self._metadata(endpoint))
 
     def compact(self, revision: int) -> None:
         req = rpc.CompactionRequest(revision=revision, physical=True)
-        self.call("compact", lambda ch, md: rpc.KVStub(ch).Compact(
+        self.call("compact", lambda stubs, md: stubs.kv.Compact(
             req, timeout=max(self.timeout, 30.0), metadata=md))
 
 
@@ -298,6 +341,9 @@ def nothing_newer(start: bytes, end: bytes, revision: int) -> Any:
                        target=rpc.Compare.MOD, mod_revision=revision + 1)
 
 
+Write = tuple[bytes, int] | None  # (value, lease), or None: a delete
+
+
 @dataclass
 class Stm:
     """One try of an optimistic transaction: reads at one revision, writes buffered."""
@@ -316,11 +362,31 @@ class Stm:
     #: keys taken as absent unread: even a try that writes nothing must verify them
     assumed: set[bytes] = field(default_factory=set)
     ranges: list[tuple[bytes, bytes]] = field(default_factory=list)
-    writes: dict[bytes, tuple[bytes, int] | None] = field(default_factory=dict)
+    writes: dict[bytes, Write] = field(default_factory=dict)
+    #: keys known to be absent on the server at ``revision`` (read so, compared so, or
+    #: known by the caller): deleting one that this try put sends nothing
+    absent: set[bytes] = field(default_factory=set)
+    #: (key, whether it had a write, that write) before every write: a savepoint is a
+    #: place in it
+    journal: list[tuple[bytes, bool, Write]] = field(default_factory=list)
     # what the server answered at ``revision`` (it cannot change: reads are pinned)
     values: dict[bytes, bytes | None] = field(default_factory=dict)
     answers: dict[tuple[bytes, bytes, bool], tuple[int, RangeResult]] = field(
         default_factory=dict)
+    #: a try still committing that this one builds on (:meth:`on_top_of`): its writes are
+    #: read as done, and this one commits only after it, compared against its revision
+    parent: Stm | None = None
+    #: keys this try read from the parent's writes
+    from_parent: set[bytes] = field(default_factory=set)
+
+    @classmethod
+    def on_top_of(cls, parent: Stm) -> Stm:
+        """A try that reads as if ``parent`` had committed (it is on the wire): the
+        next group commit is prepared while the one before waits for its answer."""
+        # its own revision, not the parent's: the parent may itself be built on one
+        # that has committed since, whose writes only the server has
+        return cls(parent.client, optimistic=True, cache=parent.cache,
+                   cacheable=parent.cacheable, parent=parent)
 
     def _pin(self, result: RangeResult) -> None:
         if not self.revision:
@@ -330,7 +396,16 @@ class Stm:
         if key in self.writes:
             w = self.writes[key]
             return None if w is None else w[0]
+        parent = self.parent
+        if parent is not None and key in parent.writes:  # as the parent leaves it
+            w = parent.writes[key]
+            self.from_parent.add(key)
+            return None if w is None else w[0]
         if key in self.values:
+            return self.values[key]
+        if parent is not None and key in parent.values and key in parent.seen:
+            self.seen.setdefault(key, parent.seen[key])  # as the parent read it
+            self.values[key] = parent.values[key]
             return self.values[key]
         if self.optimistic and self.cache is not None and key in self.cache:
             value, mod = self.cache[key]
@@ -342,6 +417,8 @@ class Stm:
         kv = got.kvs[0] if got.kvs else None
         self.seen.setdefault(key, kv.mod if kv else 0)
         self.values[key] = kv.value if kv else None
+        if kv is None:
+            self.absent.add(key)
         self._remember(key, self.values[key], kv.mod if kv else 0)
         return self.values[key]
 
@@ -361,9 +438,11 @@ class Stm:
                                 descending=descending)
         self._pin(got)
         self.answers[(start, end, descending)] = (limit, got)
+        theirs = self.parent.writes if self.parent is not None else {}
         for kv in got.kvs:
-            self.seen.setdefault(kv.key, kv.mod)
-            self.values.setdefault(kv.key, kv.value)
+            if kv.key not in theirs:  # those are read as the parent leaves them
+                self.seen.setdefault(kv.key, kv.mod)
+                self.values.setdefault(kv.key, kv.value)
         return got
 
     def range(self, start: bytes, end: bytes, *, limit: int = 0,
@@ -371,8 +450,12 @@ class Stm:
         """Keys in [start, end) in key order (``descending``: reversed), this try's own
         writes included; the part of the range the answer depends on is recorded."""
         mine = {k: w for k, w in self.writes.items() if start <= k < end}
+        if self.parent is not None:  # its writes as done, under this try's own
+            mine = {**{k: w for k, w in self.parent.writes.items() if start <= k < end},
+                    **mine}
         # only deleted keys the server has can push others into the answer
-        gone = sum(1 for k, w in mine.items() if w is None and self.seen.get(k))
+        gone = sum(1 for k, w in mine.items() if w is None and (
+            self.seen.get(k) or self.parent is not None))
         ask = limit + gone if limit else 0
         got = self._server_range(start, end, ask, descending)
         if limit and len(got.kvs) > ask:
@@ -396,60 +479,126 @@ class Stm:
             keys = keys[:limit]
         return [(k, merged[k]) for k in keys]
 
-    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
-        self.writes[key] = (value, lease)
+    def _write(self, key: bytes, w: Write, *, drop: bool = False) -> None:
+        """Buffer ``w`` (None: a delete) for ``key``; ``drop``: no write at all."""
+        self.journal.append((key, key in self.writes, self.writes.get(key)))
+        if drop:
+            self.writes.pop(key, None)
+        else:
+            self.writes[key] = w
+
+    def put(self, key: bytes, value: bytes, lease: int = 0, *, absent: bool = False) -> None:
+        """Buffer a write; ``absent``: the caller knows the key is not on the server (a
+        range's new start inside the old range it replaces), so a later delete of it in
+        this try sends nothing."""
+        if absent:
+            self.absent.add(key)
+        self._write(key, (value, lease))
 
     def expect_absent(self, key: bytes) -> None:
         """Commit only if ``key`` is still absent, without reading it now."""
         if key not in self.writes:
             self.seen.setdefault(key, 0)
             self.assumed.add(key)
+            self.absent.add(key)
 
     def get_or_assume_absent(self, key: bytes) -> bytes | None:
         """:meth:`get`, except on an optimistic try: None, compared at the commit. For
         keys that are almost always absent (a new owner, a new MAC): one read fewer."""
         if (self.optimistic and key not in self.writes and key not in self.values
-                and self.seen.get(key, 0) == 0):
+                and self.seen.get(key, 0) == 0
+                and (self.parent is None or key not in self.parent.writes)):
             self.expect_absent(key)
             return None
         return self.get(key)
 
     def delete(self, key: bytes) -> None:
-        self.writes[key] = None
+        self._write(key, None, drop=key in self.absent)
 
-    def savepoint(self) -> dict[bytes, tuple[bytes, int] | None]:
-        return dict(self.writes)
+    def savepoint(self) -> int:
+        return len(self.journal)
 
-    def rollback_to(self, point: dict[bytes, tuple[bytes, int] | None]) -> None:
-        self.writes = point
+    def rollback_to(self, point: int) -> None:
+        """Undo the writes made since :meth:`savepoint` (a batch's failed change alone)."""
+        while len(self.journal) > point:
+            key, had, before = self.journal.pop()
+            if had:
+                self.writes[key] = before
+            else:
+                self.writes.pop(key, None)
 
     def commit(self) -> int:
         """The one etcd transaction; :class:`Conflict` when something moved, the commit's
         revision otherwise (nothing written: the read revision)."""
-        if not self.writes and not self.assumed and not (
+        request = self.request()
+        if request is None:
+            return self.revision  # what it read was read at one revision: nothing to check
+        try:
+            answer = self.client.txn(*request)
+        except Retry:
+            self.lost()
+            raise
+        return self.finish(answer)
+
+    def request(self, parent_revision: int = 0) -> tuple[list[Any], list[Any]] | None:
+        """The transaction's compares and operations (None: nothing to commit). On top of
+        a parent: once the parent committed at ``parent_revision``, whose writes this try
+        read as done; they are compared at that revision, the rest as read."""
+        parent = self.parent
+        if parent is None and not self.writes and not self.assumed and not (
                 self.optimistic and self.cache is not None
                 and any(k in self.cache for k in self.seen)):
-            return self.revision  # what it read was read at one revision: nothing to check
-        compares = [mod_equals(k, m) for k, m in self.seen.items()]
+            return None
+        theirs: dict[bytes, Write] = {}
+        if parent is not None:
+            if not parent_revision:
+                raise ValueError("a try on top of a parent commits after it")
+            theirs = parent.writes
+        # what this try read of the parent's writes: as the parent left it, or gone
+        used = set(self.from_parent)
+        compares = []
+        for k, m in self.seen.items():
+            if k in theirs:
+                used.add(k)
+            else:
+                compares.append(mod_equals(k, m))
+        range_compares = []
         if self.revision:
-            compares += [nothing_newer(s, e, self.revision) for s, e in self.ranges]
+            for s, e in self.ranges:
+                inside = sorted(k for k in theirs if s <= k < e)
+                used.update(inside)
+                # and nothing else there changed since this try read it
+                for lo, hi in zip([s, *(k + b"\0" for k in inside)], [*inside, e],
+                                  strict=True):
+                    if lo < hi:
+                        range_compares.append(nothing_newer(lo, hi, self.revision))
+        compares += [mod_equals(k, 0 if theirs[k] is None else parent_revision)
+                     for k in sorted(used)]
+        compares += range_compares
         ops = [delete_op(k) if w is None else put_op(k, w[0], w[1])
                for k, w in self.writes.items()]
-        try:
-            ok, revision, _ = self.client.txn(compares, ops)
-        except Retry:
-            if self.cache is not None:
-                for k in self.writes:
-                    self.cache.pop(k, None)
-            raise
+        return compares, ops
+
+    def finish(self, answer: tuple[bool, int, Any]) -> int:
+        """What the transaction's answer means: its revision, or :class:`Conflict`."""
+        ok, revision, _ = answer
         if not ok:
             if self.cache is not None:  # what it assumed may be stale: forget it
                 for k in self.seen:
+                    self.cache.pop(k, None)
+                for k in self.from_parent:
                     self.cache.pop(k, None)
             raise Conflict("changed meanwhile")
         for k, w in self.writes.items():
             self._remember(k, None if w is None else w[0], 0 if w is None else revision)
         return revision
+
+    def lost(self) -> None:
+        """The commit's answer did not come (it may have committed): forget what it
+        wrote from the cache."""
+        if self.cache is not None:
+            for k in self.writes:
+                self.cache.pop(k, None)
 
 
 def read_file(path: str | None, what: str) -> bytes | None:

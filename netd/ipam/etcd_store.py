@@ -22,7 +22,7 @@ whole pool:
 ``host/HOST/POOL/IP``                 the allocation again, by host
 ``res/POOL/LO``, ``reshandle/P/H``    reservations, and by handle
 ``block/POOL/LO``, ``blockhost/...``  BGP host blocks, and by host
-``ev/TXN/N`` (+ ``evpool``, ``evip``,  the history, each event under a lease of its
+``evpool/POOL/TXN/N`` (+ ``evip``,   the history, each event under a lease of its
 ``evspan``)                           day: etcd drops it after ``history_days``
 ====================================  ============================================
 
@@ -41,16 +41,19 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from netd.errors import Conflict, InvalidInput, MacInUse, NetdError, Unavailable
+from netd.ipam.etcd_kv import Conflict as CommitConflict
 from netd.ipam.etcd_kv import EtcdClient, Retry, Stm, Tls, prefix_end, read_file
 from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
 from netd.ipam.store import event_span as _span
@@ -167,6 +170,23 @@ def _block(raw: bytes) -> Block:
     return Block(**json.loads(raw))
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote(safe="") leaves as it is
+
+
+def _q(part: str) -> str:
+    """A key component, percent-quoted (most are hex or plain names: kept, fast)."""
+    return part if _PLAIN.fullmatch(part) else quote(part, safe="")
+
+
+def _alloc_doc(a: Allocation) -> bytes:
+    doc = {f: getattr(a, f) for f in _ALLOC_FIELDS}
+    doc["allowed"] = list(a.allowed)
+    return _j(doc)
+
+
+_ALLOC_FIELDS = tuple(f.name for f in dataclasses.fields(Allocation))
+
+
 def _ts(ts: float) -> str:
     return f"{ts:017.6f}"
 
@@ -180,7 +200,7 @@ class EtcdTxn:
         self.n_events = 0
 
     def k(self, *parts: str) -> bytes:
-        return (self.store.prefix + "/".join(quote(p, safe="") for p in parts)).encode()
+        return (self.store.prefix + "/".join(_q(p) for p in parts)).encode()
 
     def _range(self, *parts: str, start: str | None = None, end: str | None = None,
                limit: int = 0, descending: bool = False) -> list[tuple[bytes, bytes]]:
@@ -196,7 +216,7 @@ class EtcdTxn:
     # pools
     def get_pool(self, name: str) -> Pool | None:
         raw = self.stm.get(self.k("pool", name))
-        return Pool.from_dict(json.loads(raw)) if raw else None
+        return self.store.parse_pool(raw) if raw else None
 
     def list_pools(self) -> list[Pool]:
         return [Pool.from_dict(json.loads(v)) for _, v in self._range("pool")]
@@ -293,9 +313,11 @@ class EtcdTxn:
             return
         self.del_free(pool, lo)
         # the range's new start lies inside the old one: nobody else has a key there
-        # without having changed the old one too (which the commit compares)
-        self.stm.put(self.k("free", pool, key(new_lo)), _j({"hi": key(old[2]), "space": old[0]}))
-        self.stm.put(self.k("freesp", pool, old[0], key(new_lo)), b"")
+        # without having changed the old one too (which the commit compares); so when
+        # the next allocation of the same batch shrinks it again, nothing is sent for it
+        self.stm.put(self.k("free", pool, key(new_lo)), _j({"hi": key(old[2]), "space": old[0]}),
+                     absent=True)
+        self.stm.put(self.k("freesp", pool, old[0], key(new_lo)), b"", absent=True)
 
     # released
     def oldest_released(
@@ -390,9 +412,7 @@ class EtcdTxn:
                                                 a.pool)) is not None:
             raise Conflict(f"{a.container_id}/{a.ifname} already holds an address of pool "
                            f"{a.pool!r}")
-        doc = dataclasses.asdict(a)
-        doc["allowed"] = list(a.allowed)
-        raw = _j(doc)
+        raw = _alloc_doc(a)
         self.stm.put(self.k("alloc", a.pool, ip), raw)
         self.stm.put(self.k("owner", a.container_id, a.ifname, a.pool), ip.encode())
         self.stm.put(self.k("mac", a.mac), f"{a.pool}/{ip}".encode())
@@ -491,8 +511,7 @@ class EtcdTxn:
         lease = self.store.history_lease()
         doc = _j({**e.to_dict(), "id": 0})
         name = f"{n:03d}"
-        self.stm.put(self.k("ev", self.txn_id, name), doc, lease)
-        self.stm.put(self.k("evpool", e.pool, self.txn_id, name), doc, lease)
+        self.stm.put(self.k("evpool", e.pool, self.txn_id, name), doc, lease)  # all: evpool/
         span = _span(e.ip)
         if span is None:
             try:
@@ -527,11 +546,24 @@ class EtcdStore:
         self._known: dict[bytes, tuple[bytes | None, int]] = {}
         self._pool_prefix = (self.prefix + "pool/").encode()
         self._shard_suffix = ("/" + self.shard).encode()
+        self._parsed: dict[bytes, Pool] = {}
         self._leases: dict[int, int] = {}
         self._lease_lock = threading.Lock()
         self._queue: list[_Pending[Any]] = []
         self._queue_lock = threading.Condition()
-        self._committing = False
+        self._committer: threading.Thread | None = None
+        self._closed = False
+
+    def parse_pool(self, raw: bytes) -> Pool:
+        """The pool a stored value holds; parsed once per value (every change reads its
+        pool, and a Pool is immutable)."""
+        pool = self._parsed.get(raw)
+        if pool is None:
+            pool = Pool.from_dict(json.loads(raw))
+            if len(self._parsed) > 1024:
+                self._parsed.clear()
+            self._parsed[raw] = pool
+        return pool
 
     def _cacheable(self, k: bytes) -> bool:
         return k.startswith(self._pool_prefix) or k.endswith(self._shard_suffix)
@@ -557,10 +589,13 @@ class EtcdStore:
 
     # --- transactions -------------------------------------------------------------------
 
-    def _try(self, changes: list[_Pending[Any]], optimistic: bool) -> None:
-        """One :class:`Stm` try of every change (each behind a savepoint), committed."""
-        stm = Stm(self.client, optimistic=optimistic, cache=self._known,
-                  cacheable=self._cacheable)
+    def _stm(self, optimistic: bool) -> Stm:
+        return Stm(self.client, optimistic=optimistic, cache=self._known,
+                   cacheable=self._cacheable)
+
+    def _execute(self, changes: list[_Pending[Any]], stm: Stm) -> _Try:
+        """Every change on ``stm``, each behind a savepoint (one that fails is undone
+        alone, its error its own); :class:`Retry` from a read ends the try."""
         tx = EtcdTxn(self, stm)
         outcomes: list[tuple[bool, Any]] = []
         for p in changes:
@@ -570,24 +605,22 @@ class EtcdStore:
                 outcomes.append((True, p.change(tx)))
             except Retry:
                 raise
-            except Exception as exc:  # this change alone is undone; the error is its own
+            except Exception as exc:
                 stm.rollback_to(point)
                 tx.n_events = events
                 outcomes.append((False, exc))
-        stm.commit()
-        for p, (ok, value) in zip(changes, outcomes, strict=True):
-            if ok:
-                p.ok, p.value = True, value
-            else:
-                p.error = value
+        return _Try(changes, stm, outcomes)
 
-    def _run(self, changes: list[_Pending[Any]]) -> None:
+    def _run(self, changes: list[_Pending[Any]], *, optimistic: bool = True) -> None:
+        """Tries until one commits (or the budget is spent), each on fresh reads."""
         deadline = time.monotonic() + self.client.budget
         tries = 0
         while True:
             tries += 1
             try:
-                self._try(changes, optimistic=tries == 1)
+                t = self._execute(changes, self._stm(optimistic and tries == 1))
+                t.stm.commit()
+                t.record()
                 return
             except Retry as exc:
                 if "lease" in str(exc):
@@ -603,30 +636,123 @@ class EtcdStore:
                     p.error = exc
                 return
 
-    def transact(self, change: Callable[[Any], T]) -> T:
-        pending = _Pending(change)
-        if not self.group_commit:
-            self._run([pending])
-            return pending.result()
+    def submit(self, change: Callable[[Any], T]) -> Future[T]:
+        """Queue ``change`` for the next group commit; its future has the result. The
+        API awaits it (``asyncio.wrap_future``): no thread waits per request."""
+        future: Future[T] = Future()
         with self._queue_lock:
-            self._queue.append(pending)
+            if self._closed:
+                raise Unavailable("etcd: the store is closed")
+            self._queue.append(_Pending(change, future))
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop,
+                                                   name="etcd-commit", daemon=True)
+                self._committer.start()
+            self._queue_lock.notify()
+        return future
+
+    def transact(self, change: Callable[[Any], T]) -> T:
+        return self.submit(change).result()
+
+    def _commit_loop(self) -> None:
+        """The committer. What is queued while a commit is on the wire goes together in
+        the next one (``max_batch`` at most; 1 without group commit), and that one is
+        prepared meanwhile, on top of the one on the wire (:meth:`Stm.on_top_of`): it
+        is sent when the answer comes, compared against the revision it names, or
+        run again from scratch when the one before it failed."""
+        most = self.max_batch if self.group_commit else 1
+        flying: tuple[_Try, Callable[[], tuple[bool, int, Any]]] | None = None
         while True:
             with self._queue_lock:
-                while not pending.done and self._committing:
+                while flying is None and not self._queue and not self._closed:
                     self._queue_lock.wait()
-                if pending.done:
-                    return pending.result()
-                self._committing = True  # this thread commits what is queued
-                batch = self._queue[:self.max_batch]
-                self._queue = self._queue[self.max_batch:]
+                if flying is None and self._closed and not self._queue:
+                    return
+                batch, self._queue = self._queue[:most], self._queue[most:]
             try:
-                self._run(batch)
-            finally:
-                with self._queue_lock:
-                    for p in batch:
-                        p.done = True
-                    self._committing = False
-                    self._queue_lock.notify_all()
+                if flying is None:
+                    flying = self._launch(batch)
+                    continue
+                t, answer = flying
+                flying = None
+                child = self._prepare(batch, t.stm) if batch else None
+                revision = self._land(t, answer)
+                if child is None or revision is None:
+                    if batch:  # not prepared, or on a parent that failed: again, first
+                        with self._queue_lock:
+                            self._queue[:0] = batch
+                    continue
+                flying = self._send(child, revision)
+            except BaseException as exc:  # a bug: every change in hand hears of it
+                log.exception("etcd: a group commit failed")
+                for p in batch + (flying[0].changes if flying else []):
+                    if not p.future.done():
+                        p.error = p.error or exc
+                        _resolve([p])
+                flying = None
+
+    def _launch(self, batch: list[_Pending[Any]]
+                ) -> tuple[_Try, Callable[[], tuple[bool, int, Any]]] | None:
+        """Execute ``batch`` and send its commit (None: done already, or run the slow
+        way)."""
+        try:
+            t = self._execute(batch, self._stm(True))
+            request = t.stm.request()
+            if request is None:  # read only: nothing to commit
+                t.record()
+                _resolve(batch)
+                return None
+            return t, self.client.txn_start(*request)
+        except Retry:
+            self._run(batch, optimistic=False)
+        except NetdError as exc:
+            for p in batch:
+                p.error = exc
+        _resolve(batch)
+        return None
+
+    def _prepare(self, batch: list[_Pending[Any]], parent: Stm) -> _Try | None:
+        """``batch`` executed as if ``parent`` had committed (None: it could not be)."""
+        try:
+            return self._execute(batch, Stm.on_top_of(parent))
+        except (Retry, NetdError):
+            return None
+
+    def _land(self, t: _Try, answer: Callable[[], tuple[bool, int, Any]]) -> int | None:
+        """The answer of a commit on the wire: its revision, its changes' results
+        given; None when it failed (its changes are then run again the slow way)."""
+        try:
+            revision = t.stm.finish(answer())
+        except Retry as exc:
+            if not isinstance(exc, CommitConflict):
+                t.stm.lost()
+            if "lease" in str(exc):
+                self.forget_leases()
+            self._run(t.changes, optimistic=False)
+            _resolve(t.changes)
+            return None
+        except NetdError as exc:
+            for p in t.changes:
+                p.error = exc
+            _resolve(t.changes)
+            return None
+        t.record()
+        _resolve(t.changes)
+        return revision
+
+    def _send(self, child: _Try, parent_revision: int
+              ) -> tuple[_Try, Callable[[], tuple[bool, int, Any]]] | None:
+        request = child.stm.request(parent_revision)
+        assert request is not None  # a try on top of another always commits
+        try:
+            return child, self.client.txn_start(*request)
+        except Retry:
+            self._run(child.changes, optimistic=False)
+        except NetdError as exc:
+            for p in child.changes:
+                p.error = exc
+        _resolve(child.changes)
+        return None
 
     @contextmanager
     def write(self) -> Iterator[EtcdTxn]:
@@ -654,8 +780,8 @@ class EtcdStore:
             spans = [kv for kv in self._events_under(p + b"evspan/", None, 0)
                      if self._covers(kv[0], p, int(ipk, 16))]
         else:
-            bases = [p + (b"evpool/" + quote(pool, safe="").encode() + b"/" if pool
-                          else b"ev/")]
+            bases = [p + b"evpool/" + (quote(pool, safe="").encode() + b"/" if pool
+                                       else b"")]
             spans = []
         evs = spans
         for base in bases:
@@ -728,25 +854,52 @@ class EtcdStore:
         return stop
 
     def close(self) -> None:
+        with self._queue_lock:
+            self._closed = True
+            self._queue_lock.notify_all()
+            committer = self._committer
+        if committer is not None and committer is not threading.current_thread():
+            committer.join(self.client.budget + 5)
         self.client.close()
+
+
+@dataclass
+class _Try:
+    """A batch executed on one :class:`Stm`: each change's outcome, not yet committed."""
+
+    changes: list[_Pending[Any]]
+    stm: Stm
+    outcomes: list[tuple[bool, Any]]
+
+    def record(self) -> None:
+        """It committed: each change's outcome is its result."""
+        for p, (ok, value) in zip(self.changes, self.outcomes, strict=True):
+            if ok:
+                p.ok, p.value = True, value
+            else:
+                p.error = value
+
+
+def _resolve(changes: list[_Pending[Any]]) -> None:
+    """Give each change's future its result (or error)."""
+    for p in changes:
+        if p.error is not None:
+            p.future.set_exception(p.error)
+        elif p.ok:
+            p.future.set_result(p.value)
+        else:
+            p.future.set_exception(Unavailable("etcd: the change was not committed"))
 
 
 class _Pending(Generic[T]):
     """One change waiting for (or done by) a group commit."""
 
-    def __init__(self, change: Callable[[Any], T]) -> None:
+    def __init__(self, change: Callable[[Any], T], future: Future[T]) -> None:
         self.change = change
-        self.done = False
+        self.future = future
         self.ok = False
         self.value: T | None = None
         self.error: BaseException | None = None
-
-    def result(self) -> T:
-        if self.error is not None:
-            raise self.error
-        if not self.ok:
-            raise Unavailable("etcd: the change was not committed")
-        return self.value  # type: ignore[return-value]  # T itself may be None
 
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore", "EtcdTxn", "EtcdUrl", "client_for",

@@ -129,6 +129,8 @@ class AllocRequest:
 class ReleaseResult:
     released: list[Allocation]
     message: str
+    #: the released allocations' pools, as the release saw them (to describe them)
+    pools: dict[str, Pool] = field(default_factory=dict)
 
 
 def _split(lo: int, hi: int, cut_lo: int, cut_hi: int) -> list[tuple[int, int]]:
@@ -421,6 +423,12 @@ class IPAM:
     # --- allocation ----------------------------------------------------------
 
     def allocate(self, req: AllocRequest, actor: str = "api") -> tuple[Allocation, Pool]:
+        return self.store.transact(self.allocate_change(req, actor))
+
+    def allocate_change(self, req: AllocRequest, actor: str = "api"
+                        ) -> Callable[[Txn], tuple[Allocation, Pool]]:
+        """:meth:`allocate` as a checked request and the change to run (on a network
+        store, the API awaits it instead of blocking a thread on it)."""
         check_name(req.pool)
         check_text(req.container_id, "container id")
         check_ifname(req.ifname)
@@ -458,7 +466,7 @@ class IPAM:
             tx.add_event(self._event(pool, alloc, "allocate", actor, "fixed" if fixed else ""))
             return alloc, pool
 
-        return self.store.transact(change)
+        return change
 
     def _choose(
         self, tx: Txn, pool: Pool, req: AllocRequest, handle: str | None
@@ -612,6 +620,21 @@ class IPAM:
         Releasing what is not allocated succeeds (CNI DEL is idempotent). A
         stale release naming another owner never frees the address.
         """
+        return self.store.transact(self.release_change(
+            pool=pool, container_id=container_id, ifname=ifname, ip=ip, force=force,
+            actor=actor))
+
+    def release_change(
+        self,
+        *,
+        pool: str | None = None,
+        container_id: str | None = None,
+        ifname: str | None = None,
+        ip: str | None = None,
+        force: bool = False,
+        actor: str = "api",
+    ) -> Callable[[Txn], ReleaseResult]:
+        """:meth:`release` as a checked request and the change to run."""
         if ifname is not None:
             check_ifname(ifname)
         if container_id is not None:
@@ -645,11 +668,10 @@ class IPAM:
                     return ReleaseResult(
                         [], f"{container_id}{'/' + ifname if ifname else ''} holds no address; "
                         "nothing to release")
-            for a in targets:
-                self._release_one(tx, a, actor)
-            return ReleaseResult(targets, f"released {len(targets)} address(es)")
+            pools = {a.pool: self._release_one(tx, a, actor) for a in targets}
+            return ReleaseResult(targets, f"released {len(targets)} address(es)", pools)
 
-        return self.store.transact(change)
+        return change
 
     def update(
         self,
@@ -766,7 +788,7 @@ class IPAM:
                                    f"reserved there: reserve it first (netctl ip reserve "
                                    f"{pool.name} {extra}) so that no container gets it")
 
-    def _release_one(self, tx: Txn, a: Allocation, actor: str) -> None:
+    def _release_one(self, tx: Txn, a: Allocation, actor: str) -> Pool:
         pool = tx.get_pool(a.pool)
         assert pool is not None
         tx.del_allocation(a.pool, a.ip)
@@ -776,6 +798,7 @@ class IPAM:
             tx.add_counters(a.pool, 0, -1)
             self._give_back(tx, pool, a.ip, a.ip, released=True)
         tx.add_event(self._event(pool, a, "release", actor))
+        return pool
 
     def _give_back(self, tx: Txn, pool: Pool, lo: int, hi: int, released: bool) -> None:
         """Return [lo, hi] to free space: released addresses join the LRU list."""

@@ -213,21 +213,26 @@ def test_a_lost_commit_answer_returns_the_same_allocation(
     store = EtcdStore(cluster.url(prefix), group_commit=False)
     ipam = IPAM(store)
     ipam.create_pool(PoolSpec(name="p", cidr="10.112.0.0/24"))
-    real_txn = store.client.txn
+    real_start = store.client.txn_start
     lost = threading.Event()
 
     def txn_then_lose_the_answer(*args: Any, **kwargs: Any) -> Any:
-        answer = real_txn(*args, **kwargs)
-        if not lost.is_set():
-            lost.set()
-            raise Retry("the answer was lost")  # committed all the same
-        return answer
+        answer = real_start(*args, **kwargs)
 
-    store.client.txn = txn_then_lose_the_answer  # type: ignore[method-assign]
+        def lose() -> Any:
+            got = answer()
+            if not lost.is_set():
+                lost.set()
+                raise Retry("the answer was lost")  # committed all the same
+            return got
+
+        return lose
+
+    store.client.txn_start = txn_then_lose_the_answer  # type: ignore[method-assign]
     try:
         got, _ = ipam.allocate(AllocRequest(pool="p", container_id="c1", host="h1"))
     finally:
-        store.client.txn = real_txn  # type: ignore[method-assign]
+        store.client.txn_start = real_start  # type: ignore[method-assign]
     assert lost.is_set()
     held = ipam.addresses(pool="p")
     assert [(x.ip, x.container_id) for x, _ in held] == [(got.ip, "c1")]

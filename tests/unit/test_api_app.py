@@ -55,8 +55,8 @@ def test_unexpected_error_is_500_and_logged(client: TestClient, ipam: IPAM,
 @pytest.mark.parametrize("path", ["/v1/allocate", "/v1/release"])
 def test_unexpected_error_in_fast_path(client: TestClient, ipam: IPAM, path: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ipam, "allocate", boom)
-    monkeypatch.setattr(ipam, "release", boom)
+    monkeypatch.setattr(ipam, "allocate_change", boom)
+    monkeypatch.setattr(ipam, "release_change", boom)
     r = client.post(path, json={"pool": "p", "container_id": "c"}, headers=AUTH)
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal"
@@ -69,7 +69,7 @@ def test_datastore_busy_is_503(client: TestClient, ipam: IPAM,
     def busy(*_: Any, **__: Any) -> Any:
         raise Unavailable("datastore busy: database is locked")
 
-    monkeypatch.setattr(ipam, "allocate", busy)
+    monkeypatch.setattr(ipam.store, "transact", busy)  # as SQLite says it
     monkeypatch.setattr(ipam, "list_pools", busy)
     r = client.post("/v1/allocate", json={"pool": "p", "container_id": "c"}, headers=AUTH)
     assert r.status_code == 503
