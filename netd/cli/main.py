@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -211,6 +212,9 @@ def _serve_worker(sock: socket.socket, store_url: str, token: str | None,
     watch_space = getattr(store, "watch_space", None)  # etcd: warn before its quota
     if watch_space is not None:
         watch_space()
+    watch_pools = getattr(store, "watch_pools", None)  # etcd: other servers' pool changes
+    if watch_pools is not None:
+        watch_pools()
     # listing pages are built by a reader process of lower priority (a file store)
     pages = listings.for_store(ipam, store_url)
     try:
@@ -264,11 +268,7 @@ def check(store_url: str, repair: bool, as_json: bool) -> None:
         raise click.ClickException(f"--store: {exc.message}") from None
     bar = sys.stderr.isatty() and not as_json
     try:
-        def progress(pool: str) -> None:
-            if bar:
-                click.echo(f"\rchecking pool {pool} ...\033[K", err=True, nl=False)
-
-        report = check_store(store, repair=repair, progress=progress)
+        report = check_store(store, repair=repair, progress=ProgressBar() if bar else None)
     except NetdError as exc:
         raise click.ClickException(exc.message) from None
     finally:
@@ -285,6 +285,26 @@ def check(store_url: str, repair: bool, as_json: bool) -> None:
                       "repaired" if report.ok else
                       f"{sum(not p.repaired for p in report.problems)} problem(s)"))
     sys.exit(0 if report.ok else 1)
+
+
+class ProgressBar:
+    """``netd ipam check``'s bar on a terminal (stderr), redrawn at most 10 times a
+    second: allocations checked of all the counters say, and the pool at hand."""
+
+    WIDTH = 30
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, pool: str) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        part = done / total if total else 1.0
+        filled = int(part * self.WIDTH)
+        click.echo(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {part:4.0%} "
+                   f"{done:,}/{total:,} allocations  pool {pool[:24]}\033[K", err=True, nl=False)
 
 
 def _supervise(workers: int, run: Callable[[], None]) -> int:

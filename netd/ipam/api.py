@@ -26,8 +26,6 @@ are mapped to it in :func:`_install_error_handlers` (and by the edge for
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import hmac
 import json
 import logging
@@ -749,8 +747,8 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     # loop; a network store (etcd) waits on round trips, so mutations go to the thread
     # pool, where its group commit gathers them, and the loop keeps serving
     offload = bool(getattr(ipam.store, "network", False))
-    submit: Callable[[Callable[[Any], Any]], concurrent.futures.Future[Any]] | None = (
-        getattr(ipam.store, "submit", None) if offload else None)
+    transact_async: Callable[[Callable[[Any], Any]], Awaitable[Any]] | None = (
+        getattr(ipam.store, "transact_async", None) if offload else None)
 
     async def mutate(fn: Callable[[], T]) -> T:
         return await run_in_threadpool(fn) if offload else fn()
@@ -758,8 +756,8 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
     async def run(change: Callable[[Any], T]) -> T:
         """One change of the hot operations: awaited from the store's committer when it
         has one (etcd's group commit), else right here (SQLite)."""
-        if submit is not None:
-            return cast(T, await asyncio.wrap_future(submit(change)))
+        if transact_async is not None:
+            return cast(T, await transact_async(change))
         return await mutate(lambda: ipam.store.transact(change))
 
     # the hot operations, shared by the routes and the edge's fast path

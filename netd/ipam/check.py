@@ -50,12 +50,19 @@ class Report:
                              for p in self.problems]}
 
 
-def _allocations(tx: Txn, pool: str) -> list[Allocation]:
+#: told how far the check is: (allocations read, allocations in all, the pool now)
+Progress = Callable[[int, int, str], None]
+
+
+def _allocations(tx: Txn, pool: str, on_page: Callable[[int], None] | None = None
+                 ) -> list[Allocation]:
     out: list[Allocation] = []
     after: tuple[str, int] | None = None
     while True:
         page = tx.list_allocations(pool, None, after, PAGE)
         out += page
+        if on_page is not None:
+            on_page(len(page))
         if len(page) < PAGE:
             return out
         after = (page[-1].pool, page[-1].ip)
@@ -66,13 +73,16 @@ def _inside(ranges: list[tuple[int, int]], starts: list[int], ip: int) -> bool:
     return i >= 0 and ranges[i][0] <= ip <= ranges[i][1]
 
 
-def check_pool(tx: Txn, pool: Pool, macs: dict[str, str]) -> tuple[list[str], int, list[str]]:
-    """(problems, allocations, owners whose index is wrong) of one pool (pure reads)."""
+def check_pool(tx: Txn, pool: Pool, macs: dict[str, str],
+               on_page: Callable[[int], None] | None = None
+               ) -> tuple[list[str], int, list[str]]:
+    """(problems, allocations, owners whose index is wrong) of one pool (pure reads);
+    ``on_page`` hears how many allocations each page read."""
     problems: list[str] = []
     v = pool.version
     first, last = usable_bounds(pool.network)
     lo_all, hi_all = int(pool.network.network_address), int(pool.network.broadcast_address)
-    allocs = _allocations(tx, pool.name)
+    allocs = _allocations(tx, pool.name, on_page)
     free = sorted((lo, hi) for _, lo, hi in tx.free_overlapping(pool.name, lo_all, hi_all))
     starts = [lo for lo, _ in free]
     released = set(tx.released_in(pool.name, lo_all, hi_all))
@@ -132,16 +142,23 @@ def check_pool(tx: Txn, pool: Pool, macs: dict[str, str]) -> tuple[list[str], in
 
 
 def check_store(store: Store, *, repair: bool = False,
-                progress: Callable[[str], None] | None = None) -> Report:
+                progress: Progress | None = None) -> Report:
     report = Report()
     macs: dict[str, str] = {}
     with store.read() as tx:
         pools = tx.list_pools()
+        total = sum(tx.counters(p.name)[1] for p in pools)  # what the counters say
+    done = 0
     for pool in pools:
-        if progress is not None:
-            progress(pool.name)
+        def on_page(n: int, pool: str = pool.name) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, max(total, done), pool)
+
+        on_page(0)
         with store.read() as tx:
-            problems, n, bad_owner = check_pool(tx, pool, macs)
+            problems, n, bad_owner = check_pool(tx, pool, macs, on_page)
         report.pools += 1
         report.allocations += n
         if repair and problems:
@@ -173,4 +190,4 @@ def _repair(store: Store, pool: Pool, problems: list[str],
     return out
 
 
-__all__ = ["Problem", "Report", "check_pool", "check_store"]
+__all__ = ["Problem", "Progress", "Report", "check_pool", "check_store"]

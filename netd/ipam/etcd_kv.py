@@ -24,7 +24,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -104,6 +104,7 @@ class Stubs:
         self.lease = rpc.LeaseStub(channel)
         self.maintenance = rpc.MaintenanceStub(channel)
         self.auth = rpc.AuthStub(channel)
+        self.watch = rpc.WatchStub(channel)
 
 
 class EtcdClient:
@@ -313,10 +314,48 @@ class EtcdClient:
         return self._channel(endpoint).maintenance.Status(
             rpc.StatusRequest(), timeout=self.timeout, metadata=self._metadata(endpoint))
 
+    def watch(self, key: bytes, end: bytes, start_revision: int) -> Watch:
+        """A watch of [key, end) from ``start_revision`` on the current endpoint (no
+        deadline: it lasts; :meth:`Watch.cancel` ends it). A failure shows as
+        :class:`Retry` while iterating; the next watch goes to the next endpoint."""
+        endpoint = self._endpoint()
+        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=key, range_end=end, start_revision=start_revision))
+        return Watch(self, endpoint, create)
+
     def compact(self, revision: int) -> None:
         req = rpc.CompactionRequest(revision=revision, physical=True)
         self.call("compact", lambda stubs, md: stubs.kv.Compact(
             req, timeout=max(self.timeout, 30.0), metadata=md))
+
+
+class Watch:
+    """One open etcd watch: iterate it for etcd's ``WatchResponse`` messages."""
+
+    def __init__(self, client: EtcdClient, endpoint: str, create: Any) -> None:
+        self.client, self.endpoint = client, endpoint
+        self._ended = threading.Event()
+
+        def requests() -> Iterator[Any]:
+            yield create
+            self._ended.wait()  # the stream stays open until cancelled
+
+        self._call = client._channel(endpoint).watch.Watch(
+            requests(), metadata=client._metadata(endpoint))
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._call
+        except grpc.RpcError as exc:
+            if self._ended.is_set():
+                return
+            self.client._failed("watch", self.endpoint, exc, retry=False)
+        finally:
+            self._ended.set()
+
+    def cancel(self) -> None:
+        self._ended.set()
+        self._call.cancel()
 
 
 # --- transactions ---------------------------------------------------------------------------

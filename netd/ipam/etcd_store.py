@@ -37,6 +37,8 @@ alone), so many clients on one pool do not each pay a commit and a conflict.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -46,7 +48,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -54,7 +55,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from netd.errors import Conflict, InvalidInput, MacInUse, NetdError, Unavailable
 from netd.ipam.etcd_kv import Conflict as CommitConflict
-from netd.ipam.etcd_kv import EtcdClient, Retry, Stm, Tls, prefix_end, read_file
+from netd.ipam.etcd_kv import EtcdClient, Retry, Stm, Tls, Watch, prefix_end, read_file
 from netd.ipam.model import Allocation, Block, Event, Pool, Reservation, key, unkey
 from netd.ipam.store import event_span as _span
 
@@ -636,23 +637,31 @@ class EtcdStore:
                     p.error = exc
                 return
 
-    def submit(self, change: Callable[[Any], T]) -> Future[T]:
-        """Queue ``change`` for the next group commit; its future has the result. The
-        API awaits it (``asyncio.wrap_future``): no thread waits per request."""
-        future: Future[T] = Future()
+    def _enqueue(self, pending: _Pending[Any]) -> None:
         with self._queue_lock:
             if self._closed:
                 raise Unavailable("etcd: the store is closed")
-            self._queue.append(_Pending(change, future))
+            self._queue.append(pending)
             if self._committer is None:
                 self._committer = threading.Thread(target=self._commit_loop,
                                                    name="etcd-commit", daemon=True)
                 self._committer.start()
             self._queue_lock.notify()
-        return future
 
     def transact(self, change: Callable[[Any], T]) -> T:
-        return self.submit(change).result()
+        pending = _Pending(change, None)
+        self._enqueue(pending)
+        pending.wait()
+        return pending.result()
+
+    async def transact_async(self, change: Callable[[Any], T]) -> T:
+        """:meth:`transact` for an event loop (the API's allocate and release): no
+        thread waits per request, and a batch wakes its loop once."""
+        pending = _Pending(change, asyncio.get_running_loop())
+        self._enqueue(pending)
+        assert pending.waiter is not None
+        await pending.waiter
+        return pending.result()
 
     def _commit_loop(self) -> None:
         """The committer. What is queued while a commit is on the wire goes together in
@@ -686,7 +695,7 @@ class EtcdStore:
             except BaseException as exc:  # a bug: every change in hand hears of it
                 log.exception("etcd: a group commit failed")
                 for p in batch + (flying[0].changes if flying else []):
-                    if not p.future.done():
+                    if not p.resolved:
                         p.error = p.error or exc
                         _resolve([p])
                 flying = None
@@ -853,6 +862,16 @@ class EtcdStore:
         threading.Thread(target=loop, name="etcd-space", daemon=True).start()
         return stop
 
+    # --- the pool cache, kept fresh by a watch --------------------------------------------
+
+    def watch_pools(self) -> PoolWatch:
+        """Keep the cached pools fresh from a watch: a pool changed by another server is
+        known here before a change trips over it (the cache is only an optimistic
+        try's guess, compared at its commit: the watch saves conflicts, not errors)."""
+        watch = PoolWatch(self)
+        watch.start()
+        return watch
+
     def close(self) -> None:
         with self._queue_lock:
             self._closed = True
@@ -861,6 +880,81 @@ class EtcdStore:
         if committer is not None and committer is not threading.current_thread():
             committer.join(self.client.budget + 5)
         self.client.close()
+
+
+class PoolWatch:
+    """The thread behind :meth:`EtcdStore.watch_pools`: it reads every pool, then
+    follows their changes from the next revision. After a compaction that removed
+    the revision it wanted (it fell behind: its member died, the network went), it
+    reads everything again and follows on from there."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self.store = store
+        self.start_ = store._pool_prefix
+        self.end = prefix_end(store._pool_prefix)
+        self.revision = 0  # the last revision applied to the cache
+        self.loads = 0  # full reads (the first, and one after each compaction)
+        self.events = 0
+        self._stop = threading.Event()
+        self._current: Watch | None = None
+        self._thread = threading.Thread(target=self._loop, name="etcd-pools", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        current = self._current
+        if current is not None:
+            current.cancel()
+        self._thread.join(10)
+
+    def _load(self) -> None:
+        got = self.store.client.range(self.start_, self.end)
+        known = self.store._known
+        for k in [k for k in known if k.startswith(self.start_)]:
+            known.pop(k, None)
+        for kv in got.kvs:
+            known[kv.key] = (kv.value, kv.mod)
+        self.revision = got.revision
+        self.loads += 1
+
+    def _loop(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                if not self.revision:
+                    self._load()
+                self._current = self.store.client.watch(self.start_, self.end,
+                                                        self.revision + 1)
+                if self._stop.is_set():
+                    self._current.cancel()
+                for resp in self._current:
+                    if resp.compact_revision:  # what it wanted is gone: read it all
+                        log.info("etcd: the pool watch fell behind a compaction (revision "
+                                 "%d); reading the pools again", resp.compact_revision)
+                        self.revision = 0
+                        self._current.cancel()
+                        break
+                    self._apply(resp.events)
+                    delay = 0.1
+            except (Retry, NetdError) as exc:
+                if self._stop.is_set():
+                    return
+                log.debug("etcd: the pool watch failed (%s); again in %.1f s", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _apply(self, events: Any) -> None:
+        known = self.store._known
+        for ev in events:
+            kv = ev.kv
+            if ev.type == ev.DELETE:
+                known[kv.key] = (None, 0)
+            else:
+                known[kv.key] = (kv.value, kv.mod_revision)
+            self.revision = max(self.revision, int(kv.mod_revision))
+            self.events += 1
 
 
 @dataclass
@@ -881,25 +975,55 @@ class _Try:
 
 
 def _resolve(changes: list[_Pending[Any]]) -> None:
-    """Give each change's future its result (or error)."""
+    """Tell each change's waiter that it is done: one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
     for p in changes:
-        if p.error is not None:
-            p.future.set_exception(p.error)
-        elif p.ok:
-            p.future.set_result(p.value)
-        else:
-            p.future.set_exception(Unavailable("etcd: the change was not committed"))
+        p.resolved = True
+        if p.waiter is not None and p.loop is not None:
+            by_loop.setdefault(p.loop, []).append(p.waiter)
+        elif p.lock is not None:
+            p.lock.release()
+    for loop, waiters in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(_wake, waiters)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for w in waiters:
+        if not w.done():  # a request cancelled meanwhile
+            w.set_result(None)
 
 
 class _Pending(Generic[T]):
-    """One change waiting for (or done by) a group commit."""
+    """One change waiting for (or done by) a group commit, and how its waiter hears of
+    it: an event loop's future, or a held lock that the committer releases."""
 
-    def __init__(self, change: Callable[[Any], T], future: Future[T]) -> None:
+    def __init__(self, change: Callable[[Any], T],
+                 loop: asyncio.AbstractEventLoop | None) -> None:
         self.change = change
-        self.future = future
         self.ok = False
         self.value: T | None = None
         self.error: BaseException | None = None
+        self.resolved = False
+        self.loop = loop
+        self.waiter: asyncio.Future[None] | None = None
+        self.lock: threading.Lock | None = None
+        if loop is not None:
+            self.waiter = loop.create_future()
+        else:
+            self.lock = threading.Lock()
+            self.lock.acquire()
+
+    def wait(self) -> None:
+        assert self.lock is not None
+        self.lock.acquire()
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        if not self.ok:
+            raise Unavailable("etcd: the change was not committed")
+        return self.value  # type: ignore[return-value]  # T itself may be None
 
 
 __all__ = ["DEFAULT_PREFIX", "EtcdStore", "EtcdTxn", "EtcdUrl", "client_for",

@@ -134,7 +134,8 @@ def failover(cluster: etcd.EtcdCluster, server: Server, args: argparse.Namespace
     try:
         for kind in ("leader", "follower"):
             time.sleep(args.settle)
-            leader = cluster.leader()
+            leader = cluster.leader()  # asked right before the kill
+            term = cluster.term()
             victim = leader if kind == "leader" else next(
                 m for m in cluster.members if m is not leader and m.alive)
             killed_at = time.monotonic()
@@ -150,8 +151,14 @@ def failover(cluster: etcd.EtcdCluster, server: Server, args: argparse.Namespace
                 raise BenchError(f"no allocation succeeded within 20 s of the {kind} kill")
             gaps = [b - a for a, b in itertools.pairwise(around)]
             gap = max([*gaps, after[0] - (before[-1] if before else killed_at)])
+            new_term = cluster.term()
+            if kind == "leader" and new_term <= term:
+                # no election followed: what was killed did not lead (any more)
+                raise BenchError(f"the raft term stayed {term} after killing the leader "
+                                 f"{victim.name}: the leader gap was not measured")
             out[kind] = {"member": victim.name, "gap_s": round(gap, 3),
-                         "first_after_s": round(after[0] - killed_at, 3)}
+                         "first_after_s": round(after[0] - killed_at, 3),
+                         "raft_term": [term, new_term]}
             log(f"  {kind} {victim.name} killed: longest gap {gap:.2f} s")
             cluster.restart(victim)
             cluster.wait_healthy()

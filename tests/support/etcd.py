@@ -162,6 +162,23 @@ class EtcdCluster:
                 client.close()
         raise RuntimeError("no etcd leader")
 
+    def term(self) -> int:
+        """The highest raft term a live member reports (an election raises it)."""
+        from netd.ipam.etcd_kv import EtcdClient
+
+        best = 0
+        for m in self.members:
+            if not m.alive:
+                continue
+            client = EtcdClient([m.endpoint], timeout=1.0, budget=2.0)
+            try:
+                best = max(best, int(client.status(m.endpoint).raftTerm))
+            except Exception:
+                continue
+            finally:
+                client.close()
+        return best
+
     def kill(self, m: Member) -> None:
         if m.proc is not None and m.proc.poll() is None:
             os.killpg(m.proc.pid, signal.SIGKILL)

@@ -94,3 +94,41 @@ def test_the_command_exits_1_on_a_problem_and_0_once_repaired(tmp_path: Path) ->
     good = subprocess.run([bin_path("netd"), "ipam", "check", "--store", url, "--json"],
                           capture_output=True, text=True, timeout=60)
     assert good.returncode == 0 and '"ok": true' in good.stdout
+
+
+def test_on_a_terminal_the_command_draws_a_progress_bar(tmp_path: Path) -> None:
+    """stderr a terminal (a pty here): a bar of the allocations checked, ending at 100 %;
+    a pipe gets none (the other tests)."""
+    import os
+    import pty
+    import select
+
+    db = tmp_path / "ipam.db"
+    store = SqliteStore(str(db))
+    ipam = IPAM(store)
+    ipam.create_pool(PoolSpec(name="big", cidr="10.2.0.0/20"))
+    for i in range(2500):
+        ipam.allocate(AllocRequest(pool="big", container_id=f"c{i}", host="h1"))
+    store.close()
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([bin_path("netd"), "ipam", "check", "--store", f"sqlite:///{db}"],
+                            stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the command ended: the pty is closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out, _ = proc.communicate(timeout=30)
+    os.close(leader)
+    assert proc.returncode == 0
+    text = seen.decode(errors="replace")
+    assert "100% 2,500/2,500 allocations" in text and "[" + "#" * 30 + "]" in text
+    assert out.decode().strip() == "1 pool(s), 2500 allocation(s): consistent"
