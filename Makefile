@@ -8,11 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # Debian packages the tests, demo and benchmarks use
 # (gcc builds the CNI plugin's native front; docker.io is for the Docker driver's tests;
-# nftables gives the agent libnftables for the L2 port guards)
+# nftables gives the agent libnftables for the L2 port guards; containerd is the CRI
+# test's runtime; systemd gives systemd-analyze, which checks deploy/systemd; vagrant
+# validates vagrant/Vagrantfile)
 APT_PACKAGES := curl iproute2 iputils-ping iptables nftables containernetworking-plugins podman \
-	runc busybox-static gcc libc6-dev docker.io openvswitch-switch tcpdump iperf3 frr etcd-server
+	runc busybox-static gcc libc6-dev docker.io openvswitch-switch tcpdump iperf3 frr etcd-server \
+	containerd systemd vagrant vagrant-libvirt
 
-.PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup
+.PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup wheel
 
 help:
 	@echo "make demo   a two-host lab (MODE=l2|vlan|bgp) in namespaces, four podman containers: matrix + IPAM table"
@@ -62,5 +65,9 @@ bench: deps venv
 	$(BIN)/python -m tests.bench.bgp_bench
 	$(BIN)/python -m tests.bench.etcd_bench
 
+# dist/netd-VERSION-py3-none-any.whl and dist/netd-VERSION.tar.gz (README "Install")
+wheel: venv
+	$(BIN)/python -m build --sdist --wheel --outdir dist
+
 clean: demo-down
-	rm -rf $(VENV) .demo .bench *.egg-info
+	rm -rf $(VENV) .demo .bench *.egg-info dist build

@@ -221,8 +221,10 @@ def find_cc() -> str | None:
     return shutil.which(cc)
 
 
-def build_native(python: str, fallback_code: str, cc: str) -> bytes:
-    """Compile the native front; its bytes (deterministic for the same compiler and input)."""
+def build_native(python: str, fallback_code: str, cc: str, static: bool = False) -> bytes:
+    """Compile the native front; its bytes (deterministic for the same compiler and input).
+    ``static``: linked statically, for a host whose C library is not the builder's (a
+    DaemonSet's init container installs onto the node)."""
     with tempfile.TemporaryDirectory(prefix="netd-cni-build-") as tmp:
         src = Path(tmp) / "netd-cni.c"
         exe = Path(tmp) / "netd-cni"
@@ -230,7 +232,7 @@ def build_native(python: str, fallback_code: str, cc: str) -> bytes:
         (Path(tmp) / C_CONFIG).write_text(c_config(python, fallback_code), encoding="ascii")
         try:
             proc = subprocess.run([cc, "-O2", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-                                   "-o", str(exe), str(src)],
+                                   *(["-static"] if static else []), "-o", str(exe), str(src)],
                                   capture_output=True, text=True, timeout=120, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ValueError(f"{cc}: {exc}") from None
@@ -252,20 +254,22 @@ class Installed:
         return f"{'installed' if self.changed else 'up to date'} {self.path} ({self.kind})"
 
 
-def install(bin_dir: Path, python: str | None = None, *, native: bool = True) -> list[Installed]:
+def install(bin_dir: Path, python: str | None = None, *, native: bool = True,
+            static: bool = False) -> list[Installed]:
     """Write both plugins into ``bin_dir``, atomically and idempotently."""
     interpreter = python or default_plugin_python()
     if not os.access(interpreter, os.X_OK):
         raise InstallError(f"python {interpreter} is not an executable")
     source = shim_source()
     cc = find_cc() if native else None
-    kind = f"native, python fallback {interpreter}" if cc else f"#!{interpreter} -IS"
+    kind = (f"native{', static' if static else ''}, python fallback {interpreter}" if cc
+            else f"#!{interpreter} -IS")
     try:
         shebang(interpreter)
         magic, code = precompile_shim(source, interpreter)
         if cc:
             program = build_native(interpreter, plugin_code(
-                source, interpreter, magic, code, "netd-cni", name_in_argv1=True), cc)
+                source, interpreter, magic, code, "netd-cni", name_in_argv1=True), cc, static)
             files = dict.fromkeys(PLUGINS, program)
         else:
             files = {name: plugin_launcher(source, interpreter, magic, code, name).encode()
@@ -280,7 +284,68 @@ def install(bin_dir: Path, python: str | None = None, *, native: bool = True) ->
         raise InstallError(f"cannot install into {bin_dir}: {exc}") from None
 
 
-__all__ = ["DEFAULT_BIN_DIR", "PLUGINS", "InstallError", "Installed", "build_native",
-           "c_config", "c_source", "c_string", "default_plugin_python", "find_cc", "install",
-           "plugin_code", "plugin_launcher", "plugin_script", "precompile_shim", "shebang",
-           "shim_source"]
+# --- the network configuration ---------------------------------------------------------
+
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
+CONFLIST_NAME = "10-netd.conflist"
+#: what a runtime's libcni reads: containerd 1.6 (go-cni) and CRI-O 1.2x stop at 1.0.0
+#: (a 1.1.0 result fails their ADD); podman 4 and containerd 1.7+ read 1.1.0
+DEFAULT_CNI_VERSION = "1.0.0"
+
+
+def conflist(network: str, pool: str, agent_socket: str,
+             cni_version: str = DEFAULT_CNI_VERSION) -> dict[str, object]:
+    """The conflist of one netd network: ``netd-cni`` on ``pool`` via the node's agent,
+    with the runtime capabilities it honours (a fixed IP or MAC) (pure)."""
+    if cni_version not in ("0.4.0", "1.0.0", "1.1.0"):
+        raise InstallError(f"cniVersion {cni_version!r}: netd writes 0.4.0, 1.0.0 or 1.1.0")
+    for what, value in (("network", network), ("pool", pool)):
+        if not value or any(c.isspace() or c in "/\\" for c in value) or len(value) > 64:
+            raise InstallError(f"{what} {value!r} is not a name (1-64 characters, no "
+                               "spaces or slashes)")
+    if not agent_socket.startswith("/"):
+        raise InstallError(f"agent socket {agent_socket!r} is not an absolute path")
+    return {"cniVersion": cni_version, "name": network,
+            "plugins": [{"type": "netd-cni", "pool": pool, "agentSocket": agent_socket,
+                         "capabilities": {"ips": True, "mac": True}}]}
+
+
+def write_conflist(conf_dir: Path, doc: dict[str, object],
+                   name: str = CONFLIST_NAME) -> Installed:
+    """``doc`` into ``conf_dir/name``, atomically (a runtime reads the directory any
+    time); unchanged when it is already there."""
+    import json
+
+    try:
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        path = conf_dir / name
+        text = json.dumps(doc, indent=2) + "\n"
+        return Installed(path, atomic_write(path, text.encode(), 0o644), "CNI network")
+    except OSError as exc:
+        raise InstallError(f"cannot write the conflist into {conf_dir}: {exc}") from None
+
+
+__all__ = [
+    "CONFLIST_NAME",
+    "DEFAULT_BIN_DIR",
+    "DEFAULT_CNI_VERSION",
+    "DEFAULT_CONF_DIR",
+    "PLUGINS",
+    "InstallError",
+    "Installed",
+    "build_native",
+    "c_config",
+    "c_source",
+    "c_string",
+    "conflist",
+    "default_plugin_python",
+    "find_cc",
+    "install",
+    "plugin_code",
+    "plugin_launcher",
+    "plugin_script",
+    "precompile_shim",
+    "shebang",
+    "shim_source",
+    "write_conflist",
+]

@@ -361,7 +361,24 @@ def _supervise(workers: int, run: Callable[[], None]) -> int:
 @click.option("--native/--no-native", default=True, show_default=True,
               help="Build the plugins' native fast path with the C compiler (cc) when "
                    "there is one; --no-native installs the Python plugin alone.")
-def install_cni(bin_dir: Path, python: str | None, native: bool) -> None:
+@click.option("--static", is_flag=True,
+              help="Link the native front statically: the plugins run on a host whose C "
+                   "library is not this one's (a DaemonSet's init container).")
+@click.option("--conf-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the network's conflist (10-netd.conflist) here, e.g. "
+                   "/etc/cni/net.d (needs --pool).")
+@click.option("--pool", help="The IPAM pool of the conflist's network (this node's).")
+@click.option("--network", default="netd", show_default=True,
+              help="The conflist's network name.")
+@click.option("--agent-socket", default="/run/netd/agent.sock", show_default=True,
+              help="The node's agent socket, as the plugin reaches it.")
+@click.option("--cni-version", default="1.0.0", show_default=True,
+              type=click.Choice(["0.4.0", "1.0.0", "1.1.0"]),
+              help="The conflist's cniVersion: 1.0.0 for containerd 1.6 and CRI-O; 1.1.0 "
+                   "for podman 4 and containerd 1.7+.")
+def install_cni(bin_dir: Path, python: str | None, native: bool, static: bool,
+                conf_dir: Path | None,
+                pool: str | None, network: str, agent_socket: str, cni_version: str) -> None:
     """Install the netd-cni and netd-ipam CNI plugins.
 
     With a C compiler, each is a small native program that forwards the
@@ -374,10 +391,19 @@ def install_cni(bin_dir: Path, python: str | None, native: bool) -> None:
     """
     from netd.cni import install as cni_install
 
+    if conf_dir is not None and not pool:
+        raise click.UsageError("--conf-dir writes a conflist: name its --pool")
+    try:  # checked before anything is written
+        doc = (cni_install.conflist(network, pool, agent_socket, cni_version)
+               if conf_dir is not None and pool else None)
+    except cni_install.InstallError as exc:
+        raise click.UsageError(str(exc)) from None
     if native and cni_install.find_cc() is None:
         click.echo("no C compiler (cc): installing the Python plugin alone", err=True)
     try:
-        done = cni_install.install(bin_dir, python, native=native)
+        done = cni_install.install(bin_dir, python, native=native, static=static)
+        if conf_dir is not None and doc is not None:
+            done.append(cni_install.write_conflist(conf_dir, doc))
     except cni_install.InstallError as exc:
         raise click.ClickException(str(exc)) from None
     for item in done:

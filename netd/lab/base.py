@@ -36,6 +36,7 @@ from typing import Any
 
 import click
 
+from netd.cni.install import conflist
 from netd.dataplane.netns import (
     NETNS_RUN_DIR,
     create_netns,
@@ -314,13 +315,8 @@ def conflist_doc(plan: LabPlan, host: HostPlan,
                  network: NetworkPlan | None = None) -> dict[str, Any]:
     """A podman network of one host: ``netd-cni`` on its pool via that host's agent."""
     net = network or host.networks[0]
-    return {
-        "cniVersion": "1.0.0",
-        "name": net.name,
-        "plugins": [{"type": "netd-cni", "pool": net.pool,
-                     "agentSocket": str(host.socket),
-                     "capabilities": {"ips": True, "mac": True}}],
-    }
+    doc: dict[str, Any] = conflist(net.name, net.pool, str(host.socket))
+    return doc
 
 
 def is_lab_netns(prefix: str, name: str) -> bool:
