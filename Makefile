@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # (gcc builds the CNI plugin's native front; docker.io is for the Docker driver's tests;
 # nftables gives the agent libnftables for the L2 port guards; containerd is the CRI
 # test's runtime; systemd gives systemd-analyze, which checks deploy/systemd; vagrant
-# validates vagrant/Vagrantfile)
+# validates vagrant/Vagrantfile; chromium runs the web view's browser tests)
 APT_PACKAGES := curl iproute2 iputils-ping iptables nftables containernetworking-plugins podman \
 	runc busybox-static gcc libc6-dev docker.io openvswitch-switch tcpdump iperf3 frr etcd-server \
-	containerd systemd vagrant vagrant-libvirt
+	containerd systemd vagrant vagrant-libvirt chromium
 
 .PHONY: help deps venv lint test test-unit demo demo-down bench clean podman-setup wheel
 

@@ -54,7 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from netd import __version__
 from netd.errors import InvalidInput, NetdError
-from netd.ipam import model
+from netd.ipam import model, ui
 from netd.ipam.listings import InThreads, Listings, alloc_out, res_out
 from netd.ipam.metrics import Metrics
 from netd.ipam.service import IPAM, MAX_PAGE, AllocRequest, PoolSpec
@@ -581,8 +581,9 @@ class _Edge:
             return
         start = time.perf_counter()
         method: str = scope["method"] if scope["method"] in METHODS else "OTHER"
-        if (self.token is not None and scope["path"] not in OPEN_PATHS
-                and self._routed(scope, method)):
+        ui = scope["path"] == "/ui" or scope["path"].startswith("/ui/")
+        if (self.token is not None and scope["path"] not in OPEN_PATHS and not ui
+                and self._routed(scope, method)):  # the web view checks for itself
             refused = await self._refuse(scope, receive, send, method)
             if refused is not None:
                 self.metrics.observe(refused, method, time.perf_counter() - start)
@@ -812,6 +813,7 @@ def create_app(ipam: IPAM, token: str | None, metrics: Metrics,
                     "one, serves GETs. /healthz, /metrics and this document are open.",
     )
     _install_error_handlers(app, metrics)
+    app.router.routes.extend(ui.routes(ipam, token, read_token))  # /ui/: the web view
     app.add_middleware(_Edge, token=token, read_token=read_token, metrics=metrics,
                        router=app.router, fast=fast)
 

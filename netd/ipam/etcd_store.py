@@ -20,6 +20,7 @@ whole pool:
 ``owner/CID/IFNAME/POOL``             its owner's key: created only when absent
 ``mac/MAC``                           its MAC's key: one owner per MAC
 ``host/HOST/POOL/IP``                 the allocation again, by host
+``ahandle/HANDLE/POOL/IP``            an allocation's handle (a pod's ns/name)
 ``res/POOL/LO``, ``reshandle/P/H``    reservations, and by handle
 ``block/POOL/LO``, ``blockhost/...``  BGP host blocks, and by host
 ``evpool/POOL/TXN/N`` (+ ``evip``,   the history, each event under a lease of its
@@ -384,6 +385,22 @@ class EtcdTxn:
                 out.append(a)
         return sorted(out, key=lambda a: (a.pool, a.ip))
 
+    def allocation_by_mac(self, mac: str) -> Allocation | None:
+        ref = self.stm.get(self.k("mac", mac))
+        if ref is None:
+            return None
+        pool, _, ip = ref.decode().rpartition("/")
+        return self.allocation(pool, unkey(ip))
+
+    def allocations_by_handle(self, handle: str, limit: int) -> list[Allocation]:
+        out = []
+        for k, _ in self._range("ahandle", handle, limit=limit):
+            pool, ip = k.decode().rsplit("/", 2)[1:]
+            a = self.allocation(unquote(pool), unkey(ip))
+            if a is not None:
+                out.append(a)
+        return out
+
     def allocations_in(self, pool: str, lo: int, hi: int, limit: int) -> list[Allocation]:
         got = self._range("alloc", pool, start=key(lo), end=key(hi) + "\0", limit=limit)
         return [_alloc(v) for _, v in got]
@@ -418,6 +435,8 @@ class EtcdTxn:
         self.stm.put(self.k("owner", a.container_id, a.ifname, a.pool), ip.encode())
         self.stm.put(self.k("mac", a.mac), f"{a.pool}/{ip}".encode())
         self.stm.put(self.k("host", a.host, a.pool, ip), raw)
+        if a.handle:
+            self.stm.put(self.k("ahandle", a.handle, a.pool, ip), b"")
 
     def del_allocation(self, pool: str, ip: int) -> None:
         a = self.allocation(pool, ip)
@@ -427,6 +446,8 @@ class EtcdTxn:
         self.stm.delete(self.k("owner", a.container_id, a.ifname, pool))
         self.stm.delete(self.k("mac", a.mac))
         self.stm.delete(self.k("host", a.host, pool, key(ip)))
+        if a.handle:
+            self.stm.delete(self.k("ahandle", a.handle, pool, key(ip)))
 
     def hosts(self) -> list[dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

@@ -1024,6 +1024,53 @@ class IPAM:
                 out.update(state="free")
             return out
 
+    def search(self, text: str, limit: int = 100) -> dict[str, Any]:
+        """What an operator types: an address, a MAC, a container id, or a handle (a pod's
+        ``namespace/name``, a container's name). Point reads and index ranges only.
+
+        Returns ``{"query", "kind", "allocations": [(Allocation, Pool)], "reservations":
+        [(Reservation, Pool)], "address"}`` (``address``: :meth:`show` of an address)."""
+        q = text.strip()
+        out: dict[str, Any] = {"query": q, "kind": "nothing", "allocations": [],
+                               "reservations": [], "address": None}
+        if not q or len(q) > 512:
+            return out
+        try:
+            addr = ipaddress.ip_address(q)
+        except ValueError:
+            addr = None
+        if addr is not None:
+            out["kind"] = "address"
+            try:
+                out["address"] = self.show(str(addr))
+            except PoolNotFound:
+                out["address"] = {"ip": str(addr), "state": "in no pool"}
+            return out
+        try:
+            mac = normalize_mac(q)
+        except InvalidInput:
+            mac = None
+        with self.store.read() as tx:
+            found: list[Allocation] = []
+            if mac is not None:
+                a = tx.allocation_by_mac(mac)
+                out["kind"] = "mac"
+                found = [a] if a is not None else []
+            else:
+                found = tx.allocations_of(q, None, None)[:limit]
+                out["kind"] = "container id"
+                if not found:
+                    found = tx.allocations_by_handle(q, limit)
+                    out["kind"] = "handle"
+            pools = {p.name: p for p in tx.list_pools()}
+            if out["kind"] == "handle":  # an address held for it (a StatefulSet's pod)
+                for p in pools.values():
+                    r = tx.reservation_by_handle(p.name, q)
+                    if r is not None:
+                        out["reservations"].append((r, p))
+        out["allocations"] = [(a, pools[a.pool]) for a in found if a.pool in pools]
+        return out
+
     def history(self, ip: str | None = None, pool: str | None = None,
                 limit: int = 100, after: int | None = None) -> list[Event]:
         """The last ``limit`` events (oldest first), or the ``limit`` after event id ``after``."""

@@ -70,6 +70,8 @@ class Txn(Protocol):
         self, container_id: str, ifname: str | None, pool: str | None
     ) -> list[Allocation]: ...
     def allocations_in(self, pool: str, lo: int, hi: int, limit: int) -> list[Allocation]: ...
+    def allocation_by_mac(self, mac: str) -> Allocation | None: ...
+    def allocations_by_handle(self, handle: str, limit: int) -> list[Allocation]: ...
     def list_allocations(
         self, pool: str | None, host: str | None, after: tuple[str, int] | None, limit: int
     ) -> list[Allocation]: ...
@@ -212,6 +214,7 @@ CREATE TABLE IF NOT EXISTS allocations (
 CREATE UNIQUE INDEX IF NOT EXISTS alloc_owner ON allocations (container_id, ifname, pool);
 CREATE UNIQUE INDEX IF NOT EXISTS alloc_mac ON allocations (mac);
 CREATE INDEX IF NOT EXISTS alloc_host ON allocations (host, pool, ip);
+CREATE INDEX IF NOT EXISTS alloc_handle ON allocations (handle) WHERE handle IS NOT NULL;
 CREATE TABLE IF NOT EXISTS reservations (
     pool TEXT NOT NULL, lo TEXT NOT NULL, hi TEXT NOT NULL, note TEXT NOT NULL,
     handle TEXT, created REAL NOT NULL,
@@ -415,6 +418,15 @@ class SqliteTxn:
             sql += " AND pool=?"
             args.append(pool)
         return [_alloc(r) for r in self._all(sql, *args)]
+
+    def allocation_by_mac(self, mac: str) -> Allocation | None:
+        row = self._one("SELECT * FROM allocations INDEXED BY alloc_mac WHERE mac=?", mac)
+        return _alloc(row) if row else None
+
+    def allocations_by_handle(self, handle: str, limit: int) -> list[Allocation]:
+        return [_alloc(r) for r in self._all(
+            "SELECT * FROM allocations INDEXED BY alloc_handle WHERE handle=? "
+            "ORDER BY pool, ip LIMIT ?", handle, limit)]
 
     def allocations_in(self, pool: str, lo: int, hi: int, limit: int) -> list[Allocation]:
         return [_alloc(r) for r in self._all(
