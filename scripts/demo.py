@@ -35,7 +35,44 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+UI_PORT = 9650
+UI_PID = REPO / ".demo" / "ui-forward.pid"
+
+
+def stop_forward() -> None:
+    """The web view's loopback forward of an earlier demo, if it still runs."""
+    import contextlib
+    import os
+    import signal
+
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int(UI_PID.read_text()), signal.SIGTERM)
+    UI_PID.unlink(missing_ok=True)
+
+
+def start_forward() -> str:
+    """``netd lab forward``: the lab's IPAM (and web view) on 127.0.0.1:UI_PORT."""
+    import socket
+    import time
+
+    UI_PID.parent.mkdir(parents=True, exist_ok=True)
+    log = (REPO / ".demo" / "ui-forward.log").open("ab")
+    proc = subprocess.Popen([str(BIN / "netd"), "lab", "forward", "--dir", str(LAB_DIR),
+                             "--port", str(UI_PORT)], stdout=log, stderr=log,
+                            start_new_session=True)
+    UI_PID.write_text(str(proc.pid))
+    url = f"http://127.0.0.1:{UI_PORT}"
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", UI_PORT), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return url + "/ui/"
+
+
 def down() -> None:
+    stop_forward()
     subprocess.run([str(BIN / "netd"), "lab", "down", "--prefix", PREFIX, "--dir", str(LAB_DIR)],
                    check=False, capture_output=True)
 
@@ -75,7 +112,10 @@ def main(argv: list[str]) -> int:
     print(f"containers: {', '.join(names)} (podman exec -it NAME sh)")
     print(f"IPAM: ip netns exec {PREFIX}-gw {BIN}/netctl --server http://198.18.0.2:9650 "
           f"--token-file {LAB_DIR}/token pool list")
+    ui = start_forward()
     print("remove everything: make demo-down")
+    print()
+    print(f"web view: {ui}  (log in with the token: {(LAB_DIR / 'token').read_text().strip()})")
     return 0
 
 

@@ -20,6 +20,7 @@ from netd.lab.base import (
     lab_down,
     lab_status,
     lab_up,
+    load_manifest,
     plan_lab,
     validate_prefix,
 )
@@ -135,3 +136,27 @@ def down_cmd(prefix: str | None, directory: Path, cni_conf_dir: Path) -> None:
     for line in removed:
         click.echo(f"removed {line}")
     click.echo("lab down" if removed else "nothing to remove")
+
+
+@lab_cli.command("forward")
+@_dir_option()
+@click.option("--port", type=click.IntRange(1024, 65535), default=9650, show_default=True,
+              help="The loopback port (127.0.0.1) to serve the lab's IPAM on.")
+def forward_cmd(directory: Path, port: int) -> None:
+    """Serve the lab's IPAM (its API and web view, /ui/) on 127.0.0.1:PORT until stopped."""
+    from netd.lab import forward
+
+    manifest = load_manifest(directory)
+    if manifest is None:
+        raise click.ClickException(f"no lab in {directory} (netd lab up)")
+    url = str(manifest.get("ipam_url") or "")
+    host, _, port_text = url.removeprefix("http://").rstrip("/").rpartition(":")
+    netns = (manifest.get("ipam") or {}).get("netns")  # where the lab started the server
+    if not host or not port_text.isdigit() or netns is None:
+        raise click.ClickException(f"the lab in {directory} names no IPAM to forward to")
+    click.echo(f"http://127.0.0.1:{port}/ui/ -> {url} in {netns}", err=True)
+    try:
+        forward.run(("127.0.0.1", port), netns, (host, int(port_text)))
+    except OSError as exc:
+        raise click.ClickException(f"127.0.0.1:{port}: {exc.strerror}") from None
+

@@ -465,3 +465,39 @@ def test_lab_up_docker_runs_dockerd_in_h1_and_down_removes_it(lab: Lab,
     assert not process_alive(dockerd["pid"])
     assert not lab_docker.plugin_served()
     assert_gone(lab)
+
+
+def test_forward_serves_the_labs_web_view_on_loopback(lab: Lab) -> None:
+    """`netd lab forward` (make demo prints its URL): the lab's IPAM and web view on
+    127.0.0.1, the far end opened inside the IPAM's namespace, nothing added to any
+    interface of the machine."""
+    import httpx
+
+    from tests.conftest import bin_path, free_port
+
+    lab.up("--no-agents")
+    port = free_port()
+    proc = subprocess.Popen([bin_path("netd"), "lab", "forward", "--dir", str(lab.dir),
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                health = httpx.get(url + "/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert health.status_code == 200
+        login = httpx.get(url + "/ui/", timeout=5, follow_redirects=True)
+        assert login.status_code == 401 and 'name="token"' in login.text
+        token = (lab.dir / "token").read_text().strip()
+        pools = httpx.get(url + "/ui/", headers={"Authorization": f"Bearer {token}"},
+                          timeout=5)
+        assert pools.status_code == 200 and 'data-pool="lab"' in pools.text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    root = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "198.18.0." not in root
