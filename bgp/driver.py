@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from netd.dataplane import veth
-from netd.dataplane.driver import Addressing, Attached, Driver, Endpoint, Hold, Owned, Prepared
+from netd.dataplane.driver import (
+    Addressing,
+    Attached,
+    Driver,
+    Endpoint,
+    Gauge,
+    Hold,
+    Owned,
+    Prepared,
+)
 from netd.dataplane.errors import DataplaneError
 from netd.dataplane.model import AF_INET, RT_SCOPE_LINK, RTN_BLACKHOLE, RTPROT_NETD, Route
 from netd.dataplane.netlink import Netlink
@@ -288,6 +297,20 @@ class BgpDriver(Driver):
         return {"asn": self.settings.asn, "blocks": [str(b) for b in self._blocks],
                 "routes_installed": learnt,
                 "speaker": self.speaker.status() if self.speaker is not None else None}
+
+    def gauges(self, status: Mapping[str, Any]) -> list[Gauge]:
+        speaker = status.get("speaker") or {}
+        peers = sorted((speaker.get("peers") or {}).items())
+        return [
+            Gauge("bgp_session_up", "1 when the session to the peer is established",
+                  tuple(((p,), 1.0 if s.get("up") else 0.0) for p, s in peers), ("peer",)),
+            Gauge("bgp_routes_received", "routes received from the peer",
+                  tuple(((p,), float(s.get("received", 0))) for p, s in peers), ("peer",)),
+            Gauge("bgp_routes_announced", "prefixes announced to the peers",
+                  (((), float(speaker.get("announced", 0))),)),
+            Gauge("bgp_routes_installed", "routes from the peers in the kernel",
+                  (((), float(status.get("routes_installed", 0))),)),
+        ]
 
     def container_routes(self) -> list[str]:
         """The /32s of this host's containers (from the kernel: the source of truth)."""

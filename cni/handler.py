@@ -11,6 +11,7 @@ one place (:func:`cni_error`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,7 +113,19 @@ class CniHandler:
         self.agent = agent
 
     def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Serve one socket request; always answers, never raises."""
+        """Serve one socket request; always answers, never raises. Counted and timed
+        (the agent's metrics, when on) by command and result: ok or the CNI code."""
+        t0 = time.perf_counter()
+        answer = self._handle(request)
+        metrics = self.agent.metrics
+        command = str(request.get("command"))
+        if metrics is not None and command in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
+            error = answer.get("error")
+            result = "ok" if error is None else str(error.get("code", "error"))
+            metrics.observe_request(command, result, time.perf_counter() - t0)
+        return answer
+
+    def _handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
         command = request.get("command")
         version = cni.DEFAULT_VERSION
         try:

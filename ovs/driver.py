@@ -39,7 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netd.dataplane import veth
-from netd.dataplane.driver import Addressing, Attached, Driver, Endpoint, Hold, Owned, Prepared
+from netd.dataplane.driver import (
+    Addressing,
+    Attached,
+    Driver,
+    Endpoint,
+    Gauge,
+    Hold,
+    Owned,
+    Prepared,
+)
 from netd.dataplane.errors import DataplaneError, PoolNotUsable
 from netd.dataplane.ethtool import set_gso, set_tx_checksum
 from netd.dataplane.netlink import Netlink
@@ -605,8 +614,26 @@ class VlanDriver(Driver):
     # --- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"bridge": self.settings.bridge, "flows_intact": self.flows_intact(),
-                "reprogrammed": [vars(r) for r in self.reprogrammed[-5:]]}
+        ports = [p for p in self.db.ports(self.settings.bridge)
+                 if self._security(p) is not None]
+        try:
+            flows: int | None = len(self.flows.dump(F.NETD, F.COOKIE_MASK_NETD))
+        except OpenFlowError:
+            flows = None
+        out = {"bridge": self.settings.bridge, "flows_intact": self.flows_intact(),
+               "ports": len(ports), "reprogrammed": [vars(r) for r in self.reprogrammed[-5:]]}
+        if flows is not None:
+            out["flows"] = flows
+        return out
+
+    def gauges(self, status: Mapping[str, Any]) -> list[Gauge]:
+        out = [Gauge("ovs_ports", "container ports on the bridge", (((), status["ports"]),)),
+               Gauge("ovs_flows_intact", "1 when the bridge holds every rule netd wants",
+                     (((), 1.0 if status.get("flows_intact") else 0.0),))]
+        if "flows" in status:
+            out.append(Gauge("ovs_flows", "netd's OpenFlow rules on the bridge",
+                             (((), status["flows"]),)))
+        return out
 
 
 __all__ = ["VlanDriver", "VlanSettings", "parse_vlan_settings"]

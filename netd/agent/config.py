@@ -8,6 +8,7 @@ may be present (one file for a fleet) and are left alone.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from netd.errors import InvalidInput
 MODE_TABLES = ("l2", "vlan", "bgp")
 TOP_LEVEL = ("host", "mode", "ipam_url", "token_file", "socket", "state_dir", "docker_plugin",
              "docker_socket", "docker_host", "ipam_timeout", "reconcile_interval",
-             "sync_interval")
+             "sync_interval", "metrics_listen")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class AgentConfig:
     reconcile_interval: float = 60.0
     # seconds between passes that follow the IPAM's changes (allowed extra addresses)
     sync_interval: float = 5.0
+    # Prometheus metrics on this loopback HOST:PORT (None: off)
+    metrics_listen: str | None = None
     # the mode's driver settings (parsed by its driver) and every mode table as written
     driver_settings: Any = None
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -68,6 +71,19 @@ def _get(table: Mapping[str, Any], key: str, typ: type | tuple[type, ...], defau
     return value
 
 
+def check_metrics_listen(text: str) -> None:
+    """``metrics_listen``: a loopback HOST:PORT (the metrics name every container)."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"metrics_listen must be a loopback HOST:PORT (127.0.0.1:9651), "
+                           f"not {text!r}")
+
+
 def parse_config(doc: Mapping[str, Any]) -> AgentConfig:
     unknown = set(doc) - set(TOP_LEVEL) - set(MODE_TABLES)
     if unknown:
@@ -90,6 +106,9 @@ def parse_config(doc: Mapping[str, Any]) -> AgentConfig:
     docker_host = _get(doc, "docker_host", str, "unix:///var/run/docker.sock")
     if not docker_host.startswith("unix:///"):
         raise InvalidInput(f"docker_host must be unix:///PATH, not {docker_host!r}")
+    metrics_listen = _get(doc, "metrics_listen", str, None)
+    if metrics_listen is not None:
+        check_metrics_listen(metrics_listen)
     ipam_timeout = float(_get(doc, "ipam_timeout", (int, float), 5.0))
     interval = float(_get(doc, "reconcile_interval", (int, float), 60.0))
     sync = float(_get(doc, "sync_interval", (int, float), 5.0))
@@ -109,6 +128,7 @@ def parse_config(doc: Mapping[str, Any]) -> AgentConfig:
         ipam_timeout=ipam_timeout,
         reconcile_interval=interval,
         sync_interval=sync,
+        metrics_listen=metrics_listen,
         driver_settings=settings,
         tables=tables,
     )

@@ -105,8 +105,19 @@ class AgentIpamClient(Client):
             return response.status, dict(response.getheaders()), data
         raise AssertionError("unreachable")
 
+    #: netd.agent.metrics.AgentMetrics: every call timed, failures counted (when on)
+    metrics: Any = None
+
     def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                  body: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.metrics is not None:  # the call: /v1/allocate -> allocate, /v1/pools/x -> pools
+            call = path.strip("/").split("/")[1 if path.startswith("/v1") else 0] or path
+            return self.metrics.ipam_call(  # type: ignore[no-any-return]
+                call, lambda: self._send(method, path, params, body))
+        return self._send(method, path, params, body)
+
+    def _send(self, method: str, path: str, params: dict[str, Any] | None,
+              body: dict[str, Any] | None) -> dict[str, Any]:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         target = self._prefix + path + (f"?{urlencode(query)}" if query else "")
         payload = None if body is None else json.dumps(body).encode()

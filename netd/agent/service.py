@@ -25,6 +25,7 @@ from typing import Any
 from netd.agent.config import AgentConfig
 from netd.agent.errors import DuplicateAddress, InterfaceInUse, NotAttached
 from netd.agent.locks import Owner, OwnerLocks
+from netd.agent.metrics import AgentMetrics
 from netd.agent.state import Attachment, StateStore
 from netd.dataplane.driver import Addressing, Driver, Endpoint, Owned, Prepared
 from netd.dataplane.errors import AddressConflict
@@ -119,6 +120,8 @@ class Agent:
         self.release_ipam = release_ipam or ipam
         self.driver = driver
         self.state = state
+        #: Prometheus metrics (netd.agent.metrics.AgentMetrics) when they are on
+        self.metrics: AgentMetrics | None = None
         self.clock = clock
         self.locks = OwnerLocks()
         # the driver's prepare() of each ADD runs here, next to its IPAM call
@@ -273,6 +276,8 @@ class Agent:
 
     def _duplicate(self, req: EndpointRequest, exc: AddressConflict) -> str:
         """Someone on the wire uses this address: give it back and reserve it, noting who."""
+        if self.metrics is not None:
+            self.metrics.duplicates.labels(self.driver.mode).inc()
         note = f"duplicate: answered ARP from {exc.mac} (seen by {self.cfg.host})"
         log.warning("%s is in use on the wire by %s; reserving it", exc.ip, exc.mac)
         self.ipam.release(pool=req.pool, container_id=req.container_id, ifname=req.ifname)
@@ -488,6 +493,8 @@ class Agent:
                     failed[("", "", "sweep")] = f"{type(exc).__name__}: {exc}"
             for line in done:
                 log.info("reconcile: %s", line)
+            if self.metrics is not None and done:
+                self.metrics.repairs.labels(self.driver.mode).inc(len(done))
             self.failed = failed
             if sweep:
                 self.repaired = done
@@ -644,6 +651,24 @@ class Agent:
                                 "error": why} for k, why in self.failed.items()],
             "driver": self._driver_status(),
         }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What the metrics' gauges show, read at scrape time."""
+        states: dict[str, int] = {}
+        for a in self.state.all():
+            states[a.state] = states.get(a.state, 0) + 1
+        try:
+            self.ipam.health()
+            ipam_ok = True
+        except NetdError:
+            ipam_ok = False
+        status = self._driver_status()
+        try:
+            gauges = self.driver.gauges(status)
+        except NetdError:
+            gauges = []
+        return {"attachments": states, "queued_releases": len(self.state.pending()),
+                "ipam_ok": ipam_ok, "gauges": gauges}
 
     def _driver_status(self) -> dict[str, Any]:
         try:

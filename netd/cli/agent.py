@@ -85,6 +85,18 @@ def run(cfg: AgentConfig, plan_only: bool = False) -> int:
                            timeout=min(2.0, cfg.ipam_timeout))
     state = StateStore(cfg.state_dir)
     agent = Agent(cfg, ipam, driver, state, release_ipam=fast)
+    if cfg.metrics_listen is not None:
+        from netd.agent.metrics import AgentMetrics
+
+        metrics = AgentMetrics(cfg.mode)
+        agent.metrics = ipam.metrics = fast.metrics = metrics
+        metrics.gauges(agent.metrics_snapshot)
+        try:
+            metrics.serve(cfg.metrics_listen)
+        except OSError as exc:
+            click.echo(f"netd agent: metrics_listen {cfg.metrics_listen}: {exc.strerror}",
+                       err=True)
+            return 3
     agent.reconcile()  # each record alone: one that fails is kept and retried
     agent.flush_releases()
     agent.sync_quietly()  # the BGP mode's blackholes before the first ADD

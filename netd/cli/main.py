@@ -188,8 +188,12 @@ def serve(listen: str, store_url: str, token_file: Path | None, read_token_file:
         if workers == 1:
             _serve_worker(sock, store_url, token, reader, cooldown, vlans, level)
         else:
-            sys.exit(_supervise(workers, lambda: _serve_worker(
-                sock, store_url, token, reader, cooldown, vlans, level)))
+            from netd.ipam.metrics import shared_between_processes
+
+            with shared_between_processes():  # the counters: every worker's, summed
+                code = _supervise(workers, lambda: _serve_worker(
+                    sock, store_url, token, reader, cooldown, vlans, level))
+            sys.exit(code)
         log.info("netd ipam stopped")
     finally:
         sock.close()

@@ -153,6 +153,16 @@ class Prepared(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Gauge:
+    """One gauge a mode reports: ``netd_agent_NAME``, per label values."""
+
+    name: str
+    help: str
+    samples: tuple[tuple[tuple[str, ...], float], ...]
+    labels: tuple[str, ...] = ()
+
+
 class Driver(ABC):
     """One dataplane mode. Constructed with its parsed settings; touches nothing until called.
 
@@ -204,6 +214,11 @@ class Driver(ABC):
     def status(self) -> dict[str, Any]:
         """What the mode reports in ``netd agent status`` (its own health)."""
         return {}
+
+    def gauges(self, status: Mapping[str, Any]) -> list[Gauge]:
+        """The mode's own Prometheus gauges, from a :meth:`status` just read (the agent's
+        metrics add them as they are: it knows no mode)."""
+        return []
 
     # --- endpoints ------------------------------------------------------------------
 
@@ -274,4 +289,4 @@ class Driver(ABC):
         """
 
 
-__all__ = ["Addressing", "Attached", "Driver", "Endpoint", "Hold", "Owned", "Prepared"]
+__all__ = ["Addressing", "Attached", "Driver", "Endpoint", "Gauge", "Hold", "Owned", "Prepared"]

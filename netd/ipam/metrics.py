@@ -2,11 +2,17 @@
 
 Per-pool gauges are computed at scrape time from :meth:`IPAM.list_pools`, so
 they are right even when several servers share one store. Counters and the
-latency histogram are per process.
+latency histogram are per server: with ``--workers N`` the workers keep them in
+files of a directory they share (prometheus_client's multiprocess mode,
+:func:`shared_between_processes`), and a scrape of any worker sums them all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +22,28 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def shared_between_processes() -> Iterator[str]:
+    """Around forking the workers: metrics made in them after this keep their values in
+    files of one private directory (removed afterwards), so each scrape sums them."""
+    path = tempfile.mkdtemp(prefix="netd-ipam-metrics-")
+    os.chmod(path, 0o700)
+    os.environ[MULTIPROC_ENV] = path
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # at import
+    try:
+        yield path
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        shutil.rmtree(path, ignore_errors=True)
 
 if TYPE_CHECKING:
     from netd.ipam.service import IPAM
@@ -108,5 +134,12 @@ class Metrics:
         child.inc()
 
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The Prometheus text exposition and its content type (every worker's counters
+        when several share them)."""
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if self._tracked is not None:
+            registry.register(self._tracked)
+        return generate_latest(registry), CONTENT_TYPE_LATEST

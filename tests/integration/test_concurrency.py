@@ -164,6 +164,16 @@ def test_two_worker_processes_share_socket_and_store(tmp_path: Path) -> None:
             ips = list(ex.map(alloc, range(400)))
         assert len(set(ips)) == 400
         assert httpx.get(f"{srv.url}/v1/pools/w", headers=headers).json()["allocated"] == 400
+        # the counters are the server's, not one worker's: every scrape (a new connection
+        # each, so the kernel hands them to different workers) sums them all
+        seen = set()
+        for _ in range(12):
+            text = httpx.get(f"{srv.url}/metrics").text
+            line = next(x for x in text.splitlines()
+                        if x.startswith('netd_ipam_allocations_total{pool="w"}'))
+            seen.add(float(line.split()[-1]))
+            assert 'netd_ipam_pool_allocated{pool="w"} 400.0' in text
+        assert seen == {400.0}
         srv.proc.send_signal(sig.SIGTERM)
         assert srv.proc.wait(20) == 0
         for child in children:

@@ -172,3 +172,16 @@ def test_owner_locks_serialise_waiters_and_forget_idle_owners() -> None:
     assert len(locks) == 0  # nothing left behind once idle
     with locks.hold(("c1", "eth0")), locks.hold(("c2", "eth0")):  # other owners are free
         assert len(locks) == 2
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9651", "10.0.0.1:9651", "127.0.0.1",
+                                    "localhost:9651", "127.0.0.1:0", "[::]:9651"])
+def test_metrics_listen_is_loopback_only(listen: str) -> None:
+    with pytest.raises(InvalidInput, match="loopback HOST:PORT"):
+        parse_config({"host": "h1", "metrics_listen": listen})
+
+
+def test_metrics_are_off_unless_asked_for() -> None:
+    assert parse_config({"host": "h1"}).metrics_listen is None
+    assert parse_config({"host": "h1", "metrics_listen": "[::1]:9651"}).metrics_listen == \
+        "[::1]:9651"
