@@ -64,6 +64,7 @@ bench: deps venv
 	$(BIN)/python -m tests.bench.vlan_bench
 	$(BIN)/python -m tests.bench.bgp_bench
 	$(BIN)/python -m tests.bench.etcd_bench
+	$(BIN)/python -m tests.bench.ui_bench
 
 # dist/netd-VERSION-py3-none-any.whl and dist/netd-VERSION.tar.gz (README "Install")
 wheel: venv

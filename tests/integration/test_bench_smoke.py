@@ -107,3 +107,9 @@ def test_etcd_bench_smoke(tmp_path: Path) -> None:
         assert doc[store]["clients_16"]["ok"] > 0 and doc[store]["verified"] > 0
     assert doc["failover"]["leader"]["gap_s"] > 0 and doc["failover"]["follower"]["gap_s"] > 0
     assert doc["targets"] == {}
+
+
+def test_ui_bench_smoke(tmp_path: Path) -> None:
+    doc = smoke("ui_bench", tmp_path / "ui.json", 300)
+    assert doc["params"]["n"] == 500
+    assert all(p["ok"] for p in doc["pages"].values()), doc["pages"]
