@@ -4,10 +4,8 @@ every count is what the test did."""
 from __future__ import annotations
 
 import contextlib
-import re
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +14,12 @@ from tests.support.cnilab import (
     Lab,
     add_netns,
     del_netns,
-    in_ns,
+    enable_agent_metrics,
+    metric,
     netd_conf,
     run_plugin,
     running_lab,
+    scrape_agent,
 )
 
 pytestmark = [pytest.mark.real]
@@ -30,32 +30,15 @@ PORT = 9651
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with running_lab(tmp_path_factory.mktemp("metrics"), "nm", hosts=1) as the_lab:
-        config = Path(the_lab.host("h1")["config"])
-        config.write_text(f'metrics_listen = "127.0.0.1:{PORT}"\n' + config.read_text())
-        the_lab.restart_agent("h1")
+        enable_agent_metrics(the_lab, "h1", PORT)
         yield the_lab
 
 
 def scrape(lab: Lab) -> dict[str, float]:
-    """name{labels} -> value, from inside the host's namespace (loopback there)."""
-    proc = in_ns(lab.ns("h1"), "curl", "-fsS", "--max-time", "5",
-                 f"http://127.0.0.1:{PORT}/metrics")
-    assert proc.returncode == 0, proc.stderr
-    out = {}
-    for line in proc.stdout.splitlines():
-        m = re.match(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
+    return scrape_agent(lab, "h1", PORT)
 
 
-def get(metrics: dict[str, float], name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for key, value in metrics.items():
-        base, _, rest = key.partition("{")
-        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            return value
-    raise KeyError(f"{name}{{{want}}} not in the scrape")
+get = metric
 
 
 def test_the_metrics_count_what_the_plugins_did(lab: Lab) -> None:

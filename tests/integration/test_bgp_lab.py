@@ -232,3 +232,29 @@ def test_an_agent_stopped_for_good_has_its_routes_withdrawn_at_the_restart_time(
     finally:
         lab.ensure_agent("h2")
     wait_for("h2's blocks back", lambda: h2 <= bgp_prefixes(lab, "core"), 60, 0.2)
+
+
+def test_the_agents_metrics_show_its_sessions_and_routes(
+        lab: Lab, ctrs: dict[str, dict[str, Any]]) -> None:
+    """Last in the module (it restarts h1's agent): the BGP gauges against FRR's view."""
+    from tests.support.cnilab import enable_agent_metrics, metric, scrape_agent
+
+    enable_agent_metrics(lab, "h1", 9652)
+    wait_for("h1's session back", lambda: frr(lab, "tor-r1", "show bgp neighbors json")
+             .get("198.18.1.11", {}).get("bgpState") == "Established", 30, 0.2)
+    status = lab.agent_status("h1")
+    peers = status["driver"]["speaker"]["peers"]
+
+    def settled() -> bool:
+        got = scrape_agent(lab, "h1", 9652)
+        return all(metric(got, "netd_agent_bgp_session_up", peer=p) == 1 for p in peers) \
+            and metric(got, "netd_agent_bgp_routes_announced") >= 1
+    wait_for("the gauges to show the sessions up", settled, 30, 0.5)
+    got = scrape_agent(lab, "h1", 9652)
+    status = lab.agent_status("h1")
+    for peer, p in status["driver"]["speaker"]["peers"].items():
+        assert metric(got, "netd_agent_bgp_routes_received", peer=peer) == p["received"] >= 1
+    assert metric(got, "netd_agent_bgp_routes_announced") == \
+        status["driver"]["speaker"]["announced"]
+    ready = sum(1 for a in status["attachments"] if a["state"] == "ready")
+    assert metric(got, "netd_agent_attachments", mode="bgp", state="ready") == ready >= 1

@@ -365,3 +365,22 @@ def test_lab_status_describes_the_vlan_lab(lab: Lab) -> None:
         f"{lab.prefix}-h{h}-v{v}" for h in (1, 2) for v in (100, 200)}
     assert set(status["namespaces"]) == {"switch", "gateway", "router"}
 
+
+
+def test_the_agents_metrics_show_its_ports_and_flows(
+        lab: Lab, ctrs: dict[str, dict[str, Any]]) -> None:
+    """Last in the module (it restarts h1's agent): the OVS gauges against the bridge."""
+    from tests.support.cnilab import enable_agent_metrics, metric, scrape_agent
+
+    enable_agent_metrics(lab, "h1", 9653)
+    wait_for("h1's flows back", lambda: lab.agent_status("h1")["driver"].get(
+        "flows_intact") is True, 30, 0.2)
+    got = scrape_agent(lab, "h1", 9653)
+    status = lab.agent_status("h1")
+    ready = sum(1 for a in status["attachments"] if a["state"] == "ready")
+    assert ready >= 3  # a, c and x run on h1
+    assert metric(got, "netd_agent_ovs_ports") == ready
+    assert metric(got, "netd_agent_ovs_flows_intact") == 1
+    ours = [f for f in dump_flows(lab, "h1") if f.cookie & F.COOKIE_MASK_NETD == F.NETD]
+    assert metric(got, "netd_agent_ovs_flows") == len(ours) > ready
+    assert metric(got, "netd_agent_attachments", mode="vlan", state="ready") == ready

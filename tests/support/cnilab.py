@@ -362,3 +362,38 @@ def running_lab(base: Path, tag: str, hosts: int = 2, mode: str = "l2",
         the_lab.cli("down", "--prefix", the_lab.prefix, "--dir", str(the_lab.dir),
                     check=False)
         pm.cleanup_prefix(the_lab.prefix)
+
+
+# --- the agent's metrics ---------------------------------------------------------------
+
+
+def enable_agent_metrics(lab: Lab, host: str, port: int) -> None:
+    """``metrics_listen`` into the host's agent.toml (a top-level key: first), restarted."""
+    config = Path(lab.host(host)["config"])
+    text = config.read_text()
+    if "metrics_listen" not in text:
+        config.write_text(f'metrics_listen = "127.0.0.1:{port}"\n' + text)
+    lab.restart_agent(host)
+
+
+def scrape_agent(lab: Lab, host: str, port: int) -> dict[str, float]:
+    """``name{labels}`` -> value, scraped inside the host's namespace (its loopback)."""
+    proc = in_ns(lab.ns(host), "curl", "-fsS", "--max-time", "5",
+                 f"http://127.0.0.1:{port}/metrics")
+    assert proc.returncode == 0, proc.stderr
+    out = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def metric(scraped: dict[str, float], name: str, **labels: str) -> float:
+    """The one sample of ``name`` whose labels include ``labels`` (KeyError: none)."""
+    for key, value in scraped.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            return value
+    raise KeyError(f"{name} {labels} not in the scrape")
+
