@@ -62,7 +62,8 @@ def test_the_wheel_and_sdist_carry_what_an_install_needs(dist: Path) -> None:
         entry = next(n for n in names if n.endswith("entry_points.txt"))
         points = whl.read(entry).decode()
     for needed in ("netd/cli/main.py", "netd/ipam/etcd_store.py", "netd/cni/shim.py",
-                   "netd/cni/netd-cni.c", "netd/bgp/__init__.py", "netd/ovs/__init__.py"):
+                   "netd/cni/netd-cni.c", "netd/bgp/__init__.py", "netd/ovs/__init__.py",
+                   "netd/ipam/templates/base.html", "netd/ipam/templates/pools.html"):
         assert needed in names, needed
     for script in ("netd = netd.cli.main:main", "netctl = netd.cli.netctl:main"):
         assert script in points
@@ -85,6 +86,11 @@ def test_the_installed_commands_run_from_the_wheel(venv: Path, tmp_path: Path) -
     # the etcd store and the BGP and OVS modes import from the wheel
     run(venv / "bin" / "python", "-c", "import netd.ipam.etcd_store, netd.bgp, netd.ovs",
         env=env)
+    # the web view renders from the wheel's templates
+    page = run(venv / "bin" / "python", "-c", (
+        "from netd.ipam.ui import _env; print(_env.get_template('login.html')"
+        ".render(open=False, next='/ui/', title='Log in'))"), env=env).stdout
+    assert 'name="token"' in page
 
 
 def plugin_version(plugin: Path) -> dict[str, object]:
