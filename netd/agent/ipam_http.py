@@ -111,7 +111,8 @@ class AgentIpamClient(Client):
     def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                  body: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.metrics is not None:  # the call: /v1/allocate -> allocate, /v1/pools/x -> pools
-            call = path.strip("/").split("/")[1 if path.startswith("/v1") else 0] or path
+            parts = path.strip("/").split("/")
+            call = parts[1] if parts[0] == "v1" and len(parts) > 1 else parts[0] or path
             return self.metrics.ipam_call(  # type: ignore[no-any-return]
                 call, lambda: self._send(method, path, params, body))
         return self._send(method, path, params, body)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from aetcd import rpc
@@ -240,6 +240,12 @@ class EtcdClient:
             raise Retry(f"{what} on {endpoint}: {text or code}") from None
         return False
 
+    def _raise_once(self, what: str, endpoint: str, exc: grpc.RpcError) -> NoReturn:
+        """What a failed call that is not tried again (a commit, a watch) raises:
+        :class:`Retry` when another try may succeed, else the error itself."""
+        self._failed(what, endpoint, exc, retry=False)
+        raise Retry(f"{what} on {endpoint}: {self._text(exc)}") from None  # not reached
+
     def range(self, key: bytes, end: bytes | None = None, *, revision: int = 0,
               limit: int = 0, descending: bool = False, keys_only: bool = False,
               count_only: bool = False, by_create: bool = False,
@@ -281,15 +287,13 @@ class EtcdClient:
             future = self._channel(endpoint).kv.Txn.future(
                 req, timeout=deadline, metadata=self._metadata(endpoint))
         except grpc.RpcError as exc:
-            self._failed("transaction", endpoint, exc, retry=False)
-            raise Retry(f"transaction on {endpoint}: {self._text(exc)}") from None
+            self._raise_once("transaction", endpoint, exc)
 
         def answer() -> tuple[bool, int, Any]:
             try:
                 resp = future.result()
             except grpc.RpcError as exc:
-                self._failed("transaction", endpoint, exc, retry=False)
-                raise Retry(f"transaction on {endpoint}: {self._text(exc)}") from None
+                self._raise_once("transaction", endpoint, exc)
             return bool(resp.succeeded), int(resp.header.revision), resp.responses
 
         return answer
@@ -349,7 +353,7 @@ class Watch:
         except grpc.RpcError as exc:
             if self._ended.is_set():
                 return
-            self.client._failed("watch", self.endpoint, exc, retry=False)
+            self.client._raise_once("watch", self.endpoint, exc)
         finally:
             self._ended.set()
 

@@ -721,6 +721,16 @@ class EtcdStore:
                         _resolve([p])
                 flying = None
 
+    def _slowly(self, changes: list[_Pending[Any]], exc: Retry | NetdError) -> None:
+        """A try of the pipeline failed: its changes run again the slow way (one try
+        after another on fresh reads), or fail with the store's error; then answered."""
+        if isinstance(exc, NetdError):
+            for p in changes:
+                p.error = exc
+        else:
+            self._run(changes, optimistic=False)
+        _resolve(changes)
+
     def _launch(self, batch: list[_Pending[Any]]
                 ) -> tuple[_Try, Callable[[], tuple[bool, int, Any]]] | None:
         """Execute ``batch`` and send its commit (None: done already, or run the slow
@@ -733,13 +743,9 @@ class EtcdStore:
                 _resolve(batch)
                 return None
             return t, self.client.txn_start(*request)
-        except Retry:
-            self._run(batch, optimistic=False)
-        except NetdError as exc:
-            for p in batch:
-                p.error = exc
-        _resolve(batch)
-        return None
+        except (Retry, NetdError) as exc:
+            self._slowly(batch, exc)
+            return None
 
     def _prepare(self, batch: list[_Pending[Any]], parent: Stm) -> _Try | None:
         """``batch`` executed as if ``parent`` had committed (None: it could not be)."""
@@ -753,18 +759,12 @@ class EtcdStore:
         given; None when it failed (its changes are then run again the slow way)."""
         try:
             revision = t.stm.finish(answer())
-        except Retry as exc:
-            if not isinstance(exc, CommitConflict):
-                t.stm.lost()
+        except (Retry, NetdError) as exc:
+            if isinstance(exc, Retry) and not isinstance(exc, CommitConflict):
+                t.stm.lost()  # it may have committed: the slow way finds out
             if "lease" in str(exc):
                 self.forget_leases()
-            self._run(t.changes, optimistic=False)
-            _resolve(t.changes)
-            return None
-        except NetdError as exc:
-            for p in t.changes:
-                p.error = exc
-            _resolve(t.changes)
+            self._slowly(t.changes, exc)
             return None
         t.record()
         _resolve(t.changes)
@@ -776,13 +776,9 @@ class EtcdStore:
         assert request is not None  # a try on top of another always commits
         try:
             return child, self.client.txn_start(*request)
-        except Retry:
-            self._run(child.changes, optimistic=False)
-        except NetdError as exc:
-            for p in child.changes:
-                p.error = exc
-        _resolve(child.changes)
-        return None
+        except (Retry, NetdError) as exc:
+            self._slowly(child.changes, exc)
+            return None
 
     @contextmanager
     def write(self) -> Iterator[EtcdTxn]:
