@@ -246,10 +246,14 @@ def test_the_agents_metrics_show_its_sessions_and_routes(
     peers = status["driver"]["speaker"]["peers"]
 
     def settled() -> bool:
+        # up is not enough: a restarted agent's session is Established before the
+        # ToR's routes (the downward default) have arrived
         got = scrape_agent(lab, "h1", 9652)
-        return all(metric(got, "netd_agent_bgp_session_up", peer=p) == 1 for p in peers) \
+        return all(metric(got, "netd_agent_bgp_session_up", peer=p) == 1
+                   and metric(got, "netd_agent_bgp_routes_received", peer=p) >= 1
+                   for p in peers) \
             and metric(got, "netd_agent_bgp_routes_announced") >= 1
-    wait_for("the gauges to show the sessions up", settled, 30, 0.5)
+    wait_for("the gauges to show the sessions up with routes", settled, 30, 0.5)
     got = scrape_agent(lab, "h1", 9652)
     status = lab.agent_status("h1")
     for peer, p in status["driver"]["speaker"]["peers"].items():
