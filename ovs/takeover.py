@@ -6,7 +6,8 @@ so switches and ARP caches stay valid; the uplink becomes a trunk port
 (every VLAN, or ``trunks``, and untagged frames for the host itself). Done
 naively, the kernel keeps answering on the uplink as well as through ovs0 (it
 still sees every frame the uplink receives: duplicate replies), so the uplink
-first gets ``rp_filter=1``, ``arp_ignore=1`` and IPv6 off.
+first gets ``rp_filter=1``, ``arp_ignore=1`` and IPv6 off, and it joins the bridge
+only once the host's addresses are off it (for a moment they are on both).
 
 As in the L2 mode (:mod:`netd.dataplane.l2`), the takeover is a plan of
 printable, idempotent steps (``netd agent --plan``), rolled back when the
@@ -225,8 +226,6 @@ def plan_takeover(state: VlanState, *, datapath_type: str, trunks: Sequence[int]
     port_ok = (state.uplink_port is not None
                and list(state.uplink_port.trunks) == trunks_of(trunks)
                and state.uplink_port.ofport == UPLINK_OFPORT)
-    if not port_ok:
-        steps.append(AddTrunk(bname, up.name, tuple(trunks), scope))
     if not up.up:
         steps.append(SetUp(up.name))
     if state.internal is None or not state.internal.up:
@@ -238,6 +237,12 @@ def plan_takeover(state: VlanState, *, datapath_type: str, trunks: Sequence[int]
                                                "checksums written by the kernel"))
     steps += plan_move(up.name, bname, state.uplink_addresses, state.uplink_routes,
                        state.internal_addresses, state.internal_routes)
+    # the uplink joins the bridge last: until then ovs0 hears nothing of the wire, and
+    # once the addresses are off the uplink its own stack drops what it hears (strict
+    # rp_filter, arp_ignore). With the trunk first, for the moment the address was on
+    # both, a ping reached the kernel through both and was answered twice.
+    if not port_ok:
+        steps.append(AddTrunk(bname, up.name, tuple(trunks), scope))
     only_flows = all(isinstance(s, BaseFlows) for s in steps)
     return Plan(() if only_flows else tuple(steps),  # type: ignore[arg-type]
                 title=f"take over {up.name} with OVS bridge {bname}")

@@ -161,6 +161,8 @@ def test_takeover_plan_order() -> None:
     assert kinds.index(EnsureBridge) < kinds.index(BaseFlows) < kinds.index(AddTrunk)
     assert kinds.index(BaseFlows) < kinds.index(AddAddress)  # flows before the host moves
     assert kinds.index(AddAddress) < kinds.index(ReplaceRoute) < kinds.index(DelAddress)
+    # the uplink joins the bridge once the host is off it: never two stacks answering
+    assert kinds.index(DelAddress) < kinds.index(AddTrunk) == len(kinds) - 1
     bridge = next(s for s in plan if isinstance(s, EnsureBridge))
     assert bridge.hwaddr == MAC and bridge.datapath_type == "netdev"
     assert any(isinstance(s, SetUp) and s.ifname == "ovs0" for s in plan)
