@@ -23,8 +23,10 @@ whole pool:
 ``ahandle/HANDLE/POOL/IP``            an allocation's handle (a pod's ns/name)
 ``res/POOL/LO``, ``reshandle/P/H``    reservations, and by handle
 ``block/POOL/LO``, ``blockhost/...``  BGP host blocks, and by host
-``evpool/POOL/TXN/N`` (+ ``evip``,   the history, each event under a lease of its
-``evspan``)                           day: etcd drops it after ``history_days``
+``evip/IP/TXN/N``                     the history, once, by address (a pool's is
+                                      its CIDR's range), each event under a lease
+                                      of its day: dropped after ``history_days``
+``evspan/LO/HI/TXN/N``                ... a range's or a pool's own events
 ====================================  ============================================
 
 Addresses are 32 hex digits (:func:`~netd.ipam.model.key`), so key order is
@@ -181,12 +183,26 @@ def _q(part: str) -> str:
 
 
 def _alloc_doc(a: Allocation) -> bytes:
-    doc = {f: getattr(a, f) for f in _ALLOC_FIELDS}
-    doc["allowed"] = list(a.allowed)
+    """Fields at their defaults left out: every byte is written to each member's WAL
+    and database (twice: by address and by host), and etcd here is bound by its disk."""
+    doc: dict[str, Any] = {}
+    for f, default in _ALLOC_FIELDS:
+        value = getattr(a, f)
+        if value != default or default is _REQUIRED:
+            doc[f] = list(value) if f == "allowed" else value
     return _j(doc)
 
 
-_ALLOC_FIELDS = tuple(f.name for f in dataclasses.fields(Allocation))
+_REQUIRED = object()
+_ALLOC_FIELDS = tuple(
+    (f.name, f.default if f.default is not dataclasses.MISSING
+     else f.default_factory() if f.default_factory is not dataclasses.MISSING
+     else _REQUIRED) for f in dataclasses.fields(Allocation))
+
+
+def _event_doc(e: Event) -> bytes:
+    """The event without its id (its revision gives it) and without empty fields."""
+    return _j({k: v for k, v in e.to_dict().items() if k != "id" and v != ""})
 
 
 def _ts(ts: float) -> str:
@@ -531,15 +547,17 @@ class EtcdTxn:
         if n >= EVENTS_PER_TXN:
             raise InvalidInput(f"one change may record at most {EVENTS_PER_TXN} events")
         lease = self.store.history_lease()
-        doc = _j({**e.to_dict(), "id": 0})
+        doc = _event_doc(e)
         name = f"{n:03d}"
-        self.stm.put(self.k("evpool", e.pool, self.txn_id, name), doc, lease)  # all: evpool/
+        # once, by address: a pool's history is the range of its addresses (pools do
+        # not overlap); a range's or a pool's own event by its span
         span = _span(e.ip)
         if span is None:
             try:
                 ipk = key(int(ipaddress.ip_address(e.ip)))
             except ValueError:
-                return
+                span = (0, 0)  # no address at all (none of the IPAM's own): with the spans
+        if span is None:
             self.stm.put(self.k("evip", ipk, self.txn_id, name), doc, lease)
         else:
             self.stm.put(self.k("evspan", key(span[0]), key(span[1]), self.txn_id, name), doc,
@@ -799,38 +817,53 @@ class EtcdStore:
 
     def events(self, ip: str | None, pool: str | None, limit: int,
                after: int | None) -> list[Event]:
+        """One address's, one pool's or all history: the address keys in its range
+        (for a pool: its CIDR, and that of any pool of the name before), and the
+        span events that cover it; newest ``limit`` (or ``limit`` after ``after``)."""
         p = self.prefix.encode()
+        spans = self._events_under(p + b"evspan/", prefix_end(p + b"evspan/"), None, 0)
+        ranges: list[tuple[bytes, bytes]] = []
         if ip is not None:
             ipk = key(int(ipaddress.ip_address(ip)))
-            bases = [p + b"evip/" + ipk.encode() + b"/"]
-            spans = [kv for kv in self._events_under(p + b"evspan/", None, 0)
-                     if self._covers(kv[0], p, int(ipk, 16))]
+            spans = [kv for kv in spans if self._covers(kv[0], p, int(ipk, 16))]
+            ranges.append(self._evip(ipk, ipk))
+        elif pool is not None:
+            cidrs = {e.ip for _, e in spans if e.pool == pool and "/" in e.ip}
+            got = self.client.range(p + b"pool/" + _q(pool).encode()).kvs
+            if got:
+                cidrs.add(self.parse_pool(got[0].value).cidr)
+            for cidr in sorted(cidrs):
+                span = _span(cidr)
+                if span is not None:
+                    ranges.append(self._evip(key(span[0]), key(span[1])))
         else:
-            bases = [p + b"evpool/" + (quote(pool, safe="").encode() + b"/" if pool
-                                       else b"")]
-            spans = []
+            ranges.append((p + b"evip/", prefix_end(p + b"evip/")))
         evs = spans
-        for base in bases:
-            evs += self._events_under(base, after, limit)
+        for start, end in ranges:
+            evs += self._events_under(start, end, after, limit)
         out = [e for _, e in evs if (pool is None or e.pool == pool)
                and (after is None or e.id > after)]
         out.sort(key=lambda e: e.id)
         return out[:limit] if after is not None else out[-limit:] if limit else out
+
+    def _evip(self, lo: str, hi: str) -> tuple[bytes, bytes]:
+        """The keys of the events of the addresses lo..hi (keys in address order)."""
+        base = self.prefix.encode() + b"evip/"
+        return base + lo.encode() + b"/", prefix_end(base + hi.encode() + b"/")
 
     @staticmethod
     def _covers(k: bytes, p: bytes, ip: int) -> bool:
         lo, hi = k[len(p):].decode().split("/")[1:3]
         return unkey(lo) <= ip <= unkey(hi)
 
-    def _events_under(self, base: bytes, after: int | None,
+    def _events_under(self, start: bytes, end: bytes, after: int | None,
                       limit: int) -> list[tuple[bytes, Event]]:
-        end = prefix_end(base)
         if after is not None:
-            got = self.client.range(base, end, by_create=True,
+            got = self.client.range(start, end, by_create=True,
                                     min_create=after // EVENTS_PER_TXN,
                                     limit=limit + EVENT_MARGIN if limit else 0)
         else:
-            got = self.client.range(base, end, by_create=True, descending=True,
+            got = self.client.range(start, end, by_create=True, descending=True,
                                     limit=limit + EVENT_MARGIN if limit else 0)
         out = []
         for kv in got.kvs:

@@ -467,6 +467,32 @@ def test_history_records_who_held_an_address(ipam: IPAM, clock: Clock) -> None:
     assert all(e.mac == "0a:58:0a:00:00:02" for e in events)
 
 
+def test_a_pools_history_is_its_own_also_after_it_is_gone(ipam: IPAM) -> None:
+    """Per pool: its own and its addresses' events, none of a neighbour's; a pool
+    deleted and its CIDR used again under another name: each keeps its own."""
+    def acts(**kw: Any) -> list[tuple[str, str, str]]:
+        return [(e.pool, e.action, e.container_id) for e in ipam.history(**kw)
+                if e.action != "reserve"]  # its network, gateway, broadcast
+
+    ipam.create_pool(PoolSpec(name="p", cidr="10.0.0.0/29"))
+    ipam.create_pool(PoolSpec(name="q", cidr="10.0.1.0/29"))
+    alloc(ipam, "c1", pool="p")
+    alloc(ipam, "c2", pool="q")
+    ipam.release(container_id="c1")
+    p_events = [("p", "pool-create", ""), ("p", "allocate", "c1"), ("p", "release", "c1")]
+    assert acts(pool="p") == p_events
+    ipam.delete_pool("p")
+    ipam.create_pool(PoolSpec(name="p2", cidr="10.0.0.0/29"))
+    alloc(ipam, "c3", pool="p2")
+    assert acts(pool="p") == [*p_events, ("p", "pool-delete", "")]
+    assert acts(pool="p2") == [("p2", "pool-create", ""), ("p2", "allocate", "c3")]
+    assert acts(ip="10.0.0.2") == [*p_events, ("p", "pool-delete", ""),
+                                   ("p2", "pool-create", ""), ("p2", "allocate", "c3")]
+    assert acts(pool="q") == [("q", "pool-create", ""), ("q", "allocate", "c2")]
+    assert len(acts(limit=100)) == 8
+    assert [e.action for e in ipam.history(pool="p", limit=2)] == ["release", "pool-delete"]
+
+
 def test_store_survives_reopen(tmp_path: Path, clock: Clock) -> None:
     db = tmp_path / "ipam.db"
     one = IPAM(SqliteStore(str(db)), clock=clock)
