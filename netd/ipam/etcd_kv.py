@@ -275,9 +275,11 @@ class EtcdClient:
         return self.txn_start(compares, success, failure)()
 
     def txn_start(self, compares: Iterable[Any], success: Iterable[Any],
-                  failure: Iterable[Any] = ()) -> Callable[[], tuple[bool, int, Any]]:
+                  failure: Iterable[Any] = (), *, on_done: Callable[[], None] | None = None
+                  ) -> Callable[[], tuple[bool, int, Any]]:
         """Send one etcd transaction; the function returned waits for its answer
-        (:meth:`txn`'s), so that the caller prepares the next one meanwhile."""
+        (:meth:`txn`'s), so that the caller prepares the next one meanwhile.
+        ``on_done`` is called (on gRPC's thread) once the answer or the failure is in."""
         req = rpc.TxnRequest(compare=list(compares), success=list(success),
                              failure=list(failure))
         # a big transaction (deleting a pool) may take longer than a point read
@@ -288,6 +290,8 @@ class EtcdClient:
                 req, timeout=deadline, metadata=self._metadata(endpoint))
         except grpc.RpcError as exc:
             self._raise_once("transaction", endpoint, exc)
+        if on_done is not None:
+            future.add_done_callback(lambda _: on_done())
 
         def answer() -> tuple[bool, int, Any]:
             try:
@@ -605,19 +609,19 @@ class Stm:
                 used.add(k)
             else:
                 compares.append(mod_equals(k, m))
-        range_compares = []
+        spans: dict[tuple[bytes, bytes], None] = {}  # a range read again: compared once
         if self.revision:
-            for s, e in self.ranges:
+            for s, e in dict.fromkeys(self.ranges):
                 inside = sorted(k for k in theirs if s <= k < e)
                 used.update(inside)
                 # and nothing else there changed since this try read it
                 for lo, hi in zip([s, *(k + b"\0" for k in inside)], [*inside, e],
                                   strict=True):
                     if lo < hi:
-                        range_compares.append(nothing_newer(lo, hi, self.revision))
+                        spans[(lo, hi)] = None
         compares += [mod_equals(k, 0 if theirs[k] is None else parent_revision)
                      for k in sorted(used)]
-        compares += range_compares
+        compares += [nothing_newer(lo, hi, self.revision) for lo, hi in spans]
         ops = [delete_op(k) if w is None else put_op(k, w[0], w[1])
                for k, w in self.writes.items()]
         return compares, ops

@@ -633,10 +633,12 @@ class EtcdStore:
         return Stm(self.client, optimistic=optimistic, cache=self._known,
                    cacheable=self._cacheable)
 
-    def _execute(self, changes: list[_Pending[Any]], stm: Stm) -> _Try:
+    def _execute(self, changes: list[_Pending[Any]], stm: Stm,
+                 into: _Try | None = None) -> _Try:
         """Every change on ``stm``, each behind a savepoint (one that fails is undone
-        alone, its error its own); :class:`Retry` from a read ends the try."""
-        tx = EtcdTxn(self, stm)
+        alone, its error its own); :class:`Retry` from a read ends the try. ``into``: a
+        try on ``stm`` that these changes join."""
+        tx = into.tx if into is not None else EtcdTxn(self, stm)
         outcomes: list[tuple[bool, Any]] = []
         for p in changes:
             point = stm.savepoint()
@@ -649,7 +651,11 @@ class EtcdStore:
                 stm.rollback_to(point)
                 tx.n_events = events
                 outcomes.append((False, exc))
-        return _Try(changes, stm, outcomes)
+        if into is not None:
+            into.changes += changes
+            into.outcomes += outcomes
+            return into
+        return _Try(list(changes), stm, outcomes, tx)
 
     def _run(self, changes: list[_Pending[Any]], *, optimistic: bool = True) -> None:
         """Tries until one commits (or the budget is spent), each on fresh reads."""
@@ -703,41 +709,71 @@ class EtcdStore:
         return pending.result()
 
     def _commit_loop(self) -> None:
-        """The committer. What is queued while a commit is on the wire goes together in
-        the next one (``max_batch`` at most; 1 without group commit), and that one is
-        prepared meanwhile, on top of the one on the wire (:meth:`Stm.on_top_of`): it
-        is sent when the answer comes, compared against the revision it names, or
-        run again from scratch when the one before it failed."""
+        """The committer. While one commit is on the wire, the changes that arrive are
+        executed at once into the next one (``max_batch`` at most; 1 without group
+        commit), on top of the one on the wire (:meth:`Stm.on_top_of`): that one is sent
+        as soon as the answer comes, compared against the revision it names, or run
+        again from scratch when the one before it failed."""
         most = self.max_batch if self.group_commit else 1
-        flying: tuple[_Try, Callable[[], tuple[bool, int, Any]]] | None = None
+        flying: _Flight | None = None
         while True:
+            batch: list[_Pending[Any]] = []
             with self._queue_lock:
                 while flying is None and not self._queue and not self._closed:
                     self._queue_lock.wait()
                 if flying is None and self._closed and not self._queue:
                     return
-                batch, self._queue = self._queue[:most], self._queue[most:]
+                if flying is None:
+                    batch, self._queue = self._queue[:most], self._queue[most:]
             try:
                 if flying is None:
                     flying = self._launch(batch)
                     continue
-                t, answer = flying
+                child, batch = self._gather(flying, most)
+                revision = self._land(flying)
                 flying = None
-                child = self._prepare(batch, t.stm) if batch else None
-                revision = self._land(t, answer)
                 if child is None or revision is None:
+                    if child is not None:
+                        batch = child.changes
                     if batch:  # not prepared, or on a parent that failed: again, first
                         with self._queue_lock:
                             self._queue[:0] = batch
                     continue
+                batch = child.changes
                 flying = self._send(child, revision)
             except BaseException as exc:  # a bug: every change in hand hears of it
                 log.exception("etcd: a group commit failed")
-                for p in batch + (flying[0].changes if flying else []):
+                for p in batch + (flying.t.changes if flying else []):
                     if not p.resolved:
                         p.error = p.error or exc
                         _resolve([p])
                 flying = None
+
+    def _gather(self, flying: _Flight, most: int
+                ) -> tuple[_Try | None, list[_Pending[Any]]]:
+        """Until ``flying``'s answer is in, what arrives is executed into the try that
+        follows it (the first arrival waits one commit, not two). Returns that try, or
+        (None, the changes taken) when it could not be prepared (a read failed): they
+        then run again from scratch after ``flying``."""
+        child: _Try | None = None
+        taken: list[_Pending[Any]] = []
+        broken = False
+        while True:
+            with self._queue_lock:
+                while not flying.done and (
+                        broken or not self._queue or len(taken) >= most):
+                    self._queue_lock.wait()
+                if flying.done:
+                    break
+                take = self._queue[:most - len(taken)]
+                self._queue = self._queue[len(take):]
+            taken += take
+            try:
+                stm = child.stm if child is not None else Stm.on_top_of(flying.t.stm)
+                child = self._execute(take, stm, into=child)
+            except (Retry, NetdError):
+                child, broken = None, True
+        return (None, taken) if broken else (child, taken)
 
     def _slowly(self, changes: list[_Pending[Any]], exc: Retry | NetdError) -> None:
         """A try of the pipeline failed: its changes run again the slow way (one try
@@ -749,8 +785,7 @@ class EtcdStore:
             self._run(changes, optimistic=False)
         _resolve(changes)
 
-    def _launch(self, batch: list[_Pending[Any]]
-                ) -> tuple[_Try, Callable[[], tuple[bool, int, Any]]] | None:
+    def _launch(self, batch: list[_Pending[Any]]) -> _Flight | None:
         """Execute ``batch`` and send its commit (None: done already, or run the slow
         way)."""
         try:
@@ -760,23 +795,29 @@ class EtcdStore:
                 t.record()
                 _resolve(batch)
                 return None
-            return t, self.client.txn_start(*request)
+            return self._fly(t, request)
         except (Retry, NetdError) as exc:
             self._slowly(batch, exc)
             return None
 
-    def _prepare(self, batch: list[_Pending[Any]], parent: Stm) -> _Try | None:
-        """``batch`` executed as if ``parent`` had committed (None: it could not be)."""
-        try:
-            return self._execute(batch, Stm.on_top_of(parent))
-        except (Retry, NetdError):
-            return None
+    def _fly(self, t: _Try, request: tuple[list[Any], list[Any]]) -> _Flight:
+        """Send ``t``'s commit; its answer wakes the committer."""
+        flight = _Flight(t)
 
-    def _land(self, t: _Try, answer: Callable[[], tuple[bool, int, Any]]) -> int | None:
+        def done() -> None:
+            with self._queue_lock:
+                flight.done = True
+                self._queue_lock.notify_all()
+
+        flight.answer = self.client.txn_start(*request, on_done=done)
+        return flight
+
+    def _land(self, flight: _Flight) -> int | None:
         """The answer of a commit on the wire: its revision, its changes' results
         given; None when it failed (its changes are then run again the slow way)."""
+        t = flight.t
         try:
-            revision = t.stm.finish(answer())
+            revision = t.stm.finish(flight.answer())
         except (Retry, NetdError) as exc:
             if isinstance(exc, Retry) and not isinstance(exc, CommitConflict):
                 t.stm.lost()  # it may have committed: the slow way finds out
@@ -788,12 +829,11 @@ class EtcdStore:
         _resolve(t.changes)
         return revision
 
-    def _send(self, child: _Try, parent_revision: int
-              ) -> tuple[_Try, Callable[[], tuple[bool, int, Any]]] | None:
+    def _send(self, child: _Try, parent_revision: int) -> _Flight | None:
         request = child.stm.request(parent_revision)
         assert request is not None  # a try on top of another always commits
         try:
-            return child, self.client.txn_start(*request)
+            return self._fly(child, request)
         except (Retry, NetdError) as exc:
             self._slowly(child.changes, exc)
             return None
@@ -1014,6 +1054,7 @@ class _Try:
     changes: list[_Pending[Any]]
     stm: Stm
     outcomes: list[tuple[bool, Any]]
+    tx: EtcdTxn
 
     def record(self) -> None:
         """It committed: each change's outcome is its result."""
@@ -1022,6 +1063,15 @@ class _Try:
                 p.ok, p.value = True, value
             else:
                 p.error = value
+
+
+@dataclass
+class _Flight:
+    """A try whose commit is on the wire; ``done`` once its answer is in."""
+
+    t: _Try
+    answer: Callable[[], tuple[bool, int, Any]] = lambda: (False, 0, None)
+    done: bool = False
 
 
 def _resolve(changes: list[_Pending[Any]]) -> None:

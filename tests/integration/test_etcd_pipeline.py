@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,7 +120,7 @@ def test_a_failed_parent_takes_its_child_with_it_and_both_run_again(
     try:
         ipam.create_pool(PoolSpec(name="p", cidr="10.113.0.0/22"))
         real_start = store.client.txn_start
-        real_prepare = store._prepare
+        real_gather = store._gather
         calls = [0]
         prepared_on_failed = [0]
         failed: list[Any] = []
@@ -132,14 +133,14 @@ def test_a_failed_parent_takes_its_child_with_it_and_both_run_again(
                 failed.append(calls[0])
             return real_start(*args, **kwargs)
 
-        def prepare(batch: Any, parent: Stm) -> Any:
-            got = real_prepare(batch, parent)
-            if got is not None and calls[0] in failed:
+        def gather(flying: Any, most: int) -> Any:
+            child, taken = real_gather(flying, most)
+            if child is not None and calls[0] in failed:
                 prepared_on_failed[0] += 1
-            return got
+            return child, taken
 
         store.client.txn_start = touch_the_pool_first  # type: ignore[method-assign]
-        store._prepare = prepare  # type: ignore[method-assign]
+        store._gather = gather  # type: ignore[method-assign]
         results: list[str] = []
         lock = threading.Lock()
 
@@ -170,3 +171,67 @@ def ipam_str(ip: int) -> str:
     import ipaddress
 
     return str(ipaddress.ip_address(ip))
+
+
+def test_changes_that_arrive_while_a_commit_is_on_the_wire_go_in_the_next_one(
+        etcd_cluster: etcd.EtcdCluster) -> None:
+    """The committer executes what arrives during a commit at once, into the try that
+    follows it, and sends that try the moment the answer is in: the arrivals wait for
+    one commit besides their own, not two, and share one transaction."""
+    store = etcd.fresh_store(etcd_cluster)
+    assert isinstance(store, EtcdStore)
+    ipam = IPAM(store)
+    try:
+        ipam.create_pool(PoolSpec(name="p", cidr="10.114.0.0/24"))
+        real_start = store.client.txn_start
+        hold = threading.Event()
+        sent: list[int] = []  # operations per transaction sent
+
+        def held_first(compares: Any, success: Any, *args: Any, **kwargs: Any) -> Any:
+            success = list(success)
+            sent.append(len(success))
+            on_done = kwargs.pop("on_done", None)
+            if len(sent) == 1:  # the first commit's answer is held back
+                def late() -> None:
+                    threading.Thread(target=lambda: (hold.wait(10), on_done())).start()
+                return real_start(compares, success, *args, on_done=late, **kwargs)
+            return real_start(compares, success, *args, on_done=on_done, **kwargs)
+
+        store.client.txn_start = held_first  # type: ignore[method-assign]
+        executed: list[str] = []
+        real_execute = store._execute
+
+        def execute(changes: Any, stm: Stm, into: Any = None) -> Any:
+            executed.extend("c" for _ in changes)
+            return real_execute(changes, stm, into)
+
+        store._execute = execute  # type: ignore[method-assign]
+        results: dict[str, str] = {}
+
+        def alloc(cid: str) -> None:
+            a, _ = ipam.allocate(AllocRequest(pool="p", container_id=cid, host="h1"))
+            results[cid] = ipam_str(a.ip)
+
+        first = threading.Thread(target=alloc, args=("first",))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sent) == 1  # the first commit is on the wire
+        later = [threading.Thread(target=alloc, args=(f"later{i}",)) for i in range(3)]
+        for t in later:
+            t.start()
+        while len(executed) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # executed before the first answer came, and nothing more sent meanwhile
+        assert len(executed) == 4 and len(sent) == 1 and not results
+        hold.set()
+        for t in [first, *later]:
+            t.join(20)
+        store.client.txn_start = real_start  # type: ignore[method-assign]
+        assert len(results) == 4 and len(set(results.values())) == 4
+        assert len(sent) == 2 and sent[1] > sent[0]  # the three in one transaction
+        assert ipam.get_pool("p")[1].allocated == 4
+        ipam_check(etcd_cluster.url(store.prefix))
+    finally:
+        etcd.drop_store(store)
