@@ -302,6 +302,24 @@ class EtcdClient:
 
         return answer
 
+    def get_many(self, keys: Sequence[bytes], *, revision: int = 0
+                 ) -> tuple[list[Kv | None], int]:
+        """Several keys in one round trip (a read-only transaction), at ``revision`` (0:
+        now); each key's value or None, and the revision read."""
+        req = rpc.TxnRequest(success=[rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=k, revision=revision)) for k in keys])
+
+        def go(stubs: Stubs, md: Any) -> tuple[list[Kv | None], int]:
+            resp = stubs.kv.Txn(req, timeout=self.timeout + 0.001 * len(keys), metadata=md)
+            out: list[Kv | None] = []
+            for r in resp.responses:
+                kvs = r.response_range.kvs
+                out.append(Kv(kvs[0].key, kvs[0].value, kvs[0].mod_revision,
+                              kvs[0].create_revision, kvs[0].lease) if kvs else None)
+            return out, revision or int(resp.header.revision)
+
+        return self.call("multi-get", go)
+
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         req = rpc.PutRequest(key=key, value=value, lease=lease)
         return self.call("put", lambda stubs, md: int(stubs.kv.Put(
@@ -468,6 +486,21 @@ class Stm:
             self.absent.add(key)
         self._remember(key, self.values[key], kv.mod if kv else 0)
         return self.values[key]
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """:meth:`get` of each key, those not known here read in one round trip."""
+        unknown = [k for k in dict.fromkeys(keys) if k not in self.writes
+                   and k not in self.values
+                   and (self.parent is None or k not in self.parent.writes)]
+        if unknown:
+            got, revision = self.client.get_many(unknown, revision=self.revision)
+            self.revision = self.revision or revision
+            for k, kv in zip(unknown, got, strict=True):
+                self.seen.setdefault(k, kv.mod if kv else 0)
+                self.values[k] = kv.value if kv else None
+                if kv is None:
+                    self.absent.add(k)
+        return [self.get(k) for k in keys]
 
     def _remember(self, key: bytes, value: bytes | None, mod: int) -> None:
         if self.cache is not None and self.cacheable is not None and self.cacheable(key):

@@ -19,7 +19,8 @@ whole pool:
 ``alloc/POOL/IP``                     an allocation
 ``owner/CID/IFNAME/POOL``             its owner's key: created only when absent
 ``mac/MAC``                           its MAC's key: one owner per MAC
-``host/HOST/POOL/IP``                 the allocation again, by host
+``host/HOST/POOL/IP``                 the allocation's name, by host (empty; a
+                                      store written before 2026-12-03 has a copy)
 ``ahandle/HANDLE/POOL/IP``            an allocation's handle (a pod's ns/name)
 ``res/POOL/LO``, ``reshandle/P/H``    reservations, and by handle
 ``block/POOL/LO``, ``blockhost/...``  BGP host blocks, and by host
@@ -433,7 +434,20 @@ class EtcdTxn:
             lo = max(lo, start + b"\0")
         if lo >= hi:
             return []
-        return [_alloc(v) for _, v in self.stm.range(lo, hi, limit=limit)]
+        got = self.stm.range(lo, hi, limit=limit)
+        if host is None:
+            return [_alloc(v) for _, v in got]
+        # the host index names the allocation (a store written before kept a copy)
+        n = len(self.store.prefix)
+        names = [self.k("alloc", *(unquote(x) for x in k.decode()[n:].split("/")[2:]))
+                 for k, v in got if not v]
+        docs = iter(self.stm.get_many(names))
+        out = []
+        for _, v in got:
+            raw = v or next(docs)
+            if raw:
+                out.append(_alloc(raw))
+        return out
 
     def put_allocation(self, a: Allocation) -> None:
         ip = key(a.ip)
@@ -450,7 +464,7 @@ class EtcdTxn:
         self.stm.put(self.k("alloc", a.pool, ip), raw)
         self.stm.put(self.k("owner", a.container_id, a.ifname, a.pool), ip.encode())
         self.stm.put(self.k("mac", a.mac), f"{a.pool}/{ip}".encode())
-        self.stm.put(self.k("host", a.host, a.pool, ip), raw)
+        self.stm.put(self.k("host", a.host, a.pool, ip), b"")  # a name, not a copy
         if a.handle:
             self.stm.put(self.k("ahandle", a.handle, a.pool, ip), b"")
 

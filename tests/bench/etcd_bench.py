@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from tests.bench.common import quiet_sigterm
 from tests.bench.ipam_bench import (
     Endpoint,
     api_call,
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n16, args.n1, args.warmup = 1000, 200, 100
     if args.smoke:
         args.n16, args.n1, args.warmup, args.settle, args.max_run_s = 64, 16, 8, 3.0, 30.0
+    quiet_sigterm()  # SIGTERM stops the cluster and the server (finally below)
     if not etcd.ensure_etcd():
         log("etcd_bench needs etcd-server (make deps)")
         return 1

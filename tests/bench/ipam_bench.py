@@ -46,7 +46,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from netd.errors import AddressInUse
 from netd.ipam.model import ip_str, key, mac_for_ipv4, unkey
 from netd.ipam.service import IPAM, AllocRequest, PoolSpec
 from netd.ipam.store import SCHEMA, SqliteStore, SqliteTxn
+from tests.bench.common import quiet_sigterm
 from tests.conftest import Server, start_server
 
 HOST_LOCAL = "/usr/lib/cni/host-local"
@@ -1258,10 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    def on_term(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+    quiet_sigterm()  # SIGTERM tears down what the bench started
     t0 = time.monotonic()
     out = Path(args.out)
     res: dict[str, Any] = {

@@ -26,7 +26,7 @@ import pytest
 
 from netd.ipam.etcd_kv import Retry
 from netd.ipam.etcd_store import EtcdStore
-from netd.ipam.service import IPAM, AllocRequest, PoolSpec
+from netd.ipam.service import IPAM, AllocRequest, PoolSpec, cursor
 from tests.conftest import Server, ipam_check, require, start_server
 from tests.integration.test_concurrency import check_consistent
 from tests.support import etcd
@@ -245,3 +245,39 @@ def test_a_lost_commit_answer_returns_the_same_allocation(
     store.close()
     ipam_check(cluster.url(prefix))
 
+
+def test_listing_by_host_reads_the_allocations_the_host_index_names(
+        cluster: etcd.EtcdCluster, prefix: str) -> None:
+    """The host index holds names, not copies: a listing by host reads the documents in
+    one round trip per page, pages like the full listing, and still reads a host key
+    that holds a copy (a store written before the change)."""
+    store = EtcdStore(cluster.url(prefix))
+    ipam = IPAM(store)
+    try:
+        ipam.create_pool(PoolSpec(name="a", cidr="10.115.0.0/24"))
+        ipam.create_pool(PoolSpec(name="b", cidr="10.115.1.0/24"))
+        for i, (pool, host) in enumerate([("a", "h1"), ("b", "h1"), ("a", "h2"),
+                                          ("a", "h1"), ("b", "h1")]):
+            ipam.allocate(AllocRequest(pool=pool, container_id=f"c{i}", host=host))
+        host_keys = store.client.range(f"{prefix}host/".encode(),
+                                       f"{prefix}host0".encode()).kvs
+        assert len(host_keys) == 5 and all(kv.value == b"" for kv in host_keys)
+        every = ipam.addresses(limit=100)
+
+        def of(host: str, pool: str | None = None) -> list[str]:
+            return [a.container_id for a, _ in every if a.host == host
+                    and (pool is None or a.pool == pool)]
+
+        assert [a.container_id for a, _ in ipam.addresses(host="h1")] == of("h1")
+        assert [a.container_id for a, _ in ipam.addresses(pool="b", host="h1")] == of("h1", "b")
+        page = ipam.addresses(host="h1", limit=2)
+        rest = ipam.addresses(host="h1", after=cursor(*page[-1]))
+        assert [a.container_id for a, _ in page + rest] == of("h1")
+        # a host key written by the code before holds the whole document: read as it is
+        old = next(kv for kv in host_keys if b"/h2/" in kv.key)
+        doc = store.client.range(old.key.replace(b"/host/h2/", b"/alloc/")).kvs[0].value
+        store.client.put(old.key, doc)
+        assert [(a.container_id, a.host) for a, _ in ipam.addresses(host="h2")] == [("c2", "h2")]
+        ipam_check(cluster.url(prefix))
+    finally:
+        store.close()
