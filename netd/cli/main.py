@@ -212,6 +212,11 @@ def _serve_worker(sock: socket.socket, store_url: str, token: str | None,
     from netd.ipam.store import open_store
 
     store = open_store(store_url)
+    if getattr(store, "network", False):
+        # etcd's committer thread hands the next commit over the moment gRPC's thread
+        # has an answer; both take the GIL from the event loop, each waiting up to the
+        # switch interval (5 ms by default, about a commit's own round trip)
+        sys.setswitchinterval(0.001)
     ipam = IPAM(store, cooldown=cooldown, vlan_range=vlans)
     watch_space = getattr(store, "watch_space", None)  # etcd: warn before its quota
     if watch_space is not None:

@@ -744,17 +744,23 @@ class EtcdStore:
                     flying = self._launch(batch)
                     continue
                 child, batch = self._gather(flying, most)
-                revision = self._land(flying)
+                landed, revision = flying, self._land(flying)
                 flying = None
-                if child is None or revision is None:
-                    if child is not None:
-                        batch = child.changes
-                    if batch:  # not prepared, or on a parent that failed: again, first
-                        with self._queue_lock:
-                            self._queue[:0] = batch
-                    continue
-                batch = child.changes
-                flying = self._send(child, revision)
+                try:
+                    if child is None or revision is None:
+                        if child is not None:
+                            batch = child.changes
+                        if batch:  # not prepared, or on a parent that failed: again, first
+                            with self._queue_lock:
+                                self._queue[:0] = batch
+                        continue
+                    batch = child.changes
+                    flying = self._send(child, revision)
+                finally:
+                    # answered once the next one is on the wire: the threads they wake
+                    # do not hold it back
+                    if revision is not None:
+                        _resolve(landed.t.changes)
             except BaseException as exc:  # a bug: every change in hand hears of it
                 log.exception("etcd: a group commit failed")
                 for p in batch + (flying.t.changes if flying else []):
@@ -828,7 +834,8 @@ class EtcdStore:
 
     def _land(self, flight: _Flight) -> int | None:
         """The answer of a commit on the wire: its revision, its changes' results
-        given; None when it failed (its changes are then run again the slow way)."""
+        recorded (the caller tells their waiters); None when it failed (its changes are
+        then run again the slow way, and answered)."""
         t = flight.t
         try:
             revision = t.stm.finish(flight.answer())
@@ -840,7 +847,6 @@ class EtcdStore:
             self._slowly(t.changes, exc)
             return None
         t.record()
-        _resolve(t.changes)
         return revision
 
     def _send(self, child: _Try, parent_revision: int) -> _Flight | None:
