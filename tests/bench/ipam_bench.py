@@ -824,9 +824,14 @@ def _page_reader(url: str, token: str, stop: Any, paused: Any, pages: Any,
             time.sleep(0.01)
             continue
         q = f"/v1/addresses?pool={LIST_POOL}&limit=1000" + (f"&after={after}" if after else "")
-        conn.request("GET", q, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read()
+        try:
+            conn.request("GET", q, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            if not stop.value:  # cut while it should page: a finding, not a traceback
+                passes.put(("error", type(exc).__name__, str(exc)[:200]))
+            return
         if resp.status != 200:
             passes.put(("error", resp.status, body[:200]))
             return
