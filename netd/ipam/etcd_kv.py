@@ -4,8 +4,9 @@ The wire is etcd's own protobuf API (the generated messages and stubs that
 ship with ``aetcd``) on synchronous gRPC channels, one per endpoint: the IPAM
 service is synchronous code that FastAPI runs in worker threads, so nothing
 here blocks an event loop. Every call has a deadline; an endpoint that fails
-(UNAVAILABLE, a deadline) is left for the next one, with a bounded backoff,
-until the call's overall budget is spent (:class:`~netd.errors.Unavailable`).
+(UNAVAILABLE, a deadline) is left at once for the one that failed longest ago,
+with a bounded backoff only after every endpoint failed in turn, until the
+call's overall budget is spent (:class:`~netd.errors.Unavailable`).
 
 :class:`Stm` is one optimistic transaction (etcd's "software transactional
 memory", as Calico's IPAM uses compare-and-swap on its blocks): reads at one
@@ -123,6 +124,7 @@ class EtcdClient:
         self._lock = threading.Lock()
         self._channels: dict[str, Stubs] = {}
         self._current = secrets.randbelow(len(self.endpoints))  # replicas spread out
+        self._failed_at: dict[str, float] = {}  # endpoint -> its last transient failure
         self._token: str | None = None
 
     # --- channels -----------------------------------------------------------------------
@@ -152,9 +154,16 @@ class EtcdClient:
             return self.endpoints[self._current % len(self.endpoints)]
 
     def _next_endpoint(self, failed: str) -> None:
+        """Leave ``failed`` for the endpoint that failed longest ago (or never): after
+        a leader's death the survivors are tried before the dead one again."""
         with self._lock:
-            if self.endpoints[self._current % len(self.endpoints)] == failed:
-                self._current += 1
+            self._failed_at[failed] = time.monotonic()
+            if self.endpoints[self._current % len(self.endpoints)] != failed:
+                return  # another thread moved on already
+            n = len(self.endpoints)
+            order = [(self._current + i) % n for i in range(1, n)] or [self._current % n]
+            self._current = min(order, key=lambda i: self._failed_at.get(
+                self.endpoints[i], float("-inf")))
 
     def _metadata(self, endpoint: str) -> tuple[tuple[str, str], ...] | None:
         if self._user is None:
@@ -187,6 +196,7 @@ class EtcdClient:
         committed; the caller's next try finds out)."""
         deadline = time.monotonic() + self.budget
         delay = 0.05
+        tried: set[str] = set()
         while True:
             endpoint = self._endpoint()
             try:
@@ -195,13 +205,17 @@ class EtcdClient:
                 if self._failed(what, endpoint, exc, retry=retry) and (
                         time.monotonic() < deadline):
                     continue  # a new token: at once
+                log.debug("etcd %s on %s failed (%s); trying again", what, endpoint,
+                          self._text(exc))
+                tried.add(endpoint)
+                if len(tried) < len(self.endpoints) and time.monotonic() < deadline:
+                    continue  # another member may answer now: no wait before it
                 if time.monotonic() + delay > deadline:
                     raise Unavailable(f"etcd unreachable ({', '.join(self.endpoints)}): "
                                       f"{what}: {self._text(exc)}") from None
-                log.debug("etcd %s on %s failed (%s); trying again", what, endpoint,
-                          self._text(exc))
-                time.sleep(delay)
+                time.sleep(delay)  # every member failed once: back off, then a new round
                 delay = min(delay * 2, 0.5)
+                tried.clear()
 
     @staticmethod
     def _text(exc: grpc.RpcError) -> str:
