@@ -42,9 +42,12 @@ T = TypeVar("T")
 #: gRPC codes after which another endpoint (or a later try) may succeed
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
-#: etcd's own transient errors (sent as UNKNOWN or UNAVAILABLE, told apart by text)
+#: etcd's own transient errors (sent as UNKNOWN or UNAVAILABLE, told apart by text);
+#: "context deadline exceeded" is the member's side of our deadline, which can arrive
+#: before the client's own DEADLINE_EXCEEDED (seen as a 503 after a leader kill)
 TRANSIENT_TEXT = ("leader changed", "no leader", "timed out", "too many requests",
-                  "not capable", "stopped", "unhealthy cluster")
+                  "not capable", "stopped", "unhealthy cluster", "deadline exceeded",
+                  "context canceled", "proposal dropped")
 
 
 #: etcd's answers when authentication is on and the credentials are missing or wrong
