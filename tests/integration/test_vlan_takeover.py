@@ -78,6 +78,12 @@ def snapshot(lab: Lab) -> dict[str, Any]:
         return subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", name],
                               capture_output=True, text=True, check=True).stdout.strip()
 
+    # the kernel adds an IPv6 address's local route once its duplicate detection is
+    # over (~1-2 s after the link came up): a snapshot taken before would differ from
+    # one taken after without anyone having changed anything
+    wait_for(f"{ns}'s addresses to finish duplicate detection",
+             lambda: not any(i.get("tentative") for a in ip("addr", "show")
+                             for i in a.get("addr_info", [])), timeout=15)
     db = Ovsdb(ovs_url(lab))
     try:
         bridges = sorted(db.api.list_br().execute(check_error=True))
